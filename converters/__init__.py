@@ -1,0 +1,11 @@
+"""Checkpoint conversion: PyTorch (.pth, .pth.tar, .pt, .ckpt) and safetensors -> Flax variables.
+
+    arch, variables, metadata = converters.convert('resnet50.pth')
+    converters.save('out/resnet50', arch, variables, metadata)
+    module, variables, metadata = lc_jax.models.load('out/resnet50')
+"""
+
+from converters.convert import convert
+from converters.mapping import Mismatch, MismatchError
+from converters.reader import DROP_RULES, ConversionError, DropRule, read
+from lc_jax.models.store import save

@@ -1,0 +1,196 @@
+"""Reads checkpoint files into a flat {key: numpy array} state_dict, naming every key it drops.
+
+Formats: PyTorch zip and legacy files (.pth, .pth.tar, .pt, .ckpt) through
+`torch.load(weights_only=True)`, and .safetensors through the safetensors numpy API (no torch).
+The format is told by the file's first bytes, not its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import struct
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from lc_jax.errors import UserError
+
+
+class ConversionError(UserError):
+  """A checkpoint that cannot be read or does not fit the architecture."""
+
+
+# Where trainers keep the network's state_dict inside a checkpoint, tried in this order.
+CONTAINER_KEYS = ('state_dict', 'model', 'model_state_dict', 'online_backbone')
+
+# Prefixes left by DataParallel/DDP and by wrapper modules; stripped while every key has one.
+PREFIXES = ('module.model.', 'module.', 'model.')
+
+
+@dataclasses.dataclass(frozen=True)
+class DropRule:
+  """Keys that are not part of the network and are dropped on purpose, under a reported name."""
+
+  name: str
+  pattern: str
+  reason: str
+
+  def matches(self, key: str) -> bool:
+    return re.search(self.pattern, key) is not None
+
+
+DROP_RULES = (
+    DropRule('robustness_attacker', r'^(module\.)?attacker\.',
+             "robustness library: the attacker's second copy of the model"),
+    DropRule('robustness_normalizer', r'^(module\.)?normalizer\.',
+             'robustness library: input normaliser buffers (normalisation is part of our model)'),
+    DropRule('aux_bn', r'(^|\.)aux_bn\.',
+             'shape/texture-debiased training: auxiliary BatchNorm used only in training'),
+    DropRule('num_batches_tracked', r'(^|\.)num_batches_tracked$',
+             'BatchNorm step counter, unused at inference'),
+)
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """A read checkpoint: the network's tensors and how they were found."""
+
+  path: str
+  sha256: str
+  format: str
+  container: list[str]
+  prefix: str
+  tensors: dict[str, np.ndarray]
+  dropped: dict[str, list[str]]
+
+
+def read(path: str, trust_pickle: bool = False,
+         drop_rules: Iterable[DropRule] = DROP_RULES) -> Checkpoint:
+  """Reads `path` into a flat state_dict of numpy arrays.
+
+  The state_dict is unwrapped from its container, keys matched by a `drop_rules` entry are
+  removed and reported, and DataParallel/wrapper prefixes are stripped.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise ConversionError(f'checkpoint not found: {path}')
+  if not os.path.isfile(path):
+    raise ConversionError(f'checkpoint is not a file: {path}')
+  with open(path, 'rb') as f:
+    head = f.read(16)
+  fmt = _sniff(head)
+  if fmt == 'safetensors':
+    obj = _read_safetensors(path)
+  elif fmt in ('torch-zip', 'torch-legacy'):
+    obj = _read_torch(path, trust_pickle)
+  else:
+    raise ConversionError(f'{path} is not a checkpoint: expected a PyTorch file (.pth, .pt, '
+                          '.pth.tar, .ckpt) or a .safetensors file')
+  state, container = _unwrap(obj, path)
+  tensors = {k: _to_numpy(v) for k, v in state.items()}
+  dropped: dict[str, list[str]] = {}
+  for key in list(tensors):
+    rule = next((r for r in drop_rules if r.matches(key)), None)
+    if rule is not None:
+      dropped.setdefault(rule.name, []).append(key)
+      del tensors[key]
+  tensors, prefix = _strip_prefixes(tensors)
+  return Checkpoint(path=path, sha256=sha256(path), format=fmt, container=container,
+                    prefix=prefix, tensors=tensors, dropped=dropped)
+
+
+def sha256(path: str) -> str:
+  """Hex sha256 of a file, read in chunks."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _sniff(head: bytes) -> str | None:
+  if head.startswith(b'PK\x03\x04'):
+    return 'torch-zip'
+  if head[:1] == b'\x80' and len(head) > 1 and head[1] in range(2, 6):
+    return 'torch-legacy'
+  if len(head) >= 9 and head[8:9] == b'{':
+    return 'safetensors'
+  return None
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError, json.JSONDecodeError, struct.error) as e:
+    raise ConversionError(f'cannot read {path}: truncated or not a safetensors file ({e})') from None
+
+
+def _read_torch(path: str, trust_pickle: bool) -> Any:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConversionError(f'reading {path} needs PyTorch: pip install "lc-jax[torch]", or '
+                          'convert the checkpoint to .safetensors') from None
+  try:
+    return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+  except torch.serialization.pickle.UnpicklingError as e:
+    if trust_pickle:
+      raise ConversionError(f'cannot unpickle {path}: {_first_line(e)}') from None
+    raise ConversionError(
+        f'{path} holds Python objects besides tensors, and unpickling them can run code from '
+        'the file; if you trust it, pass --trust_pickle (trust_pickle=True in Python)') from None
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    raise ConversionError(f'cannot read {path}: truncated or not a PyTorch checkpoint '
+                          f'({_first_line(e)})') from None
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_tensor(value: Any) -> bool:
+  return isinstance(value, np.ndarray) or type(value).__name__ in ('Tensor', 'Parameter')
+
+
+def _unwrap(obj: Any, path: str) -> tuple[Mapping[str, Any], list[str]]:
+  container: list[str] = []
+  while isinstance(obj, Mapping):
+    if obj and all(_is_tensor(v) for v in obj.values()):
+      return obj, container
+    key = next((k for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if key is None:
+      break
+    container.append(key)
+    obj = obj[key]
+  found = (f'top-level keys {sorted(map(str, obj))[:8]}' if isinstance(obj, Mapping)
+           else f'a {type(obj).__name__}')
+  raise ConversionError(
+      f'found no state_dict in {path}: it holds {found}; expected a dict of tensors, or one '
+      f'under {", ".join(repr(k) for k in CONTAINER_KEYS)}')
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if isinstance(value, np.ndarray):
+    return value
+  value = value.detach().cpu()
+  if value.is_floating_point():
+    value = value.float()  # bfloat16/float16 widen exactly; numpy has no bfloat16
+  return value.numpy()
+
+
+def _strip_prefixes(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+  stripped = ''
+  while tensors:
+    prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in tensors)), None)
+    if prefix is None:
+      break
+    tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    stripped += prefix
+  return tensors, stripped

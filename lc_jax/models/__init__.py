@@ -1,0 +1,11 @@
+"""Flax models whose variable paths mirror torch state_dict keys, registered by name.
+
+    model = lc_jax.models.create('resnet50')
+    logits = model.apply(variables, images)   # images: float NHWC in [0, 1]
+"""
+
+from lc_jax.models.registry import Architecture, create, get, names, register, variable_shapes
+from lc_jax.models.store import load, save
+
+# Importing a family registers its architectures.
+from lc_jax.models import resnet  # noqa: F401  pylint: disable=g-bad-import-order

@@ -1,0 +1,75 @@
+"""Architectures by name: a name says everything needed to build, load and preprocess a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lc_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """A registered model: its family, how to build it, and its pretrained preprocessing."""
+
+  name: str
+  family: str
+  build: Callable[..., nn.Module]
+  kwargs: Mapping[str, Any]
+  mean: Sequence[float]
+  std: Sequence[float]
+  input_size: int = 224
+  num_classes: int = 1000
+
+  def create(self, **overrides) -> nn.Module:
+    """The Flax module; `overrides` replace registered settings (num_classes, mean, std, dtype)."""
+    cfg = dict(self.kwargs, num_classes=self.num_classes, mean=tuple(self.mean),
+               std=tuple(self.std))
+    cfg.update(overrides)
+    return self.build(**cfg)
+
+
+_ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+  """Adds an architecture under its name; a name can be registered once."""
+  if arch.name in _ARCHITECTURES:
+    raise ValueError(f'architecture {arch.name!r} is registered twice')
+  _ARCHITECTURES[arch.name] = arch
+  return arch
+
+
+def names(family: str | None = None) -> list[str]:
+  """Registered architecture names, optionally of one family."""
+  return sorted(n for n, a in _ARCHITECTURES.items() if family in (None, a.family))
+
+
+def get(name: str) -> Architecture:
+  """The architecture registered under `name`; an unknown name fails with the closest ones."""
+  try:
+    return _ARCHITECTURES[name]
+  except KeyError:
+    close = difflib.get_close_matches(name, _ARCHITECTURES, n=3, cutoff=0.5)
+    hint = f'did you mean {", ".join(close)}? ' if close else ''
+    raise UserError(f'unknown architecture {name!r}; {hint}known: {", ".join(names())}') from None
+
+
+def create(arch: str, **overrides) -> nn.Module:
+  """The Flax module of a registered architecture; `module.apply(variables, images)` gives logits.
+
+  Images are float NHWC in [0, 1]; normalisation with the model's mean/std happens inside.
+  """
+  return get(arch).create(**overrides)
+
+
+def variable_shapes(module: nn.Module, input_size: int = 224) -> dict:
+  """The module's variable tree as `jax.ShapeDtypeStruct`s, without allocating any weights."""
+  images = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), images)
+  return {k: v for k, v in shapes.items() if k != 'intermediates'}

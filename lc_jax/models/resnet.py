@@ -1,0 +1,150 @@
+"""ResNet-18/34/50/101/152 in Flax, laid out like torchvision's and timm's ResNet.
+
+Variable paths mirror the torch state_dict keys (``params/layer1/0/conv1/kernel`` is
+``layer1.0.conv1.weight``), so a layer id is both a torch module name and a Flax path.
+Padding is explicit and equal to PyTorch's (never 'SAME'), the stride of a bottleneck sits
+on its 3x3 conv (ResNet v1.5), and BatchNorm uses eps 1e-5 with running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lc_jax.models import common
+from lc_jax.models import registry
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs; the residual branch of ResNet-18/34."""
+
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    conv, bn = common.conv_bn_factories(self.dtype)
+    shortcut = x
+    y = conv(self.planes, 3, self.stride, 1, name='conv1')(x)
+    y = nn.relu(bn(name='bn1')(y))
+    y = conv(self.planes, 3, 1, 1, name='conv2')(y)
+    y = bn(name='bn2')(y)
+    if self.downsample:
+      shortcut = Downsample(self.planes, self.stride, self.dtype, name='downsample')(x)
+    return nn.relu(y + shortcut)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 convs; the residual branch of ResNet-50/101/152."""
+
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    conv, bn = common.conv_bn_factories(self.dtype)
+    shortcut = x
+    y = conv(self.planes, 1, 1, 0, name='conv1')(x)
+    y = nn.relu(bn(name='bn1')(y))
+    y = conv(self.planes, 3, self.stride, 1, name='conv2')(y)
+    y = nn.relu(bn(name='bn2')(y))
+    y = conv(self.planes * self.expansion, 1, 1, 0, name='conv3')(y)
+    y = bn(name='bn3')(y)
+    if self.downsample:
+      shortcut = Downsample(
+          self.planes * self.expansion, self.stride, self.dtype, name='downsample')(x)
+    return nn.relu(y + shortcut)
+
+
+class Downsample(nn.Module):
+  """The projection shortcut: torch's ``Sequential(conv1x1, BatchNorm2d)``, children '0' and '1'."""
+
+  features: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv, bn = common.conv_bn_factories(self.dtype)
+    x = conv(self.features, 1, self.stride, 0, name='0')(x)
+    return bn(name='1')(x)
+
+
+class Stage(nn.Module):
+  """``layerN`` of torch: a run of blocks named '0', '1', ...; the first one may downsample."""
+
+  block_cls: Any
+  planes: int
+  depth: int
+  stride: int
+  in_features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_features = self.planes * self.block_cls.expansion
+    for index in range(self.depth):
+      stride = self.stride if index == 0 else 1
+      downsample = index == 0 and (stride != 1 or self.in_features != out_features)
+      x = self.block_cls(self.planes, stride, downsample, self.dtype, name=str(index))(x)
+    return x
+
+
+class ResNet(nn.Module):
+  """ResNet classifier on NHWC images in [0, 1]; normalisation is part of the model."""
+
+  block: str  # 'basic' or 'bottleneck'
+  layers: Sequence[int]
+  num_classes: int = 1000
+  mean: Sequence[float] = common.IMAGENET_MEAN
+  std: Sequence[float] = common.IMAGENET_STD
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    conv, bn = common.conv_bn_factories(self.dtype)
+    block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
+    x = common.normalize(images, self.mean, self.std, self.dtype)
+
+    x = conv(64, 7, 2, 3, name='conv1')(x)
+    x = nn.relu(bn(name='bn1')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    self.sow('intermediates', 'stem', x)
+
+    in_features = 64
+    for stage, depth in enumerate(self.layers):
+      planes = 64 * 2**stage
+      x = Stage(block_cls, planes, depth, 1 if stage == 0 else 2, in_features, self.dtype,
+                name=f'layer{stage + 1}')(x)
+      in_features = planes * block_cls.expansion
+      self.sow('intermediates', f'layer{stage + 1}', x)
+
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'pool', x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return x.astype(jnp.float32)
+
+
+_DEPTHS = {
+    'resnet18': ('basic', (2, 2, 2, 2)),
+    'resnet34': ('basic', (3, 4, 6, 3)),
+    'resnet50': ('bottleneck', (3, 4, 6, 3)),
+    'resnet101': ('bottleneck', (3, 4, 23, 3)),
+    'resnet152': ('bottleneck', (3, 8, 36, 3)),
+}
+
+for _name, (_block, _layers) in _DEPTHS.items():
+  registry.register(registry.Architecture(
+      name=_name, family='resnet', build=ResNet,
+      kwargs={'block': _block, 'layers': _layers},
+      mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD))

@@ -1,0 +1,84 @@
+"""Converted models on disk: an orbax checkpoint of the variables beside a small JSON card.
+
+    DIR/variables/   orbax-checkpoint of {'params': ..., 'batch_stats': ...}
+    DIR/model.json   architecture, num_classes, mean/std, source path and sha256, dropped keys
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lc_jax.errors import UserError
+from lc_jax.models import registry
+
+CARD = 'model.json'
+VARIABLES = 'variables'
+
+
+def save(directory: str, arch: str, variables: dict, metadata: dict | None = None,
+         overwrite: bool = False) -> str:
+  """Writes `variables` of architecture `arch` and its card to `directory`; returns its path.
+
+  The variables are written to a temporary folder first and moved in place, so an interrupted
+  save never leaves a half-written model behind.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.exists(os.path.join(directory, CARD)):
+    if not overwrite:
+      raise UserError(f'{directory} already holds a converted model; choose another output '
+                      'folder or allow overwriting it')
+    for name in (CARD, VARIABLES):
+      path = os.path.join(directory, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  os.makedirs(directory, exist_ok=True)
+  staging = os.path.join(directory, f'.{VARIABLES}.partial')
+  shutil.rmtree(staging, ignore_errors=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(staging, variables)
+  os.replace(staging, os.path.join(directory, VARIABLES))
+  card = dict(metadata or {}, arch=arch)
+  with open(os.path.join(directory, CARD + '.partial'), 'w') as f:
+    json.dump(card, f, indent=2, sort_keys=True)
+  os.replace(os.path.join(directory, CARD + '.partial'), os.path.join(directory, CARD))
+  return directory
+
+
+def load(directory: str) -> tuple[nn.Module, dict, dict[str, Any]]:
+  """Reads a model written by `save`: (module, variables, metadata).
+
+  The module is built with the card's num_classes, mean and std, so `module.apply(variables,
+  images)` reproduces the converted checkpoint.
+  """
+  directory = os.path.abspath(directory)
+  card_path = os.path.join(directory, CARD)
+  if not os.path.isfile(card_path):
+    raise UserError(f'{directory} is not a converted model (no {CARD}); convert a checkpoint '
+                    'first with `python -m converters SRC --out DIR`')
+  with open(card_path) as f:
+    metadata = json.load(f)
+  module = create_from_card(metadata)
+  with ocp.StandardCheckpointer() as checkpointer:
+    variables = checkpointer.restore(os.path.join(directory, VARIABLES))
+  variables = {k: _as_numpy(v) for k, v in variables.items()}
+  return module, variables, metadata
+
+
+def create_from_card(metadata: dict[str, Any]) -> nn.Module:
+  """The module a card describes: its architecture with the card's classes and normalisation."""
+  overrides = {k: tuple(metadata[k]) for k in ('mean', 'std') if k in metadata}
+  if 'num_classes' in metadata:
+    overrides['num_classes'] = int(metadata['num_classes'])
+  return registry.create(metadata['arch'], **overrides)
+
+
+def _as_numpy(tree):
+  if isinstance(tree, dict):
+    return {k: _as_numpy(v) for k, v in tree.items()}
+  return np.asarray(tree)
