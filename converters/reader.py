@@ -13,7 +13,7 @@ import json
 import os
 import re
 import struct
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -55,6 +55,26 @@ DROP_RULES = (
 )
 
 
+# Checkpoints that ship inside installed packages, asked for as 'bundled:NAME'.
+BUNDLED: dict[str, Callable[[], str]] = {}
+
+
+def register_bundled(name: str, locate: Callable[[], str]) -> None:
+  """Makes `bundled:<name>` resolve to the path that `locate()` returns."""
+  BUNDLED[name] = locate
+
+
+def resolve(src: str) -> str:
+  """The file a checkpoint argument names: a path, or 'bundled:NAME' for a shipped checkpoint."""
+  if not src.startswith('bundled:'):
+    return os.path.abspath(os.path.expanduser(src))
+  name = src[len('bundled:'):]
+  if name not in BUNDLED:
+    raise ConversionError(f'unknown bundled checkpoint {name!r}; known: '
+                          f'{", ".join(sorted(BUNDLED)) or "none"}')
+  return BUNDLED[name]()
+
+
 @dataclasses.dataclass
 class Checkpoint:
   """A read checkpoint: the network's tensors and how they were found."""
@@ -70,12 +90,12 @@ class Checkpoint:
 
 def read(path: str, trust_pickle: bool = False,
          drop_rules: Iterable[DropRule] = DROP_RULES) -> Checkpoint:
-  """Reads `path` into a flat state_dict of numpy arrays.
+  """Reads `path` (a file, or 'bundled:NAME') into a flat state_dict of numpy arrays.
 
   The state_dict is unwrapped from its container, keys matched by a `drop_rules` entry are
   removed and reported, and DataParallel/wrapper prefixes are stripped.
   """
-  path = os.path.abspath(os.path.expanduser(path))
+  path = resolve(path)
   if not os.path.exists(path):
     raise ConversionError(f'checkpoint not found: {path}')
   if not os.path.isfile(path):

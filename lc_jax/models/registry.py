@@ -25,6 +25,8 @@ class Architecture:
   std: Sequence[float]
   input_size: int = 224
   num_classes: int = 1000
+  # The timm model with the same state_dict keys, used as the PyTorch reference in parity checks.
+  timm_name: str | None = None
 
   def create(self, **overrides) -> nn.Module:
     """The Flax module; `overrides` replace registered settings (num_classes, mean, std, dtype)."""

@@ -147,4 +147,4 @@ for _name, (_block, _layers) in _DEPTHS.items():
   registry.register(registry.Architecture(
       name=_name, family='resnet', build=ResNet,
       kwargs={'block': _block, 'layers': _layers},
-      mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD))
+      mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, timm_name=_name))

@@ -1,0 +1,22 @@
+# `make demo` and `make test` set everything up in .venv on first use, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[torch,dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/python -m converters.parity bundled:efficientnet_lite0
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV)
