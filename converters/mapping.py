@@ -42,6 +42,15 @@ def to_flax_layout(value: np.ndarray, leaf: str) -> np.ndarray:
   return value
 
 
+def to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+  """Flax layout -> torch layout: the inverse of `to_flax_layout`."""
+  if leaf == 'kernel' and value.ndim == 4:
+    return np.transpose(value, (3, 2, 0, 1))
+  if leaf == 'kernel' and value.ndim == 2:
+    return value.T
+  return value
+
+
 def torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
   """Flax shape -> the torch shape it comes from (the inverse of `to_flax_layout`)."""
   if leaf == 'kernel' and len(shape) == 4:
@@ -124,3 +133,24 @@ def fill(shapes: dict, tensors: dict[str, np.ndarray],
   variables = {c: visit(c, (), tree) for c, tree in shapes.items()}
   mismatch.unexpected = [(k, tuple(v.shape)) for k, v in tensors.items() if k not in used]
   return variables, mismatch
+
+
+def to_state_dict(variables: dict,
+                  key_of: Callable[[str, tuple[str, ...]], str] = torch_key) -> dict[str, np.ndarray]:
+  """Flax variables -> a torch state_dict of numpy arrays (without num_batches_tracked).
+
+  The inverse of `fill`: lets a torch model run on exactly the weights a Flax model holds.
+  """
+  state: dict[str, np.ndarray] = {}
+
+  def visit(collection: str, prefix: tuple[str, ...], node):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        visit(collection, prefix + (k,), v)
+    else:
+      state[key_of(collection, prefix)] = np.ascontiguousarray(
+          to_torch_layout(np.asarray(node), prefix[-1]))
+
+  for collection, tree in variables.items():
+    visit(collection, (), tree)
+  return state

@@ -171,8 +171,9 @@ def _read_torch(path: str, trust_pickle: bool) -> Any:
 
 
 def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
+  # Torch's messages run on for several sentences of advice; the first says what happened.
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return text.split('. ')[0].rstrip('.')
 
 
 def _is_tensor(value: Any) -> bool:

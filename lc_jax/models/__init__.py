@@ -5,7 +5,7 @@
 """
 
 from lc_jax.models.registry import Architecture, create, get, names, register, variable_shapes
-from lc_jax.models.store import load, save
+from lc_jax.models.store import create_from_card, load, save
 
 # Importing a family registers its architectures.
 from lc_jax.models import resnet  # noqa: F401  pylint: disable=g-bad-import-order

@@ -3,7 +3,9 @@
 Variable paths mirror the torch state_dict keys (``params/layer1/0/conv1/kernel`` is
 ``layer1.0.conv1.weight``), so a layer id is both a torch module name and a Flax path.
 Padding is explicit and equal to PyTorch's (never 'SAME'), the stride of a bottleneck sits
-on its 3x3 conv (ResNet v1.5), and BatchNorm uses eps 1e-5 with running statistics.
+on its 3x3 conv (ResNet v1.5), and BatchNorm uses eps 1e-5 with running statistics. The
+outputs of the stem's max-pool and of the global pool, which are not modules, are sown as
+intermediates under timm's module names so parity can be checked stage by stage.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class ResNet(nn.Module):
     x = conv(64, 7, 2, 3, name='conv1')(x)
     x = nn.relu(bn(name='bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    self.sow('intermediates', 'stem', x)
+    self.sow('intermediates', 'maxpool', x)
 
     in_features = 64
     for stage, depth in enumerate(self.layers):
@@ -127,10 +129,9 @@ class ResNet(nn.Module):
       x = Stage(block_cls, planes, depth, 1 if stage == 0 else 2, in_features, self.dtype,
                 name=f'layer{stage + 1}')(x)
       in_features = planes * block_cls.expansion
-      self.sow('intermediates', f'layer{stage + 1}', x)
 
     x = jnp.mean(x, axis=(1, 2))
-    self.sow('intermediates', 'pool', x)
+    self.sow('intermediates', 'global_pool', x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
     return x.astype(jnp.float32)
 

@@ -1,0 +1,160 @@
+r"""Parity report: a converted checkpoint in Flax against the same weights in timm, on real photos.
+
+    python -m converters.parity bundled:efficientnet_lite0
+    python -m converters.parity resnet50.pth --arch resnet50 --photos chelsea,coffee
+
+Converts SRC, loads the converted variables back into the timm model of the same architecture
+(strictly), runs both at float32 with matmul precision 'highest' on scikit-image's photos
+(Resize(256), CenterCrop(224), ToTensor, as the paper), and prints the top-5 classes of each
+and the largest logit and block-activation differences. Needs the torch extra.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+import converters
+from converters import mapping
+from lc_jax import errors
+from lc_jax import models
+from lc_jax.errors import UserError
+
+PHOTOS = ('chelsea', 'coffee', 'rocket', 'astronaut')
+
+_ARCH = flags.DEFINE_string('arch', None, 'Architecture; inferred from the checkpoint if omitted.')
+_PHOTOS = flags.DEFINE_list('photos', list(PHOTOS), 'scikit-image photos to run.')
+_TRUST_PICKLE = flags.DEFINE_bool('trust_pickle', False, 'Allow legacy pickled checkpoints.')
+
+
+def photos(names: Sequence[str] = PHOTOS, resize: int = 256, crop: int = 224) -> np.ndarray:
+  """scikit-image photos through torchvision's Resize, CenterCrop and ToTensor, as NHWC float32."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  from torchvision import transforms  # pylint: disable=g-import-not-at-top
+  transform = transforms.Compose([
+      transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor()])
+  batch = []
+  for name in names:
+    if not hasattr(skimage.data, name):
+      raise UserError(f'scikit-image has no photo {name!r}; try {", ".join(PHOTOS)}')
+    image = PIL.Image.fromarray(getattr(skimage.data, name)()).convert('RGB')
+    batch.append(transform(image).permute(1, 2, 0).numpy())
+  return np.stack(batch)
+
+
+def torch_model(arch: str, variables: dict, num_classes: int):
+  """The timm model of `arch` holding exactly `variables` (loaded strictly), in eval mode."""
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  spec = models.get(arch)
+  if spec.timm_name is None:
+    raise UserError(f'{arch} has no timm counterpart to compare with')
+  model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes)
+  state = {k: torch.from_numpy(np.array(v)) for k, v in mapping.to_state_dict(variables).items()}
+  # Strict but for the BatchNorm step counters, which Flax does not keep.
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+  if missing or unexpected:
+    raise UserError(f'timm {spec.timm_name} does not match the Flax {arch}: missing '
+                    f'{missing[:4]}, unexpected {unexpected[:4]}')
+  return model.eval()
+
+
+def compare(module, variables: dict, model, images: np.ndarray) -> dict[str, float | np.ndarray]:
+  """Logits of both models on `images`, and the max abs difference of logits and activations.
+
+  Activations are compared at every Flax module (and sown intermediate) whose path is also a
+  torch module name: block by block, not only at the logits.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  with jax.default_matmul_precision('highest'):
+    flax_logits, state = jax.jit(lambda v, x: module.apply(
+        v, x, capture_intermediates=True, mutable=['intermediates']))(variables, images)
+  taps = flax_activations(state['intermediates'])
+  modules = dict(model.named_modules())
+  captured = {}  # cloned: timm applies in-place activations after many modules
+  hooks = [modules[name].register_forward_hook(
+      lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().clone()))
+           for name in taps if name in modules]
+  try:
+    with torch.no_grad():
+      mean = torch.tensor(module.mean).view(1, 3, 1, 1)
+      std = torch.tensor(module.std).view(1, 3, 1, 1)
+      x = (torch.from_numpy(images).permute(0, 3, 1, 2) - mean) / std
+      torch_logits = model(x).numpy()
+  finally:
+    for hook in hooks:
+      hook.remove()
+  flax_logits = np.asarray(flax_logits)
+  report = {'flax_logits': flax_logits, 'torch_logits': torch_logits,
+            'logits': float(np.max(np.abs(flax_logits - torch_logits)))}
+  for name, value in captured.items():
+    value = value.numpy()
+    if value.ndim == 4:
+      value = value.transpose(0, 2, 3, 1)
+    report[name] = float(np.max(np.abs(np.asarray(taps[name]).reshape(value.shape) - value)))
+  return report
+
+
+def flax_activations(intermediates: dict) -> dict[str, np.ndarray]:
+  """{torch-style module name: activation} from captured and sown Flax intermediates."""
+  found = {}
+
+  def visit(prefix: tuple[str, ...], node):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        visit(prefix + (key,), value)
+      elif key == '__call__':  # a module's output, captured
+        found['.'.join(prefix)] = value[0]
+      else:  # a sown value
+        found['.'.join(prefix + (key,))] = value[0]
+
+  visit((), intermediates)
+  found.pop('', None)  # the model's own output: the logits
+  return found
+
+
+def _class_name(index: int) -> str:
+  try:
+    from timm.data import ImageNetInfo  # pylint: disable=g-import-not-at-top
+    return ImageNetInfo().index_to_description(index).split(',')[0]
+  except Exception:  # pylint: disable=broad-except
+    return ''
+
+
+@errors.exits_cleanly
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError('give one checkpoint: python -m converters.parity SRC')
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  arch, variables, metadata = converters.convert(argv[1], _ARCH.value,
+                                                 trust_pickle=_TRUST_PICKLE.value)
+  module = models.create_from_card(metadata)
+  model = torch_model(arch, variables, metadata['num_classes'])
+  images = photos(_PHOTOS.value)
+  report = compare(module, variables, model, images)
+
+  print(f"parity of {arch} from {metadata['source']} (sha256 {metadata['sha256'][:12]}...)")
+  print(f'flax (jax {jax.__version__}, {jax.default_backend()}) vs timm {model.__class__.__name__}'
+        f', float32, matmul precision highest, {len(images)} photos at {images.shape[1]}px\n')
+  for i, name in enumerate(_PHOTOS.value):
+    top_flax = np.argsort(-report['flax_logits'][i])[:5]
+    top_torch = np.argsort(-report['torch_logits'][i])[:5]
+    same = 'same' if list(top_flax) == list(top_torch) else 'DIFFERENT'
+    print(f'{name:10s} top-1 {top_flax[0]:4d} {_class_name(top_flax[0])!r:28s} '
+          f'top-5 {list(map(int, top_flax))} ({same} in torch)')
+  diffs = {k: v for k, v in report.items() if isinstance(v, float)}
+  print(f'\nmax abs difference, flax vs torch, over {len(diffs) - 1} modules and the logits:')
+  for name, value in diffs.items():
+    if '.' not in name:  # top-level modules; every module is in the overall maximum below
+      print(f'  {name:14s} {value:.3g}')
+  print(f'  {"all modules":14s} {max(diffs.values()):.3g}')
+
+
+if __name__ == '__main__':
+  app.run(main)
