@@ -9,3 +9,4 @@ from converters.convert import convert
 from converters.mapping import Mismatch, MismatchError
 from converters.reader import DROP_RULES, ConversionError, DropRule, read
 from lc_jax.models.store import save
+from converters import efficientnet  # noqa: F401  pylint: disable=g-bad-import-order

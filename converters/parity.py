@@ -65,8 +65,9 @@ def torch_model(arch: str, variables: dict, num_classes: int):
   return model.eval()
 
 
-def compare(module, variables: dict, model, images: np.ndarray) -> dict[str, float | np.ndarray]:
-  """Logits of both models on `images`, and the max abs difference of logits and activations.
+def compare(module, variables: dict, model, images: np.ndarray) -> dict:
+  """Runs both models on `images`; returns their logits, and per compared tensor the max abs
+  difference ('diffs') and the max abs torch value ('scales').
 
   Activations are compared at every Flax module (and sown intermediate) whose path is also a
   torch module name: block by block, not only at the logits.
@@ -92,12 +93,15 @@ def compare(module, variables: dict, model, images: np.ndarray) -> dict[str, flo
       hook.remove()
   flax_logits = np.asarray(flax_logits)
   report = {'flax_logits': flax_logits, 'torch_logits': torch_logits,
-            'logits': float(np.max(np.abs(flax_logits - torch_logits)))}
+            'diffs': {'logits': float(np.max(np.abs(flax_logits - torch_logits)))},
+            'scales': {'logits': float(np.max(np.abs(torch_logits)))}}
   for name, value in captured.items():
     value = value.numpy()
     if value.ndim == 4:
       value = value.transpose(0, 2, 3, 1)
-    report[name] = float(np.max(np.abs(np.asarray(taps[name]).reshape(value.shape) - value)))
+    flax_value = np.asarray(taps[name]).reshape(value.shape)
+    report['diffs'][name] = float(np.max(np.abs(flax_value - value)))
+    report['scales'][name] = float(np.max(np.abs(value)))
   return report
 
 
@@ -148,12 +152,14 @@ def main(argv):
     same = 'same' if list(top_flax) == list(top_torch) else 'DIFFERENT'
     print(f'{name:10s} top-1 {top_flax[0]:4d} {_class_name(top_flax[0])!r:28s} '
           f'top-5 {list(map(int, top_flax))} ({same} in torch)')
-  diffs = {k: v for k, v in report.items() if isinstance(v, float)}
-  print(f'\nmax abs difference, flax vs torch, over {len(diffs) - 1} modules and the logits:')
+  diffs, scales = report['diffs'], report['scales']
+  print(f'\nflax vs torch over {len(diffs) - 1} modules and the logits:')
+  print(f'  {"":14s} {"max abs diff":>12s} {"max abs value":>13s}')
   for name, value in diffs.items():
     if '.' not in name:  # top-level modules; every module is in the overall maximum below
-      print(f'  {name:14s} {value:.3g}')
-  print(f'  {"all modules":14s} {max(diffs.values()):.3g}')
+      print(f'  {name:14s} {value:12.3g} {scales[name]:13.3g}')
+  worst = max(diffs, key=lambda k: diffs[k] / max(scales[k], 1e-30))
+  print(f'  largest relative difference: {worst}, {diffs[worst] / scales[worst]:.3g}')
 
 
 if __name__ == '__main__':
