@@ -50,6 +50,15 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
   return directory
 
 
+def read_card(directory: str) -> dict[str, Any] | None:
+  """The model.json card of a converted model folder, or None if there is none."""
+  path = os.path.join(directory, CARD)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def load(directory: str) -> tuple[nn.Module, dict, dict[str, Any]]:
   """Reads a model written by `save`: (module, variables, metadata).
 
@@ -57,12 +66,10 @@ def load(directory: str) -> tuple[nn.Module, dict, dict[str, Any]]:
   images)` reproduces the converted checkpoint.
   """
   directory = os.path.abspath(directory)
-  card_path = os.path.join(directory, CARD)
-  if not os.path.isfile(card_path):
+  metadata = read_card(directory)
+  if metadata is None:
     raise UserError(f'{directory} is not a converted model (no {CARD}); convert a checkpoint '
                     'first with `python -m converters SRC --out DIR`')
-  with open(card_path) as f:
-    metadata = json.load(f)
   module = create_from_card(metadata)
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(os.path.join(directory, VARIABLES))
