@@ -27,6 +27,10 @@ class Architecture:
   num_classes: int = 1000
   # The timm model with the same state_dict keys, used as the PyTorch reference in parity checks.
   timm_name: str | None = None
+  # How a fresh model of this architecture is initialised (a name in lc_jax.init.SCHEMES).
+  init_scheme: str = 'pytorch_default'
+  # Path components that name a block ('layer1', '0' in a ResNet); the stage is one fewer.
+  block_depth: int = 2
 
   def create(self, **overrides) -> nn.Module:
     """The Flax module; `overrides` replace registered settings (num_classes, mean, std, dtype)."""

@@ -148,4 +148,5 @@ for _name, (_block, _layers) in _DEPTHS.items():
   registry.register(registry.Architecture(
       name=_name, family='resnet', build=ResNet,
       kwargs={'block': _block, 'layers': _layers},
-      mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, timm_name=_name))
+      mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, timm_name=_name,
+      init_scheme='timm_resnet', block_depth=2))

@@ -1,0 +1,186 @@
+"""Which layers a model has, in forward order, and how a user selects the ones to reset.
+
+A layer is a Conv, Dense or BatchNorm module; its name is the torch module name
+("layer1.0.conv1"), which is also its Flax path. Layers are grouped into blocks ("layer1.0")
+and stages ("layer1"); what comes before the first block is the stem, what follows the last
+one is the head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import math
+import re
+from typing import Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lc_jax.errors import UserError
+
+KINDS = ('conv', 'depthwise_conv', 'linear', 'batchnorm')
+# A type a user selects -> the kinds it covers: a depthwise conv is a torch Conv2d.
+TYPES = {'conv': ('conv', 'depthwise_conv'), 'linear': ('linear',), 'batchnorm': ('batchnorm',),
+         'depthwise_conv': ('depthwise_conv',)}
+DEFAULT_TYPES = ('conv', 'linear')  # the paper's released results: every Conv2d and Linear
+GRANULARITIES = ('layer', 'block', 'stage')
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One resettable module."""
+
+  name: str  # torch module name, e.g. 'layer1.0.downsample.0'
+  path: tuple[str, ...]  # Flax path, e.g. ('layer1', '0', 'downsample', '0')
+  kind: str  # one of KINDS
+  shapes: dict[str, tuple[int, ...]]  # {'params/kernel': (3, 3, 64, 64), 'batch_stats/mean': ...}
+  block: str  # 'layer1.0', or 'stem' / 'head'
+  stage: str  # 'layer1', or 'stem' / 'head'
+  index: int  # position in forward order among all layers
+  groups: int = 1  # a conv's feature groups (its output channels for a depthwise conv)
+
+  @property
+  def num_params(self) -> int:
+    """Learnable parameters (running statistics not counted)."""
+    return sum(math.prod(s) for k, s in self.shapes.items() if k.startswith('params/'))
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What one reset replaces: a layer, or all layers of a block or stage."""
+
+  name: str
+  layers: tuple[Layer, ...]
+
+
+def inventory(module: nn.Module, block_depth: int, input_size: int = 64) -> list[Layer]:
+  """Every Conv, Dense and BatchNorm of `module` in the order the forward pass calls them.
+
+  The order is recorded by intercepting module calls while the model is traced abstractly
+  (no weights are allocated); a layer is a module with variables of its own. `block_depth` is
+  how many path components name a block.
+  """
+  calls: dict[tuple[str, ...], nn.Module] = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__':
+      calls.setdefault(tuple(context.module.scope.path), context.module)
+    return next_fun(*args, **kwargs)
+
+  images = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+  with nn.intercept_methods(record):
+    shapes = jax.eval_shape(module.init, jax.random.key(0), images)
+
+  layers, seen_block = [], False
+  for path, layer_module in calls.items():
+    leaves = {}  # the module's own variables; container modules have none
+    for collection in ('params', 'batch_stats'):
+      node = shapes.get(collection, {})
+      for part in path:
+        node = node.get(part, {})
+      leaves.update({f'{collection}/{k}': tuple(v.shape) for k, v in node.items()
+                     if not isinstance(v, dict)})
+    if not leaves:
+      continue
+    if len(path) > block_depth:
+      block, stage, seen_block = '.'.join(path[:block_depth]), '.'.join(path[:block_depth - 1]), True
+    else:
+      block = stage = 'head' if seen_block else 'stem'
+    layers.append(Layer(name='.'.join(path), path=path, kind=_kind(layer_module, leaves),
+                        shapes=leaves, block=block, stage=stage, index=len(layers),
+                        groups=getattr(layer_module, 'feature_group_count', 1)))
+  return layers
+
+
+def _kind(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str:
+  # Told by the variables, so a family's own BatchNorm variant (BN + activation in one module,
+  # as timm's BatchNormAct2d) counts as a BatchNorm.
+  if 'batch_stats/mean' in shapes and 'params/scale' in shapes:
+    return 'batchnorm'
+  if isinstance(module, nn.Dense):
+    return 'linear'
+  if isinstance(module, nn.Conv):
+    kernel = shapes['params/kernel']
+    groups = module.feature_group_count
+    return 'depthwise_conv' if groups > 1 and kernel[2] == 1 and kernel[3] == groups else 'conv'
+  raise ValueError(f'layer {"/".join(module.scope.path)} of type {type(module).__name__} is '
+                   'neither a Conv, a Dense nor a BatchNorm; the inventory does not know it')
+
+
+def select(layers: Sequence[Layer], types: Iterable[str] = DEFAULT_TYPES, pattern: str = '',
+           granularity: str = 'layer') -> list[Target]:
+  """The reset targets a user asked for, in forward order.
+
+  `types` keeps layers of those kinds ('conv' covers depthwise convs). `pattern` narrows them:
+  empty for all; a comma-separated list of layer, block or stage names; a regex (full match)
+  or glob on names; 'first:N', 'last:N', or an index range 'A:B' over the typed layers. `granularity` 'block' or 'stage'
+  groups the selected layers into one target per block or stage.
+  """
+  types = [t.strip() for t in types if t.strip()]
+  unknown = [t for t in types if t not in TYPES]
+  if unknown:
+    raise UserError(f'unknown layer type {unknown[0]!r}; choose from {", ".join(TYPES)}')
+  if granularity not in GRANULARITIES:
+    raise UserError(f'unknown granularity {granularity!r}; choose from {", ".join(GRANULARITIES)}')
+  kinds = {k for t in types for k in TYPES[t]}
+  typed = [layer for layer in layers if layer.kind in kinds]
+  chosen = _match(typed, layers, pattern.strip())
+  if not chosen:
+    raise UserError(f'layer pattern {pattern!r} selects no layer of type {"/".join(types)}')
+  if granularity == 'layer':
+    return [Target(layer.name, (layer,)) for layer in chosen]
+  groups: dict[str, list[Layer]] = {}
+  for layer in chosen:
+    groups.setdefault(getattr(layer, granularity), []).append(layer)
+  return [Target(name, tuple(members)) for name, members in groups.items()]
+
+
+def _match(typed: list[Layer], every: Sequence[Layer], pattern: str) -> list[Layer]:
+  if not pattern:
+    return typed
+  slice_match = re.fullmatch(r'(first|last):(\d+)|(-?\d*):(-?\d*)', pattern)
+  if slice_match:
+    if slice_match[1] == 'first':
+      return typed[:int(slice_match[2])]
+    if slice_match[1] == 'last':
+      return typed[-int(slice_match[2]):] if int(slice_match[2]) else []
+    start, stop = (int(v) if v else None for v in (slice_match[3], slice_match[4]))
+    return typed[start:stop]
+  names = [layer.name for layer in typed]
+  if ',' in pattern or _is_plain_name(pattern):
+    # Names of layers, or of blocks and stages, which stand for all their layers.
+    wanted = [p.strip() for p in pattern.split(',') if p.strip()]
+    for name in wanted:
+      if not any(name in (layer.name, layer.block, layer.stage) for layer in typed):
+        raise UserError(_unknown_layer(name, names, every))
+    return [layer for layer in typed
+            if any(name in (layer.name, layer.block, layer.stage) for name in wanted)]
+  if any(c in pattern for c in '*?[') and not _is_regex(pattern):
+    return [layer for layer in typed if fnmatch.fnmatchcase(layer.name, pattern)]
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise UserError(f'layer pattern {pattern!r} is neither a name, a glob nor a regex ({e})') from None
+  return [layer for layer in typed if regex.fullmatch(layer.name)]
+
+
+def _is_plain_name(pattern: str) -> bool:
+  return re.fullmatch(r'[A-Za-z_][\w]*(\.[\w]+)*', pattern) is not None
+
+
+def _is_regex(pattern: str) -> bool:
+  # '.*', '\d' or '+' mark a regex; a bare '*' or '?' after a name part is a glob.
+  return any(token in pattern for token in ('.*', '\\', '+', '^', '$', '|', '(', '{'))
+
+
+def _unknown_layer(name: str, typed_names: list[str], every: Sequence[Layer]) -> str:
+  other = next((layer for layer in every if layer.name == name), None)
+  if other is not None:
+    return (f'layer {name!r} is a {other.kind} layer, which the selected types leave out; '
+            f'add {other.kind.replace("depthwise_", "")} to the layer types')
+  close = difflib.get_close_matches(name, typed_names, n=3, cutoff=0.6)
+  hint = f'; did you mean {", ".join(close)}?' if close else ''
+  return f'unknown layer {name!r}{hint} (the model has {len(typed_names)} such layers)'

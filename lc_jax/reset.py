@@ -1,0 +1,125 @@
+"""Pure reset functions: variables in, variables out; the original tree is never mutated.
+
+Every function returns a tree of the same structure, shapes and dtypes as its input, so a
+jitted forward that takes the variables as an argument serves every reset without compiling
+again. Unchanged subtrees are shared with the input, not copied.
+
+Modes (the `mode` of `make`):
+- 'fresh': the target's parameters, and a BatchNorm's running statistics, from a freshly
+  initialised model (`lc_jax.init.fresh_variables`, one per trial);
+- 'zero': the target's learnable parameters set to zero, running statistics kept (what the
+  paper's code does);
+- 'checkpoint': values from another checkpoint of the same architecture, e.g. the weights at
+  epoch 0 (Zhang et al.'s re-initialisation);
+- 'interpolate': (1 - alpha) * fresh + alpha * trained (Chatterji et al.'s module criticality);
+- 'skip': at block granularity, the residual branch is removed so the block returns its
+  shortcut (Veit et al.'s lesion): its last BatchNorm's scale and bias become 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+
+from lc_jax import init
+from lc_jax.errors import UserError
+from lc_jax.layers import Layer, Target
+
+MODES = ('fresh', 'zero', 'checkpoint', 'interpolate', 'skip')
+Reset = Callable[[dict, Target], dict]
+
+
+def _get(tree: dict, path: Iterable[str]):
+  for part in path:
+    tree = tree[part]
+  return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> dict:
+  """A copy of `tree` with the subtree at `path` replaced; only the dicts on the path are new."""
+  if not path:
+    return value
+  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+
+
+def map_layers(variables: dict, layers: Iterable[Layer],
+               fn: Callable[[Layer, str, str, jax.Array], jax.Array]) -> dict:
+  """Applies `fn(layer, collection, leaf_name, value)` to every variable of `layers`."""
+  for layer in layers:
+    for collection in ('params', 'batch_stats'):
+      node = variables.get(collection, {})
+      try:
+        node = _get(node, layer.path)
+      except KeyError:
+        continue
+      new = {leaf: fn(layer, collection, leaf, value) for leaf, value in node.items()}
+      variables = {**variables, collection: _set(variables[collection], layer.path, new)}
+  return variables
+
+
+def _like(new, old) -> jax.Array:
+  """`new` cast to `old`'s dtype and checked against its shape: a reset never changes what jit
+  sees."""
+  new = jnp.asarray(new, dtype=jnp.asarray(old).dtype)
+  if new.shape != jnp.shape(old):
+    raise UserError(f'reset weights of shape {new.shape} do not fit a variable of shape '
+                    f'{jnp.shape(old)}; the reset source is of another architecture')
+  return new
+
+
+def replace(variables: dict, layers: Iterable[Layer], source: dict) -> dict:
+  """`variables` with the subtrees of `layers` taken from `source` (same architecture)."""
+  return map_layers(variables, layers, lambda layer, collection, leaf, value: _like(
+      _get(source[collection], layer.path)[leaf], value))
+
+
+def zero(variables: dict, layers: Iterable[Layer]) -> dict:
+  """`variables` with the learnable parameters of `layers` set to 0; running statistics kept."""
+  return map_layers(variables, layers, lambda layer, collection, leaf, value: (
+      jnp.zeros_like(value) if collection == 'params' else value))
+
+
+def interpolate(variables: dict, layers: Iterable[Layer], source: dict, alpha: float) -> dict:
+  """(1 - alpha) * source + alpha * variables on `layers`: alpha 0 is a full reset, 1 none."""
+  if not 0.0 <= alpha <= 1.0:
+    raise UserError(f'interpolation alpha must lie in [0, 1], got {alpha}')
+  return map_layers(variables, layers, lambda layer, collection, leaf, value: _like(
+      (1 - alpha) * jnp.asarray(_get(source[collection], layer.path)[leaf]) + alpha * value,
+      value))
+
+
+def skip(variables: dict, block: Target, all_layers: Iterable[Layer]) -> dict:
+  """The block returns its shortcut: its residual branch's last BatchNorm outputs 0.
+
+  With scale and bias 0 that BatchNorm outputs exactly 0 whatever its input, so the block
+  computes act(0 + shortcut); a ResNet's shortcut is non-negative, so relu leaves it as is.
+  """
+  last = init.last_batchnorm_of_branches(all_layers)
+  ends = [layer for layer in block.layers if layer.name in last]
+  if len(ends) != 1:
+    raise UserError(f'{block.name!r} is not a residual block with one branch to skip; '
+                    'skip resets whole blocks (granularity block, batchnorm layers included)')
+  return map_layers(variables, ends, lambda layer, collection, leaf, value: (
+      jnp.zeros_like(value) if collection == 'params' else value))
+
+
+def make(mode: str, all_layers: list[Layer], *, source: dict | None = None,
+         alpha: float = 0.0) -> Reset:
+  """The reset function `(variables, target) -> variables` of a mode.
+
+  `source` is the fresh model of the trial ('fresh', 'interpolate') or the initial checkpoint
+  ('checkpoint'); `alpha` is the trained weights' share for 'interpolate'.
+  """
+  if mode not in MODES:
+    raise UserError(f'unknown reset mode {mode!r}; choose from {", ".join(MODES)}')
+  if mode in ('fresh', 'checkpoint', 'interpolate') and source is None:
+    raise UserError(f'reset mode {mode!r} needs reset weights (a fresh model or a checkpoint)')
+  if mode in ('fresh', 'checkpoint'):
+    return lambda variables, target: replace(variables, target.layers, source)
+  if mode == 'interpolate':
+    return lambda variables, target: interpolate(variables, target.layers, source, alpha)
+  if mode == 'zero':
+    return lambda variables, target: zero(variables, target.layers)
+  return lambda variables, target: skip(variables, target, all_layers)
