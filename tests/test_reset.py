@@ -218,7 +218,7 @@ def test_resets_keep_the_original_bit_identical(trained_and_fresh, resnet50_laye
   blocks = layers_lib.select(resnet50_layers, ['conv', 'batchnorm'], granularity='block')
   for mode in reset.MODES:
     fn = reset.make(mode, resnet50_layers, source=fresh_vars, alpha=0.5)
-    targets = blocks if mode == 'skip' else layers_lib.select(
+    targets = blocks[1:] if mode == 'skip' else layers_lib.select(  # blocks[0] is the stem
         resnet50_layers, ['conv', 'linear', 'batchnorm'])
     for target in targets:
       after = fn(trained_vars, target)
