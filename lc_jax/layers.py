@@ -41,6 +41,7 @@ class Layer:
   stage: str  # 'layer1', or 'stem' / 'head'
   index: int  # position in forward order among all layers
   groups: int = 1  # a conv's feature groups (its output channels for a depthwise conv)
+  residual: bool = False  # its block adds a shortcut (identity or projection) to its branch
 
   @property
   def num_params(self) -> int:
@@ -64,11 +65,16 @@ def inventory(module: nn.Module, block_depth: int, input_size: int = 64) -> list
   how many path components name a block.
   """
   calls: dict[tuple[str, ...], nn.Module] = {}
+  same_shape: dict[str, bool] = {}  # block -> its output has its input's shape
 
   def record(next_fun, args, kwargs, context):
+    path = tuple(context.module.scope.path)
     if context.method_name == '__call__':
-      calls.setdefault(tuple(context.module.scope.path), context.module)
-    return next_fun(*args, **kwargs)
+      calls.setdefault(path, context.module)
+    out = next_fun(*args, **kwargs)
+    if len(path) == block_depth and args and hasattr(out, 'shape'):
+      same_shape['.'.join(path)] = tuple(args[0].shape) == tuple(out.shape)
+    return out
 
   images = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
   with nn.intercept_methods(record):
@@ -92,7 +98,11 @@ def inventory(module: nn.Module, block_depth: int, input_size: int = 64) -> list
     layers.append(Layer(name='.'.join(path), path=path, kind=_kind(layer_module, leaves),
                         shapes=leaves, block=block, stage=stage, index=len(layers),
                         groups=getattr(layer_module, 'feature_group_count', 1)))
-  return layers
+  # A block has a shortcut if it keeps its input's shape (the identity can be added) or has a
+  # projection ('downsample' in torch ResNets); blocks that change shape without one have none.
+  projected = {layer.block for layer in layers if 'downsample' in layer.path}
+  return [dataclasses.replace(layer, residual=same_shape.get(layer.block, False)
+                              or layer.block in projected) for layer in layers]
 
 
 def _kind(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str:

@@ -95,12 +95,13 @@ def skip(variables: dict, block: Target, all_layers: Iterable[Layer]) -> dict:
 
   With scale and bias 0 that BatchNorm outputs exactly 0 whatever its input, so the block
   computes act(0 + shortcut); a ResNet's shortcut is non-negative, so relu leaves it as is.
+  Blocks without a shortcut (an EfficientNet block that strides or changes width) are refused.
   """
   last = init.last_batchnorm_of_branches(all_layers)
-  ends = [layer for layer in block.layers if layer.name in last]
+  ends = [layer for layer in block.layers if layer.name in last and layer.residual]
   if len(ends) != 1:
-    raise UserError(f'{block.name!r} is not a residual block with one branch to skip; '
-                    'skip resets whole blocks (granularity block, batchnorm layers included)')
+    raise UserError(f'{block.name!r} is not a residual block with a shortcut to return; skip '
+                    'resets whole residual blocks (granularity block, batchnorm included)')
   return map_layers(variables, ends, lambda layer, collection, leaf, value: (
       jnp.zeros_like(value) if collection == 'params' else value))
 
