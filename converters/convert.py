@@ -44,7 +44,7 @@ def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
     spec = models.get(arch)
     recipe = recipes.for_family(spec.family)
     if found is not None and found[1] != arch:
-      raise ConversionError(f'{checkpoint.path} holds a {found[1]} checkpoint, not {arch}; '
+      raise ConversionError(f'{checkpoint.path} holds {found[1]} weights, not {arch}; '
                             f'convert it as {found[1]} or leave the architecture out')
   spec = models.get(arch)
   tensors = recipe.rename(dict(checkpoint.tensors))

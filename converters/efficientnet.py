@@ -80,8 +80,9 @@ def rename(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       stage, index = positions[n]
       key = f'blocks.{stage}.{index}.{layer}.{leaf}'
     else:
-      layer, _, leaf = key.partition('.')
-      key = f'{_TOP_LAYERS.get(layer, layer)}.{leaf}'
+      layer = key.split('.')[0]
+      if layer in _TOP_LAYERS:
+        key = _TOP_LAYERS[layer] + key[len(layer):]
     renamed[key] = value
   return renamed
 
@@ -113,9 +114,9 @@ def detect(tensors: Mapping[str, np.ndarray]) -> str | None:
   extra = set().union(*layers.values()) - _LITE_BLOCK_LAYERS
   if extra:
     raise ConversionError(
-        f'the checkpoint is an EfficientNet-style network whose blocks have layers that '
+        'the checkpoint is an EfficientNet-style network whose blocks have layers that '
         f'EfficientNet-Lite lacks ({", ".join(sorted(extra))}; e.g. squeeze-excite of '
-        f'EfficientNet-B*), which no registered architecture has')
+        'EfficientNet-B*), which no registered architecture has')
   num_stages = max(stage for stage, _ in layers) + 1
   depths = tuple(1 + max((i for s, i in layers if s == stage), default=-1)
                  for stage in range(num_stages))
@@ -126,7 +127,7 @@ def detect(tensors: Mapping[str, np.ndarray]) -> str | None:
       return name
   shown = '-'.join('?' if w is None else str(w) for w in widths)
   raise ConversionError(
-      f'the checkpoint is an EfficientNet-Lite-like network with stage depths '
+      'the checkpoint is an EfficientNet-Lite-like network with stage depths '
       f'{"-".join(map(str, depths))} and stage widths {shown}, which matches no registered '
       f'EfficientNet-Lite ({", ".join(models.names(FAMILY))})')
 

@@ -151,7 +151,7 @@ def _bad_inputs(tmp_path, resnet18_file, resnet50_state):
       ('truncated safetensors', [str(safetensors_cut)], 'truncated or not a safetensors'),
       ('not a checkpoint', [str(text)], 'is not a checkpoint'),
       ('resnet18 as resnet50', [resnet18_file, '--arch', 'resnet50'],
-       'holds a resnet18 checkpoint, not resnet50'),
+       'holds resnet18 weights, not resnet50'),
       ('missing layer', [str(tmp_path / 'missing_layer.pth')],
        'does not fit resnet50: 1 missing (layer3.1.conv2.weight (256, 256, 3, 3))'),
       ('unknown extra key', [str(tmp_path / 'extra.pth')],

@@ -14,6 +14,7 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lc_jax.models import common
@@ -65,8 +66,27 @@ def _conv(features: int, kernel: int, stride: int = 1, *, groups: int = 1, dtype
                  feature_group_count=groups, use_bias=False, dtype=dtype, name=name)
 
 
-def _bn(name: str, dtype: Any) -> nn.BatchNorm:
-  return common.batch_norm(dtype=dtype, eps=BN_EPS, name=name)
+class BatchNormAct(nn.Module):
+  """timm's BatchNormAct2d at inference: BatchNorm with running statistics, then ReLU6 if `act`.
+
+  One module, as in timm, so that its output is what a torch hook on the same name sees. Its
+  variables are nn.BatchNorm's (params scale/bias, batch_stats mean/var).
+  """
+
+  act: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (x.shape[-1],)
+    scale = self.param('scale', nn.initializers.ones, shape, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, shape, jnp.float32)
+    mean = self.variable('batch_stats', 'mean', jnp.zeros, shape, jnp.float32).value
+    var = self.variable('batch_stats', 'var', jnp.ones, shape, jnp.float32).value
+    y = (x - mean) * (scale * jax.lax.rsqrt(var + BN_EPS)) + bias
+    if self.act:
+      y = nn.relu6(y)
+    return y.astype(self.dtype)
 
 
 class DepthwiseSeparable(nn.Module):
@@ -82,9 +102,9 @@ class DepthwiseSeparable(nn.Module):
     in_features = x.shape[-1]
     y = _conv(in_features, self.kernel, self.stride, groups=in_features, dtype=self.dtype,
               name='conv_dw')(x)
-    y = nn.relu6(_bn('bn1', self.dtype)(y))
+    y = BatchNormAct(dtype=self.dtype, name='bn1')(y)
     y = _conv(self.features, 1, dtype=self.dtype, name='conv_pw')(y)
-    y = _bn('bn2', self.dtype)(y)
+    y = BatchNormAct(act=False, dtype=self.dtype, name='bn2')(y)
     if self.stride == 1 and in_features == self.features:
       y = y + x
     return y
@@ -104,11 +124,11 @@ class InvertedResidual(nn.Module):
     in_features = x.shape[-1]
     mid = make_divisible(in_features * self.expansion)
     y = _conv(mid, 1, dtype=self.dtype, name='conv_pw')(x)
-    y = nn.relu6(_bn('bn1', self.dtype)(y))
+    y = BatchNormAct(dtype=self.dtype, name='bn1')(y)
     y = _conv(mid, self.kernel, self.stride, groups=mid, dtype=self.dtype, name='conv_dw')(y)
-    y = nn.relu6(_bn('bn2', self.dtype)(y))
+    y = BatchNormAct(dtype=self.dtype, name='bn2')(y)
     y = _conv(self.features, 1, dtype=self.dtype, name='conv_pwl')(y)
-    y = _bn('bn3', self.dtype)(y)
+    y = BatchNormAct(act=False, dtype=self.dtype, name='bn3')(y)
     if self.stride == 1 and in_features == self.features:
       y = y + x
     return y
@@ -142,7 +162,8 @@ class Stage(nn.Module):
 class Blocks(nn.Module):
   """timm's ``blocks``: stages named '0', '1', ..., each a run of blocks named '0', '1', ...
 
-  Returns the output of every stage, so the caller can record each one.
+  The caller runs it stage by stage (`stage`), so that it can record every stage's output under
+  its torch name; a `__call__` returning all of them would not be what torch's ``blocks`` returns.
   """
 
   widths: Sequence[int]
@@ -150,12 +171,9 @@ class Blocks(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    outputs = []
-    for stage, (width, depth) in enumerate(zip(self.widths, self.depths)):
-      x = Stage(stage, width, depth, self.dtype, name=str(stage))(x)
-      outputs.append(x)
-    return outputs
+  def stage(self, x, index: int):
+    """Runs stage `index` on `x`."""
+    return Stage(index, self.widths[index], self.depths[index], self.dtype, name=str(index))(x)
 
 
 class EfficientNetLite(nn.Module):
@@ -173,34 +191,37 @@ class EfficientNetLite(nn.Module):
     x = common.normalize(images, self.mean, self.std, self.dtype)
 
     x = _conv(STEM_WIDTH, 3, 2, dtype=self.dtype, name='conv_stem')(x)
-    x = nn.relu6(_bn('bn1', self.dtype)(x))
+    x = BatchNormAct(dtype=self.dtype, name='bn1')(x)
     self.sow('intermediates', 'stem', x)
 
-    # Named like timm's stage modules (`blocks.0` ...), so a name works as a torch hook target.
-    outputs = Blocks(self.widths, self.depths, self.dtype, name='blocks')(x)
-    for stage, y in enumerate(outputs):
-      self.sow('intermediates', f'blocks.{stage}', y)
-    x = outputs[-1]
+    blocks = Blocks(self.widths, self.depths, self.dtype, name='blocks')
+    for stage in range(len(self.depths)):
+      x = blocks.stage(x, stage)
+      # Named as timm's stage modules, so a name is also a torch hook target.
+      self.sow('intermediates', f'blocks.{stage}', x)
 
     x = _conv(HEAD_WIDTH, 1, dtype=self.dtype, name='conv_head')(x)
-    x = nn.relu6(_bn('bn2', self.dtype)(x))
+    x = BatchNormAct(dtype=self.dtype, name='bn2')(x)
     x = jnp.mean(x, axis=(1, 2))
     self.sow('intermediates', 'pool', x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
     return x.astype(jnp.float32)
 
 
-# (channel multiplier, depth multiplier, input size), as in timm's _gen_efficientnet_lite.
+# (channel multiplier, depth multiplier, input size): multipliers from timm's
+# _gen_efficientnet_lite, input sizes from timm's pretrained configs of tf_efficientnet_liteN.
 _VARIANTS = {
     'efficientnet_lite0': (1.0, 1.0, 224),
     'efficientnet_lite1': (1.0, 1.1, 240),
     'efficientnet_lite2': (1.1, 1.2, 260),
-    'efficientnet_lite3': (1.2, 1.4, 280),
-    'efficientnet_lite4': (1.4, 1.8, 300),
+    'efficientnet_lite3': (1.2, 1.4, 300),
+    'efficientnet_lite4': (1.4, 1.8, 380),
 }
 
 for _name, (_width_mult, _depth_mult, _size) in _VARIANTS.items():
   registry.register(registry.Architecture(
       name=_name, family='efficientnet_lite', build=EfficientNetLite,
       kwargs={'widths': stage_widths(_width_mult), 'depths': stage_depths(_depth_mult)},
-      mean=MEAN, std=STD, input_size=_size, timm_name=f'tf_{_name}'))
+      mean=MEAN, std=STD, input_size=_size, timm_name=f'tf_{_name}',
+      # timm initialises EfficientNets as TF did ('goog'); a block is 'blocks.S.I', three parts.
+      init_scheme='goog', block_depth=3))
