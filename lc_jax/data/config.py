@@ -1,0 +1,74 @@
+"""The `config.data` settings: which images, how many, in which order, at which size.
+
+    config.data = lc_jax.data.default_config(source='photos', num_images=0, order='sorted')
+
+Fields (DataConfig): source ('imagefolder', 'tfds' or 'photos'); path (the ImageFolder root, or
+the tfds data_dir, empty for tfds's default); name and split (the tfds dataset, any image
+classification dataset); num_images (0: all); batch_size (global, over all hosts); seed and order
+('torch': the reference DataLoader's shuffle, 'numpy': a numpy permutation, 'sorted': source
+order); resize_size and crop_size; on_error ('raise', or 'skip' to mask out images that do not
+decode); workers (decoding threads, 0: one per CPU core).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from lc_jax.errors import UserError
+
+SOURCES = ('imagefolder', 'tfds', 'photos')
+ORDERS = ('torch', 'numpy', 'sorted')
+ON_ERROR = ('raise', 'skip')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Settings of the image pipeline; the defaults are the paper's protocol."""
+
+  source: str = 'imagefolder'
+  path: str = ''
+  name: str = 'imagenet2012'
+  split: str = 'validation'
+  num_images: int = 10000
+  batch_size: int = 500
+  seed: int = 0
+  order: str = 'torch'
+  resize_size: int = 256
+  crop_size: int = 224
+  on_error: str = 'raise'
+  workers: int = 0
+
+  def __post_init__(self):
+    for field, choices in (('source', SOURCES), ('order', ORDERS), ('on_error', ON_ERROR)):
+      if getattr(self, field) not in choices:
+        raise UserError(f'data.{field} must be one of {", ".join(choices)}, '
+                        f'got {getattr(self, field)!r}')
+    for field in ('num_images', 'batch_size', 'seed', 'workers'):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f'data.{field} must be a non-negative integer, got {value!r}')
+    if self.batch_size == 0:
+      raise UserError('data.batch_size must be positive')
+
+  @classmethod
+  def from_config(cls, config: DataConfig | Mapping[str, Any] | ml_collections.ConfigDict
+                  ) -> DataConfig:
+    """A DataConfig from a ConfigDict or mapping; a field it does not know is an error (a typo)."""
+    if isinstance(config, cls):
+      return config
+    if isinstance(config, ml_collections.ConfigDict):
+      config = config.to_dict()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+      raise UserError(f'unknown data setting(s) {", ".join(unknown)}; known: '
+                      f'{", ".join(sorted(known))}')
+    return cls(**config)
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.data` for a config file: the paper's protocol, with `overrides` applied."""
+  return ml_collections.ConfigDict(dataclasses.asdict(DataConfig(**overrides)))

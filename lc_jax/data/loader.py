@@ -1,0 +1,257 @@
+"""This host's images, decoded once and cached, and batches of them with a mask.
+
+    images, labels, info = load(config.data, cache_dir=DIR, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    for batch, batch_labels, mask in batches(images, labels, info):
+      ...  # batch: uint8 (info.local_batch_size, crop, crop, 3); mask: False on padding rows
+
+`images` is uint8 NHWC (memory-mapped from the cache), `labels` int32 or None for a source without
+labels. Global batch k is the reference's batch k (subset positions [k*B, (k+1)*B)); each host
+holds its own B / process_count of every batch, and every host runs `info.num_batches` batches of
+the same shape, the last one padded, so no image is dropped or counted twice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Iterator, Mapping
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from lc_jax.data import cache
+from lc_jax.data import subset
+from lc_jax.data.config import DataConfig
+from lc_jax.data.preprocess import load_rgb
+from lc_jax.data.preprocess import Transform
+from lc_jax.data.sources import IMG_EXTENSIONS
+from lc_jax.data.sources import open_source
+from lc_jax.data.sources import Source
+from lc_jax.errors import UserError
+
+# What PIL raises for a file that is not a readable image (truncated, corrupt, not an image).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What `load` gave this host, and how.
+
+  Row i of the images is subset image `positions[i]`, `keys[i]` in the source. `fingerprint`
+  names the images and their pixels: runs with equal fingerprints saw identical inputs.
+  """
+
+  source: str
+  fingerprint: str
+  num_images: int
+  positions: np.ndarray
+  keys: list[str]
+  # False for rows whose image did not decode (with on_error='skip'); those rows are zeros.
+  valid: np.ndarray
+  skipped: list[str]
+  ignored_files: int
+  class_names: list[str] | None
+  batch_size: int
+  local_batch_size: int
+  num_batches: int
+  cache_path: str
+  cache_hit: bool
+  # Decoding time on a miss, opening time on a hit.
+  seconds: float
+
+
+def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
+         process_index: int = 0, process_count: int = 1, progress: bool = True
+         ) -> tuple[np.ndarray, np.ndarray | None, DataInfo]:
+  """This host's preprocessed images, their labels (or None) and a DataInfo.
+
+  Images come from the cache in `cache_dir` (default: `cache.default_dir()`) when the same
+  source, subset and transform were decoded before; otherwise they are decoded in parallel,
+  showing progress on stderr when `progress`, and cached. A host of several decodes only its
+  own images, unless a single-host run already cached them all.
+  """
+  config = DataConfig.from_config(config)
+  transform = Transform(config.resize_size, config.crop_size)
+  source = open_source(config)
+  start = time.perf_counter()
+  num_images = subset.subset_size(source.size(), config.num_images, source.describe())
+  fingerprint = cache.digest({
+      'source': source.fingerprint(),
+      # The seed does not change a sorted subset, so it does not split the cache either.
+      'subset': {'num_images': num_images, 'order': config.order,
+                 'seed': 0 if config.order == 'sorted' else config.seed},
+      'transform': transform.spec()})
+  positions = subset.host_positions(num_images, config.batch_size, process_index, process_count)
+  cache_dir = os.path.abspath(os.path.expanduser(cache_dir or cache.default_dir()))
+  whole = f'{source.kind}-{num_images}x{transform.crop_size}-{fingerprint}'
+  name = whole if process_count == 1 else (
+      f'{whole}-host{process_index}of{process_count}-batch{config.batch_size}')
+
+  hit = True
+  if cache.exists(cache_dir, name):
+    images, meta = cache.read(cache_dir, name)
+  elif process_count > 1 and cache.exists(cache_dir, whole):
+    name = whole
+    images, meta = cache.read(cache_dir, whole)
+    images = np.asarray(images[positions])
+  else:
+    hit = False
+    _build(source, transform, config, positions, cache_dir, name, fingerprint, progress)
+    images, meta = cache.read(cache_dir, name)
+  seconds = time.perf_counter() - start if hit else meta['decode_seconds']
+
+  rows = np.searchsorted(meta['positions'], positions)
+  skipped = dict(zip(meta['skipped_positions'], meta['skipped_errors']))
+  if skipped and config.on_error == 'raise':
+    first = skipped[min(skipped)]
+    raise UserError(f'{len(skipped)} image(s) did not decode when the cache entry '
+                    f'{os.path.join(cache_dir, name)}.npy was made with data.on_error=skip '
+                    f'(first: {first}); replace them and delete the entry, or set '
+                    'data.on_error=skip')
+  labels = None if meta['labels'] is None else np.asarray(meta['labels'], np.int32)[rows]
+  info = DataInfo(
+      source=meta['source'], fingerprint=fingerprint, num_images=num_images,
+      positions=positions, keys=[meta['keys'][r] for r in rows],
+      valid=~np.isin(positions, list(skipped)),
+      skipped=[skipped[p] for p in positions.tolist() if p in skipped],
+      ignored_files=meta['ignored_files'], class_names=meta['class_names'],
+      batch_size=config.batch_size, local_batch_size=config.batch_size // process_count,
+      num_batches=subset.num_batches(num_images, config.batch_size),
+      cache_path=os.path.join(cache_dir, name + '.npy'), cache_hit=hit, seconds=seconds)
+  if progress and hit:
+    print(f'loaded {len(positions)} images from {info.cache_path} in {seconds:.2f} s',
+          file=sys.stderr)
+  return images, labels, info
+
+
+def batches(images: np.ndarray, labels: np.ndarray | None, info: DataInfo
+            ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+  """Yields `info.num_batches` (images, labels or None, mask) of `info.local_batch_size` rows.
+
+  Padding rows are zeros with label -1 and mask False; skipped (undecodable) images, zeros too,
+  keep their label and have mask False.
+  """
+  size = info.local_batch_size
+  for k in range(info.num_batches):
+    rows = slice(k * size, (k + 1) * size)
+    batch = np.zeros((size,) + images.shape[1:], np.uint8)
+    count = len(images[rows])
+    batch[:count] = images[rows]
+    mask = np.zeros(size, bool)
+    mask[:count] = info.valid[rows]
+    batch_labels = None
+    if labels is not None:
+      batch_labels = np.full(size, -1, np.int32)
+      batch_labels[:count] = labels[rows]
+    yield batch, batch_labels, mask
+
+
+def _build(source: Source, transform: Transform, config: DataConfig, positions: np.ndarray,
+           cache_dir: str, name: str, fingerprint: str, progress: bool) -> None:
+  listing = source.listing
+  indices = subset.select(len(listing.keys), config.num_images, config.seed,
+                          config.order)[positions]
+  if listing.ignored:
+    logging.warning('left out %d file(s) of %s that are not images (extensions %s), e.g. %s',
+                    len(listing.ignored), source.describe(), ' '.join(IMG_EXTENSIONS),
+                    listing.ignored[0])
+  size = transform.crop_size
+  with cache.write(cache_dir, name, (len(positions), size, size, 3)) as (images, meta):
+    start = time.perf_counter()
+    failures = _decode(source, indices, images, transform, config.workers,
+                       stop_on_error=config.on_error == 'raise', progress=progress)
+    if failures and config.on_error == 'raise':
+      raise UserError(f'cannot decode {failures[0][1]}; replace or remove the file, or set '
+                      'data.on_error=skip to leave such images out (masked)')
+    for _, error in failures:
+      logging.warning('skipped an image that does not decode: %s', error)
+    meta.update(
+        source=source.describe(), fingerprint=fingerprint, positions=positions.tolist(),
+        keys=[listing.keys[i] for i in indices],
+        labels=None if listing.labels is None else listing.labels[indices].tolist(),
+        class_names=listing.class_names, ignored_files=len(listing.ignored),
+        skipped_positions=[int(positions[row]) for row, _ in failures],
+        skipped_errors=[error for _, error in failures],
+        decode_seconds=time.perf_counter() - start)
+
+
+def _decode(source: Source, indices: np.ndarray, out: np.ndarray, transform: Transform,
+            workers: int, stop_on_error: bool, progress: bool) -> list[tuple[int, str]]:
+  """Decodes `indices` of `source` into `out` in threads; returns (row, error) of failures, by row.
+
+  PIL releases the GIL while it decodes and resamples, so threads scale with cores without the
+  start-up and pickling cost of processes.
+  """
+  workers = workers or len(os.sched_getaffinity(0))
+  meter = _Progress(len(indices), f'decoding {source.describe()}', progress)
+  failures: list[tuple[int, str]] = []
+
+  def work(row: int, name: str, file) -> tuple[int, str] | None:
+    try:
+      out[row] = transform(load_rgb(file))
+    except DECODE_ERRORS as e:
+      # PIL's message for a non-image repeats the file object's repr; the name says it better.
+      reason = ('not an image PIL can identify' if isinstance(e, Image.UnidentifiedImageError)
+                else f'{type(e).__name__}: {e}')
+      return row, f'{name} ({reason})'
+    return None
+
+  def settle(done) -> None:
+    for future in done:
+      failure = future.result()
+      if failure is not None:
+        failures.append(failure)
+    meter.advance(len(done))
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = set()
+    # A bounded window keeps a streaming source (tfds) from reading ahead of the decoders.
+    for row, name, file in source.read(indices.tolist()):
+      if len(pending) >= 4 * workers:
+        done, pending = concurrent.futures.wait(
+            pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        settle(done)
+        if failures and stop_on_error:
+          break
+      pending.add(pool.submit(work, row, name, file))
+    if failures and stop_on_error:
+      for future in pending:
+        future.cancel()
+    else:
+      settle(concurrent.futures.wait(pending).done)
+  meter.close()
+  return sorted(failures)
+
+
+class _Progress:
+  """Images done and images/s on stderr: redrawn in place on a terminal, else a line every 10 s."""
+
+  def __init__(self, total: int, what: str, enabled: bool):
+    self.total, self.what, self.enabled = total, what, enabled
+    self.done = 0
+    self.start = self.shown = time.perf_counter()
+    self.tty = enabled and sys.stderr.isatty()
+
+  def _line(self) -> str:
+    elapsed = time.perf_counter() - self.start
+    rate = self.done / elapsed if elapsed > 0 else 0.0
+    return f'{self.what}: {self.done}/{self.total} images, {rate:.0f} images/s'
+
+  def advance(self, count: int) -> None:
+    self.done += count
+    now = time.perf_counter()
+    if self.enabled and now - self.shown >= (0.5 if self.tty else 10.0):
+      self.shown = now
+      print('\r' + self._line() if self.tty else self._line(), end='' if self.tty else '\n',
+            file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      elapsed = time.perf_counter() - self.start
+      print(('\r' if self.tty else '') + self._line() + f' ({elapsed:.1f} s)', file=sys.stderr,
+            flush=True)

@@ -1,0 +1,288 @@
+"""Where images come from: an ImageFolder directory, a tfds dataset, or scikit-image's photos.
+
+A source lists its images once, in a fixed order, and opens any of them for decoding:
+
+    source = open_source(DataConfig(path='/data/imagenet/val'))
+    source.listing.keys[:1]          # ['n01440764/ILSVRC2012_val_00000293.JPEG']
+    for row, name, file in source.read([3, 0]):
+      pixels = transform(load_rgb(file))
+
+The order is torchvision's ImageFolder order (class folders sorted, then files sorted), and a tfds
+dataset with file names (ImageNet's has them) is put in the same order by (class name, file name),
+so both select the same images for the same indices. `fingerprint()` identifies the images for
+cache keys without reading any image, and for tfds without a pass over the data.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import hashlib
+import io
+import os
+from typing import Any, BinaryIO, Iterator, Sequence
+
+import numpy as np
+
+from lc_jax.data.config import DataConfig
+from lc_jax.errors import UserError
+
+# torchvision.datasets.folder.IMG_EXTENSIONS; other files in class folders are left out, as there.
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+# Real colour photographs shipped inside scikit-image (no download), for the demo and tests.
+PHOTOS = ('astronaut', 'chelsea', 'coffee', 'hubble_deep_field', 'motorcycle_left', 'retina',
+          'rocket')
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+  """A source's images in its fixed order: an id for each, and labels where the source has them."""
+
+  keys: list[str]
+  labels: np.ndarray | None
+  class_names: list[str] | None
+  # Files left out for their extension (ImageFolder only).
+  ignored: list[str] = dataclasses.field(default_factory=list)
+
+
+class Source(abc.ABC):
+  """A set of images in a fixed order; subclasses list them, fingerprint them and open them."""
+
+  kind = ''
+
+  @functools.cached_property
+  def listing(self) -> Listing:
+    """All images of the source in its order (listed once, on first use)."""
+    return self._list()
+
+  def size(self) -> int:
+    """The number of images."""
+    return len(self.listing.keys)
+
+  @abc.abstractmethod
+  def fingerprint(self) -> dict[str, Any]:
+    """What identifies these images, for cache keys."""
+
+  @abc.abstractmethod
+  def read(self, indices: Sequence[int]) -> Iterator[tuple[int, str, str | BinaryIO]]:
+    """Yields (j, name, file) for each `indices[j]`, in any order.
+
+    `file` is what `load_rgb` opens; `name` says where it came from, for error messages.
+    """
+
+  @abc.abstractmethod
+  def describe(self) -> str:
+    """The source in a few words, for messages."""
+
+  @abc.abstractmethod
+  def _list(self) -> Listing:
+    """Lists every image; called once."""
+
+
+class ImageFolder(Source):
+  """A directory with one folder of images per class, read as torchvision's ImageFolder reads it.
+
+  Classes are the sorted sub-folder names (label = index); each class folder is walked recursively
+  (following links) in sorted order; files whose names do not end in one of IMG_EXTENSIONS (any
+  case) are left out and counted.
+  """
+
+  kind = 'imagefolder'
+
+  def __init__(self, root: str):
+    if not root:
+      raise UserError('data.path is empty: set it to an ImageFolder directory, one folder of '
+                      'images per class (as ImageNet val: DIR/n01440764/*.JPEG)')
+    self.root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.exists(self.root):
+      raise UserError(f'image folder not found: {self.root}')
+    if not os.path.isdir(self.root):
+      raise UserError(f'image folder is not a directory: {self.root}')
+
+  def describe(self) -> str:
+    return f'ImageFolder {self.root}'
+
+  def _list(self) -> Listing:
+    classes = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
+    if not classes:
+      raise UserError(f'{self.root} has no class folders: an ImageFolder holds one folder of '
+                      f'images per class ({self.root}/<class>/<image>.JPEG)')
+    keys, labels, ignored, empty = [], [], [], []
+    for label, name in enumerate(classes):
+      count = len(keys)
+      for folder, _, files in sorted(os.walk(os.path.join(self.root, name), followlinks=True)):
+        for file in sorted(files):
+          key = os.path.relpath(os.path.join(folder, file), self.root)
+          if file.lower().endswith(IMG_EXTENSIONS):
+            keys.append(key)
+            labels.append(label)
+          else:
+            ignored.append(key)
+      if len(keys) == count:
+        empty.append(name)
+    if not keys:
+      raise UserError(f'no images in {self.root} ({len(ignored)} other files); images end in '
+                      f'{", ".join(IMG_EXTENSIONS)}')
+    if empty:
+      # torchvision's ImageFolder refuses these too; accepting them would hide a partial copy.
+      raise UserError(f'{len(empty)} class folder(s) in {self.root} hold no image: '
+                      f'{", ".join(empty[:5])}{", ..." if len(empty) > 5 else ""}; add their '
+                      'images or remove the folders')
+    return Listing(keys, np.asarray(labels, np.int32), classes, ignored)
+
+  def fingerprint(self) -> dict[str, Any]:
+    # Names and byte sizes, not modification times: a copy of the data set to local disk keeps
+    # its cache, a re-encoded image does not.
+    digest = hashlib.sha256()
+    for key in self.listing.keys:
+      size = os.stat(os.path.join(self.root, key)).st_size
+      digest.update(f'{key}\0{size}\n'.encode())
+    return {'kind': self.kind, 'images': self.size(), 'files': digest.hexdigest()}
+
+  def read(self, indices):
+    for j, i in enumerate(indices):
+      path = os.path.join(self.root, self.listing.keys[i])
+      yield j, path, path
+
+
+class Tfds(Source):
+  """A tfds image classification dataset (default: imagenet2012 validation), decoded with PIL.
+
+  Images are read as their stored bytes and decoded by PIL like files on disk, not by TensorFlow
+  (whose JPEG decoder rounds differently); tfds keeps ImageNet's validation files byte for byte
+  (it re-encodes only 23 training images), so the pixels equal those of an ImageFolder copy. With a 'file_name' feature the examples are put in
+  ImageFolder order, by (class name, file name); otherwise they keep the split's own order.
+  """
+
+  kind = 'tfds'
+
+  def __init__(self, name: str, split: str, data_dir: str = ''):
+    self._tfds = _import_tfds()
+    self.name, self.split = name, split
+    try:
+      self._builder = self._tfds.builder(name, data_dir=data_dir or None)
+    except (ValueError, KeyError) as e:  # DatasetNotFoundError is a ValueError
+      raise UserError(f'unknown tfds dataset {name!r}: {str(e).splitlines()[0]}') from None
+    features = self._builder.info.features
+    self._image_key = self._find_key(features, self._tfds.features.Image)
+    if self._image_key is None:
+      raise UserError(f'tfds dataset {name!r} has no image feature (features: '
+                      f'{", ".join(features)})')
+    self._label_key = self._find_key(features, self._tfds.features.ClassLabel)
+    self._file_key = 'file_name' if 'file_name' in features else None
+
+  def describe(self) -> str:
+    return f'tfds {self.name} {self.split}'
+
+  def _find_key(self, features, feature_type) -> str | None:
+    # Prefer the dataset's own (image, label) pair; fall back to the first feature of the type.
+    supervised = self._builder.info.supervised_keys or ()
+    candidates = [k for k in supervised if isinstance(k, str)] + list(features)
+    return next((k for k in candidates if isinstance(features[k], feature_type)), None)
+
+  def _num_examples(self) -> int | None:
+    try:
+      return self._builder.info.splits[self.split].num_examples
+    except (KeyError, ValueError):  # not prepared yet (or mocked): only a pass over it tells
+      return None
+
+  def size(self) -> int:
+    known = self._num_examples()
+    return known if known is not None else super().size()
+
+  def fingerprint(self) -> dict[str, Any]:
+    return {'kind': self.kind, 'dataset': self._builder.info.full_name, 'split': self.split,
+            'images': self._num_examples()}
+
+  def _examples(self, keys: Sequence[str]) -> Iterator[dict[str, Any]]:
+    decoders = {self._image_key: self._tfds.decode.SkipDecoding()}
+    try:
+      # One file at a time, unshuffled: both passes see the examples in the same order.
+      dataset = self._builder.as_dataset(
+          split=self.split, decoders=decoders, shuffle_files=False,
+          read_config=self._tfds.ReadConfig(interleave_cycle_length=1))
+    except (AssertionError, ValueError, KeyError, OSError) as e:
+      raise UserError(f'cannot read {self.describe()}: {str(e).splitlines()[0]} (prepare it with '
+                      'tfds first; imagenet2012 needs its manual download, or set data.path to '
+                      'the tfds data_dir that holds it)') from None
+    for example in self._tfds.as_numpy(dataset):
+      yield {k: example[k] for k in keys}
+
+  def _list(self) -> Listing:
+    return self._indexed[0]
+
+  @functools.cached_property
+  def _indexed(self) -> tuple[Listing, np.ndarray]:
+    # The listing, and where each of its images sits in the split's own order.
+    wanted = [k for k in (self._label_key, self._file_key) if k is not None]
+    examples = list(self._examples(wanted))
+    files = ([e[self._file_key].decode('utf-8') for e in examples] if self._file_key
+             else [f'{self.split}[{s}]' for s in range(len(examples))])
+    if self._label_key is None:
+      class_names, names, labels = None, [''] * len(examples), None
+    else:
+      class_names = list(self._builder.info.features[self._label_key].names)
+      labels = np.asarray([e[self._label_key] for e in examples], np.int32)
+      names = [class_names[label] for label in labels]
+    stream = list(range(len(examples)))
+    if self._file_key:
+      stream.sort(key=lambda s: (names[s], files[s]))
+    keys = [f'{names[s]}/{files[s]}' if names[s] else files[s] for s in stream]
+    listing = Listing(keys, None if labels is None else labels[stream], class_names)
+    return listing, np.asarray(stream, np.int64)
+
+  def read(self, indices):
+    listing, stream = self._indexed
+    wanted = {int(stream[i]): j for j, i in enumerate(indices)}
+    for position, example in enumerate(self._examples([self._image_key])):
+      j = wanted.pop(position, None)
+      if j is not None:
+        yield j, f'{self.describe()} {listing.keys[indices[j]]}', io.BytesIO(
+            example[self._image_key])
+      if not wanted:
+        return
+
+
+class Photos(Source):
+  """scikit-image's real colour photos (PHOTOS, in that order), read from its files; no labels."""
+
+  kind = 'photos'
+
+  def __init__(self):
+    import skimage.data  # pylint: disable=g-import-not-at-top
+    files = {os.path.splitext(f)[0]: f for f in os.listdir(skimage.data.data_dir)}
+    self._paths = [os.path.join(skimage.data.data_dir, files[name]) for name in PHOTOS]
+
+  def describe(self) -> str:
+    return "scikit-image's photos"
+
+  def _list(self) -> Listing:
+    return Listing(list(PHOTOS), None, None)
+
+  def fingerprint(self) -> dict[str, Any]:
+    return {'kind': self.kind, 'files': [[os.path.basename(p), os.path.getsize(p)]
+                                         for p in self._paths]}
+
+  def read(self, indices):
+    for j, i in enumerate(indices):
+      yield j, self._paths[i], self._paths[i]
+
+
+def open_source(config: DataConfig) -> Source:
+  """The source that `config.source` names."""
+  if config.source == 'imagefolder':
+    return ImageFolder(config.path)
+  if config.source == 'tfds':
+    return Tfds(config.name, config.split, config.path)
+  return Photos()
+
+
+def _import_tfds():
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError('data.source=tfds needs TensorFlow Datasets: pip install "lc-jax[tfds]"'
+                    ) from None
+  return tfds
