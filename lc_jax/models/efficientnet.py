@@ -62,8 +62,9 @@ def stage_depths(depth_multiplier: float) -> tuple[int, ...]:
 def _conv(features: int, kernel: int, stride: int = 1, *, groups: int = 1, dtype: Any,
           name: str) -> nn.Conv:
   # timm's Conv2dSame pads like TF 'SAME'; flax's 'SAME' splits the padding identically.
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
-                 feature_group_count=groups, use_bias=False, dtype=dtype, name=name)
+  cls = common.DepthwiseConv if groups > 1 else nn.Conv
+  return cls(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
+             feature_group_count=groups, use_bias=False, dtype=dtype, name=name)
 
 
 class BatchNormAct(nn.Module):

@@ -1,0 +1,222 @@
+"""The criticality run: for each trial and each selected layer, reset it and measure the shift.
+
+    rows = lc_jax.experiment.run(config, workdir)
+
+Steps: convert the checkpoint into WORKDIR/model (or reuse it), load the images (decoded once,
+cached), run the original model once and keep its logits, then for every (trial, target) not
+yet in WORKDIR/results.csv: reset the variables (a pure function), run the same jitted forward
+and append one row of metrics durably. A killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import converters
+from lc_jax import data
+from lc_jax import init
+from lc_jax import layers as layers_lib
+from lc_jax import metrics
+from lc_jax import models
+from lc_jax import reset
+from lc_jax import results
+from lc_jax.errors import UserError
+
+# Config fields that change how a run is shown or how fast it goes, not what it measures: a
+# workdir may be resumed with other values.
+NOT_MEASURED = {'progress': None, 'cache_dir': None, 'data': ('workers',)}
+RANDOM_MODES = ('fresh', 'interpolate')
+
+
+@dataclasses.dataclass
+class Model:
+  """A converted model ready to evaluate."""
+
+  module: Any
+  variables: dict
+  card: dict
+  arch: models.Architecture
+  layers: list[layers_lib.Layer]
+  model_id: str
+
+
+def prepare_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
+  """Converts `config.model.checkpoint` into WORKDIR/model, or reuses an earlier conversion of
+  the same file (same sha256), and returns the model with its layer inventory."""
+  model_dir = os.path.join(workdir, 'model')
+  card = models.store.read_card(model_dir)
+  source = converters.reader.resolve(config.model.checkpoint)
+  reusable = (card and os.path.isfile(source) and card['arch'] == (config.model.arch or card['arch'])
+              and card['sha256'] == converters.reader.sha256(source))
+  if not reusable:
+    arch, variables, card = converters.convert(
+        config.model.checkpoint, config.model.arch or None,
+        trust_pickle=config.model.trust_pickle)
+    converters.save(model_dir, arch, variables, card, overwrite=True)
+  module, variables, card = models.load(model_dir)
+  spec = models.get(card['arch'])
+  model_id = config.model.id or _default_id(config.model.checkpoint)
+  return Model(module, jax.tree.map(jnp.asarray, variables), card, spec,
+               layers_lib.inventory(module, spec.block_depth), model_id)
+
+
+def _default_id(checkpoint: str) -> str:
+  name = os.path.basename(checkpoint.split('bundled:')[-1])
+  for suffix in ('.safetensors', '.pth.tar', '.pth', '.pt', '.ckpt', '.tar'):
+    if name.endswith(suffix):
+      return name[:-len(suffix)]
+  return name
+
+
+def reset_source(config: ml_collections.ConfigDict, model: Model, trial: int) -> dict | None:
+  """The weights a reset of trial `trial` draws from: a fresh model, a checkpoint, or none."""
+  mode = config.reset.mode
+  if mode in RANDOM_MODES:
+    scheme = config.reset.init_scheme or model.arch.init_scheme
+    key = jax.random.fold_in(jax.random.key(config.seed), trial)
+    return init.fresh_variables(model.layers, scheme, key)
+  if mode == 'checkpoint':
+    if not config.reset.init_checkpoint:
+      raise UserError('reset.mode=checkpoint needs reset.init_checkpoint=PATH')
+    _, variables, _ = converters.convert(config.reset.init_checkpoint, model.card['arch'],
+                                         trust_pickle=config.model.trust_pickle)
+    return variables
+  return None
+
+
+def select_targets(config: ml_collections.ConfigDict, model: Model) -> list[layers_lib.Target]:
+  """The reset targets of the run, in forward order."""
+  granularity = config.reset.granularity
+  if config.reset.mode == 'skip' and granularity != 'block':
+    raise UserError('reset.mode=skip removes whole residual blocks: set reset.granularity=block')
+  types = [t for t in str(config.reset.layer_types).split(',') if t.strip()]
+  targets = layers_lib.select(model.layers, types, config.reset.layers, granularity)
+  if config.reset.mode == 'skip':  # the stem and head have no shortcut to return
+    targets = [t for t in targets if any(layer.residual for layer in t.layers)]
+  return targets
+
+
+def measured_config(config: ml_collections.ConfigDict) -> dict:
+  """The config without the fields that do not change the numbers (see NOT_MEASURED)."""
+  measured = config.to_dict()
+  for key, subkeys in NOT_MEASURED.items():
+    if subkeys is None:
+      measured.pop(key, None)
+    else:
+      for subkey in subkeys:
+        measured.get(key, {}).pop(subkey, None)
+  return measured
+
+
+def _versions() -> dict[str, str]:
+  found = {'python': sys.version.split()[0]}
+  for package in ('lc-jax', 'jax', 'jaxlib', 'flax', 'numpy', 'orbax-checkpoint', 'pillow'):
+    try:
+      found[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return found
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """Runs (or resumes) the experiment of `config` in `workdir`; returns all result rows."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  show = config.get('progress', True)
+  with jax.default_matmul_precision(config.get('matmul_precision', 'highest')):
+    # ---------------------------------------------------------------- model and images --------
+    model = prepare_model(config, workdir)
+    targets = select_targets(config, model)
+    images, labels, info = data.load(config.data, cache_dir=config.get('cache_dir') or None,
+                                     progress=show)
+    if info.num_images == 0:
+      raise UserError('the image set is empty')
+    trials = config.trials if config.reset.mode in RANDOM_MODES else 1
+    store = results.Store(workdir, {
+        'config': measured_config(config), 'checkpoint_sha256': model.card['sha256'],
+        'images': info.fingerprint, 'targets': [t.name for t in targets],
+        'arch': model.card['arch'], 'model_id': model.model_id, 'num_images': info.num_images,
+        'image_cache': info.cache_path, 'versions': _versions()})
+
+    forward = jax.jit(lambda v, x: model.module.apply(v, x.astype(jnp.float32) / 255.0))
+    batch_list = [(jax.device_put(x), None if y is None else jnp.asarray(y), jnp.asarray(m))
+                  for x, y, m in data.batches(images, labels, info)]
+    has_labels = labels is not None
+
+    def evaluate(variables, reference):
+      total = None
+      for (x, y, mask), ref in zip(batch_list, reference):
+        y = y if has_labels else jnp.full(mask.shape, -1, jnp.int32)
+        total = metrics.accumulate(total, metrics.batch_sums(ref, forward(variables, x), y, mask))
+      return total
+
+    # ---------------------------------------------------------------- the original ------------
+    reference = [forward(model.variables, x) for x, _, _ in batch_list]
+    original = metrics.finalize(evaluate(model.variables, reference), has_labels)
+    original['recovered_acc'] = 1.0 if has_labels else float('nan')
+    if not store.done(0, results.ORIGINAL):
+      store.append(_row(model, info, results.ORIGINAL, 0, 'none', None, original))
+
+    # ---------------------------------------------------------------- resets ------------------
+    todo = [(t, target) for t in range(trials) for target in targets
+            if not store.done(t, target.name)]
+    progress = _Progress(len(todo), trials * len(targets), info.num_images, show)
+    for trial in sorted({t for t, _ in todo}):
+      reset_fn = reset.make(config.reset.mode, model.layers,
+                            source=reset_source(config, model, trial), alpha=config.reset.alpha)
+      for _, target in (item for item in todo if item[0] == trial):
+        measured = metrics.finalize(evaluate(reset_fn(model.variables, target), reference),
+                                    has_labels, original['top1_acc'])
+        store.append(_row(model, info, target.name, trial, config.reset.mode, target, measured))
+        progress.step(f'trial {trial} {target.name}', measured['criticality'])
+  store.close()
+  return store.rows
+
+
+def _row(model: Model, info, layer: str, trial: int, mode: str,
+         target: layers_lib.Target | None, measured: dict) -> dict[str, Any]:
+  members = target.layers if target else ()
+  kinds = sorted({l.kind for l in members})
+  stages = sorted({l.stage for l in members})
+  return {'model_id': model.model_id, 'layer': layer, 'trial': trial, 'mode': mode,
+          'kind': '+'.join(kinds) if kinds else 'none',
+          'stage': stages[0] if len(stages) == 1 else ('+'.join(stages) or 'none'),
+          'num_params': sum(l.num_params for l in members), 'num_images': info.num_images,
+          **measured}
+
+
+class _Progress:
+  """Resets done of the total, images per second and time left, one line per reset on stderr."""
+
+  def __init__(self, todo: int, total: int, num_images: int, enabled: bool):
+    self.todo, self.total, self.num_images, self.enabled = todo, total, num_images, enabled
+    self.done = 0
+    self.start = time.perf_counter()
+    if enabled and todo < total:
+      print(f'resuming: {total - todo} of {total} resets already in results.csv', file=sys.stderr)
+
+  def step(self, what: str, criticality: float) -> None:
+    self.done += 1
+    if not self.enabled:
+      return
+    elapsed = time.perf_counter() - self.start
+    rate = self.done * self.num_images / elapsed
+    left = elapsed / self.done * (self.todo - self.done)
+    finished = self.total - self.todo + self.done
+    print(f'[{finished:4d}/{self.total}] {what:32s} criticality {100 * criticality:7.3f}%  '
+          f'{rate:7.0f} images/s  {_duration(left)} left', file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds + 0.5), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'

@@ -1,0 +1,115 @@
+"""How far a reset model's predictions moved from the original's, over the same images.
+
+Per batch, `batch_sums` (jitted) reduces the logits of the original model (p = softmax) and of
+the reset model (q = softmax) to sums; `accumulate` adds them up in float64 on the host and
+`finalize` turns the totals into the paper's metrics:
+
+- top1_acc, top5_acc (%), loss (mean cross-entropy): against the labels, NaN without labels;
+- pred_cos_sim: mean cosine similarity of p and q; criticality = 1 - pred_cos_sim;
+- pred_l1_err, pred_l2_err: mean L1 and L2 norm of p - q;
+- pred_kl_div: mean KL(p || q), from log-softmax (the reference code's "pred_ce_loss" fed raw
+  logits as soft targets and came out negative; this replaces it);
+- pred_agreement: fraction of images whose top-1 class is unchanged;
+- recovered_acc: top1_acc / the original's top1_acc;
+- criticality_ci_images: half-width of the 95% normal interval of the mean criticality over
+  the images (from the sum of squares: 1.96 * std / sqrt(n)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUMS = ('count', 'top1', 'top5', 'loss', 'cos', 'cos_sq', 'l1', 'l2', 'kl', 'agree')
+COLUMNS = ('top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_l2_err',
+           'pred_kl_div', 'pred_agreement', 'recovered_acc', 'criticality',
+           'criticality_ci_images')
+
+
+@jax.jit
+def batch_sums(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
+               mask: jax.Array) -> dict[str, jax.Array]:
+  """Sums over the images of a batch where `mask` is true; labels < 0 mean 'no label'."""
+  ref_logits = ref_logits.astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  weight = mask.astype(jnp.float32)
+  log_p = jax.nn.log_softmax(ref_logits, axis=-1)
+  log_q = jax.nn.log_softmax(logits, axis=-1)
+  p, q = jnp.exp(log_p), jnp.exp(log_q)
+  cos = jnp.sum(p * q, -1) / (jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(q, axis=-1))
+  kl = jnp.sum(p * (log_p - log_q), -1)
+
+  safe_labels = jnp.maximum(labels, 0)
+  label_logit = jnp.take_along_axis(logits, safe_labels[:, None], axis=-1)[:, 0]
+  rank = jnp.sum(logits > label_logit[:, None], axis=-1)  # classes scored above the label
+  nll = -jnp.take_along_axis(log_q, safe_labels[:, None], axis=-1)[:, 0]
+
+  per_image = {
+      'count': jnp.ones_like(cos),
+      'top1': (rank < 1).astype(jnp.float32),
+      'top5': (rank < 5).astype(jnp.float32),
+      'loss': nll,
+      'cos': cos,
+      'cos_sq': cos * cos,
+      'l1': jnp.sum(jnp.abs(p - q), -1),
+      'l2': jnp.linalg.norm(p - q, axis=-1),
+      'kl': kl,
+      'agree': (jnp.argmax(logits, -1) == jnp.argmax(ref_logits, -1)).astype(jnp.float32),
+  }
+  return {k: jnp.sum(v * weight) for k, v in per_image.items()}
+
+
+def accumulate(total: dict[str, float] | None, sums: dict[str, jax.Array]) -> dict[str, float]:
+  """Adds a batch's sums to the running totals, in float64 on the host."""
+  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+  if total is None:
+    return sums
+  return {k: total[k] + sums[k] for k in SUMS}
+
+
+def finalize(total: dict[str, float], has_labels: bool,
+             original_top1: float | None = None) -> dict[str, float]:
+  """The metrics of one evaluation from its totals; `original_top1` gives recovered_acc."""
+  n = total['count']
+  if n == 0:
+    raise ValueError('no image was evaluated')
+  nan = float('nan')
+  cos = total['cos'] / n
+  variance = max(total['cos_sq'] / n - cos * cos, 0.0) * n / max(n - 1, 1)
+  top1 = 100 * total['top1'] / n if has_labels else nan
+  return {
+      'top1_acc': top1,
+      'top5_acc': 100 * total['top5'] / n if has_labels else nan,
+      'loss': total['loss'] / n if has_labels else nan,
+      'pred_cos_sim': cos,
+      'pred_l1_err': total['l1'] / n,
+      'pred_l2_err': total['l2'] / n,
+      'pred_kl_div': total['kl'] / n,
+      'pred_agreement': total['agree'] / n,
+      'recovered_acc': (top1 / original_top1 if has_labels and original_top1 else nan),
+      'criticality': 1 - cos,
+      'criticality_ci_images': 1.96 * math.sqrt(variance / n),
+  }
+
+
+def numpy_reference(ref_logits: np.ndarray, logits: np.ndarray,
+                    labels: np.ndarray | None) -> dict[str, float]:
+  """The same metrics computed plainly in float64 numpy, image by image (for tests)."""
+  def softmax(x):
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+  p, q = softmax(ref_logits), softmax(logits)
+  cos = (p * q).sum(-1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(q, axis=-1))
+  out = {'pred_cos_sim': cos.mean(), 'pred_l1_err': np.abs(p - q).sum(-1).mean(),
+         'pred_l2_err': np.linalg.norm(p - q, axis=-1).mean(),
+         'pred_kl_div': (p * (np.log(p) - np.log(q))).sum(-1).mean(),
+         'pred_agreement': (p.argmax(-1) == q.argmax(-1)).mean(), 'criticality': 1 - cos.mean()}
+  if labels is not None:
+    top5 = np.argsort(-logits, -1)[:, :5]
+    out['top1_acc'] = 100 * (logits.argmax(-1) == labels).mean()
+    out['top5_acc'] = 100 * (top5 == labels[:, None]).any(-1).mean()
+    out['loss'] = -np.log(q[np.arange(len(labels)), labels]).mean()
+  return {k: float(v) for k, v in out.items()}

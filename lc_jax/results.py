@@ -1,0 +1,146 @@
+"""The results store of a run: OUT/results.csv, appended durably row by row, and OUT/run.json.
+
+A row is written, flushed and fsynced as soon as its (trial, layer) is measured, so a killed run
+loses at most the row it was computing. Re-opening a workdir resumes it: finished rows are kept
+and skipped; a workdir made with a different configuration, checkpoint or image set is refused
+with the differences listed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+from lc_jax import metrics
+from lc_jax.errors import UserError
+
+RESULTS = 'results.csv'
+RUN = 'run.json'
+# No timings: a resumed run must end with the very file an uninterrupted run writes.
+COLUMNS = ('model_id', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params', 'num_images'
+          ) + metrics.COLUMNS
+ORIGINAL = 'original'  # the layer name of the row holding the original model's own metrics
+# run.json entries that must match for a workdir to be resumed.
+IDENTITY = ('config', 'checkpoint_sha256', 'images', 'targets')
+
+
+class Store:
+  """Rows of one workdir; `append` makes a row durable before it returns."""
+
+  def __init__(self, workdir: str, run_info: Mapping[str, Any]):
+    """Opens (or starts) the workdir; refuses one whose run.json differs in what it measured."""
+    self.workdir = os.path.abspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    run_info = json.loads(json.dumps(run_info, default=str))  # as it will read back
+    self.path = os.path.join(self.workdir, RESULTS)
+    run_path = os.path.join(self.workdir, RUN)
+    if os.path.exists(run_path):
+      with open(run_path) as f:
+        previous = json.load(f)
+      differences = [line for key in IDENTITY
+                     for line in _differences(previous.get(key), run_info.get(key), key)]
+      if differences:
+        shown = '; '.join(differences[:6]) + ('; ...' if len(differences) > 6 else '')
+        raise UserError(f'{self.workdir} holds a run of another configuration ({shown}); '
+                        'use a new --workdir, or the same settings to resume it')
+    _write_atomically(run_path, json.dumps(run_info, indent=2, sort_keys=True) + '\n')
+    self.rows = self._read()
+    self._file = open(self.path, 'a', newline='')
+    if self._file.tell() == 0:
+      self._file.write(','.join(COLUMNS) + '\n')
+      self._sync()
+
+  def done(self, trial: int, layer: str) -> bool:
+    """Whether the row of (trial, layer) is already stored."""
+    return (trial, layer) in self._keys
+
+  def append(self, row: Mapping[str, Any]) -> None:
+    """Writes one row and makes it durable (flush + fsync)."""
+    missing = [c for c in COLUMNS if c not in row]
+    if missing:
+      raise ValueError(f'result row lacks {missing}')
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator='\n').writerow([_format(row[c]) for c in COLUMNS])
+    self._file.write(buffer.getvalue())
+    self._sync()
+    self.rows.append(_parse({c: _format(row[c]) for c in COLUMNS}))
+    self._keys.add((int(row['trial']), str(row['layer'])))
+
+  def close(self) -> None:
+    self._file.close()
+
+  def _sync(self) -> None:
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def _read(self) -> list[dict[str, Any]]:
+    self._keys: set[tuple[int, str]] = set()
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path, newline='') as f:
+      text = f.read()
+    # A run killed mid-write can leave a partial last line: drop it, keep every whole row.
+    complete = text[:text.rfind('\n') + 1]
+    if complete != text:
+      with open(self.path, 'w', newline='') as f:
+        f.write(complete)
+    reader = csv.DictReader(io.StringIO(complete))
+    if complete and tuple(reader.fieldnames or ()) != COLUMNS:
+      raise UserError(f'{self.path} has columns {reader.fieldnames}, not those of this version '
+                      f'({", ".join(COLUMNS)}); use a new --workdir')
+    rows = [_parse(r) for r in reader]
+    self._keys = {(r['trial'], r['layer']) for r in rows}
+    return rows
+
+
+def read(workdir: str) -> list[dict[str, Any]]:
+  """The rows of OUT/results.csv, numbers parsed, in file order."""
+  path = os.path.join(workdir, RESULTS)
+  if not os.path.isfile(path):
+    raise UserError(f'no {RESULTS} in {workdir}')
+  with open(path, newline='') as f:
+    return [_parse(r) for r in csv.DictReader(f)]
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, float):
+    return '' if math.isnan(value) else repr(value)
+  return str(value)
+
+
+def _parse(row: Mapping[str, str]) -> dict[str, Any]:
+  parsed: dict[str, Any] = {}
+  for key, value in row.items():
+    if key in ('model_id', 'layer', 'mode', 'kind', 'stage'):
+      parsed[key] = value
+    elif key in ('trial', 'num_params', 'num_images'):
+      parsed[key] = int(value)
+    else:
+      parsed[key] = float(value) if value != '' else float('nan')
+  return parsed
+
+
+def _differences(old: Any, new: Any, prefix: str) -> Iterable[str]:
+  if isinstance(old, Mapping) and isinstance(new, Mapping):
+    for key in sorted(set(old) | set(new)):
+      yield from _differences(old.get(key), new.get(key), f'{prefix}.{key}')
+  elif old != new:
+    yield f'{prefix}: {_short(old)} -> {_short(new)}'
+
+
+def _short(value: Any) -> str:
+  text = json.dumps(value, default=str)
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def _write_atomically(path: str, text: str) -> None:
+  partial = path + '.partial'
+  with open(partial, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(partial, path)

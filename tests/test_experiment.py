@@ -1,0 +1,160 @@
+"""The criticality run: metrics, resumable results after SIGKILL, refusals, bad input."""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lc_jax import metrics
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+
+import torch_models  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def _metrics(ref, logits, labels=None, mask=None):
+  mask = np.ones(len(ref), bool) if mask is None else mask
+  y = np.full(len(ref), -1, np.int32) if labels is None else labels
+  total = metrics.accumulate(None, metrics.batch_sums(
+      jnp.asarray(ref), jnp.asarray(logits), jnp.asarray(y), jnp.asarray(mask)))
+  return metrics.finalize(total, labels is not None)
+
+
+def test_metrics_by_hand():
+  # p uniform over 3 classes; q = softmax([ln 2, 0, 0]) = (1/2, 1/4, 1/4).
+  got = _metrics(np.zeros((1, 3), np.float32), np.log(np.array([[2.0, 1.0, 1.0]], np.float32)),
+                 labels=np.array([1], np.int32))
+  cos = (1 / 3) / (math.sqrt(1 / 3) * math.sqrt(1 / 4 + 2 / 16))
+  assert got['pred_cos_sim'] == pytest.approx(cos, abs=1e-6)
+  assert got['criticality'] == pytest.approx(1 - cos, abs=1e-6)
+  assert got['pred_l1_err'] == pytest.approx(1 / 3, abs=1e-6)
+  assert got['pred_l2_err'] == pytest.approx(math.sqrt(1 / 36 + 2 / 144), abs=1e-6)
+  assert got['pred_kl_div'] == pytest.approx((math.log(2 / 3) + 2 * math.log(4 / 3)) / 3, abs=1e-6)
+  assert got['pred_agreement'] == 1.0  # argmax of uniform p is class 0, as q's
+  assert got['top1_acc'] == 0.0 and got['top5_acc'] == 100.0
+  assert got['loss'] == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_metrics_match_numpy_and_ignore_masked_rows():
+  rng = np.random.RandomState(0)
+  ref = rng.randn(12, 50).astype(np.float32) * 3
+  logits = ref + rng.randn(12, 50).astype(np.float32) * 2
+  labels = rng.randint(0, 50, 12).astype(np.int32)
+  mask = np.arange(12) < 9
+  junk = logits.copy()
+  junk[9:] = 1e4  # padding rows must not count
+  got = _metrics(ref, junk, labels, mask)
+  want = metrics.numpy_reference(ref[:9], logits[:9], labels[:9])
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, abs=1e-5), key
+  assert _metrics(ref, ref)['pred_kl_div'] == pytest.approx(0, abs=1e-6)
+  assert math.isnan(_metrics(ref, logits)['top1_acc'])
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+  """A timm ResNet-18 with calibrated BatchNorm, saved as a torch checkpoint."""
+  images = np.random.RandomState(0).rand(4, 64, 64, 3).astype(np.float32)
+  torch.manual_seed(0)
+  model = torch_models.calibrated(timm.create_model('resnet18'), images)
+  path = tmp_path_factory.mktemp('ckpt') / 'resnet18.pth'
+  torch.save(model.state_dict(), path)
+  return str(path)
+
+
+def _run_args(checkpoint, workdir, cache, *extra):
+  return [sys.executable, 'run.py', '--config=configs/demo.py', f'--workdir={workdir}',
+          f'--config.model.checkpoint={checkpoint}', '--config.model.arch=resnet18',
+          '--config.data.resize_size=72', '--config.data.crop_size=64',
+          '--config.data.batch_size=4', '--config.reset.layer_types=conv,linear',
+          '--config.trials=2', f'--config.cache_dir={cache}', *extra]
+
+
+def _run(*args):
+  return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'results.csv'), newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_killed_run_resumes_to_the_same_results(checkpoint, tmp_path):
+  cache = tmp_path / 'cache'
+  full = _run(*_run_args(checkpoint, tmp_path / 'full', cache))
+  assert full.returncode == 0, full.stderr
+  rows = _rows(tmp_path / 'full')
+  assert len(rows) == 1 + 2 * 21  # the original, then 2 trials of ResNet-18's 21 conv + fc
+  assert rows[0]['layer'] == 'original' and rows[1]['layer'] == 'conv1'
+  assert {r['num_images'] for r in rows} == {'7'}  # 7 photos in batches of 4: one pad row
+  for name in ('run.json', 'criticality.png'):
+    assert os.path.isfile(tmp_path / 'full' / name), name
+
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen(_run_args(checkpoint, killed, cache), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    path = killed / 'results.csv'
+    if path.exists() and path.read_text().count('\n') >= 6:
+      break
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  done_before = len(_rows(killed))
+  print(f'killed after {done_before} of {len(rows)} rows')
+  assert 5 <= done_before < len(rows)
+
+  resumed = _run(*_run_args(checkpoint, killed, cache))
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'resuming: {done_before - 1} of 42 resets already in results.csv' in resumed.stderr
+  assert (killed / 'results.csv').read_bytes() == (tmp_path / 'full' / 'results.csv').read_bytes()
+
+
+def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, tmp_path):
+  cache = tmp_path / 'cache'
+  workdir = tmp_path / 'run'
+  first = _run(*_run_args(checkpoint, workdir, cache, '--config.reset.layers=layer1.*'))
+  assert first.returncode == 0, first.stderr
+  before = (workdir / 'results.csv').read_bytes()
+
+  cases = [
+      ('other config', ['--config.reset.layers=layer1.*', '--config.seed=1'],
+       'holds a run of another configuration (config.seed: 0 -> 1'),
+      ('unknown layer', ['--config.reset.layers=layer1.0.conv9'],
+       "unknown layer 'layer1.0.conv9'; did you mean layer1.0.conv"),
+      ('checkpoint does not fit', ['--config.model.arch=resnet50'],
+       'holds resnet18 weights, not resnet50'),
+      ('unreadable data path', ['--config.reset.layers=layer1.*',
+                                '--config.data.source=imagefolder',
+                                f'--config.data.path={tmp_path / "nowhere"}'], 'nowhere'),
+  ]
+  for name, extra, fragment in cases:
+    result = _run(*_run_args(checkpoint, workdir, cache, *extra))
+    lines = result.stderr.strip().splitlines()
+    print(f'{name}: exit {result.returncode}: {lines[-1] if lines else ""}')
+    assert result.returncode == 1, name
+    assert lines[-1].startswith('error: ') and fragment in lines[-1], (name, lines[-1:])
+    assert 'Traceback' not in result.stderr, name
+    assert (workdir / 'results.csv').read_bytes() == before, f'{name}: results kept'
+
+  quiet = _run(*_run_args(checkpoint, workdir, cache, '--config.reset.layers=layer1.*',
+                          '--quiet'))
+  assert quiet.returncode == 0 and 'images/s' not in quiet.stderr
+  assert (workdir / 'results.csv').read_bytes() == before, 'a finished run recomputes nothing'
