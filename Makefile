@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python -m converters.parity bundled:efficientnet_lite0
+	$(BIN)/python run.py
 
 test: setup
 	$(BIN)/python -m pytest tests
