@@ -1,0 +1,289 @@
+"""Report: reading results CSVs (ours and the paper's), summaries with intervals, tables, figures
+and the command line, on small hand-made CSVs with known values."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lc_jax import report
+
+COLUMNS = ('model_id', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params', 'num_images',
+           'top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_l2_err',
+           'pred_kl_div', 'pred_agreement', 'recovered_acc', 'criticality',
+           'criticality_ci_images', 'seconds')
+# The header of the paper's raw-results/results.csv (github.com/paulgavrikov/layer_criticality).
+PAPER_COLUMNS = ('top1_acc', 'top5_acc', 'loss', 'batch_acc', 'layer', 'pred_cos_sim',
+                 'pred_l1_err', 'pred_l2_err', 'pred_ce_loss', 'trial', 'recovered_acc',
+                 'model_id')
+# Forward order, which is not alphabetical: 'fc' sorts before 'layer1...'.
+LAYERS = (('conv1', 'conv', 'stem'), ('layer1.0.conv1', 'conv', 'layer1'),
+          ('layer1.0.downsample.0', 'conv', 'layer1'), ('layer2.0.conv1', 'conv', 'layer2'),
+          ('fc', 'linear', 'head'))
+T_975_2 = 4.302653  # Student t, 0.975 quantile, 2 degrees of freedom
+
+
+def resnet50_layers():
+  """The 54 Conv2d and Linear layers of ResNet-50, forward order, with kind and stage."""
+  layers = [('conv1', 'conv', 'stem')]
+  for stage, blocks in zip(range(1, 5), (3, 4, 6, 3)):
+    for block in range(blocks):
+      for conv in ('conv1', 'conv2', 'conv3'):
+        layers.append((f'layer{stage}.{block}.{conv}', 'conv', f'layer{stage}'))
+      if block == 0:
+        layers.append((f'layer{stage}.{block}.downsample.0', 'conv', f'layer{stage}'))
+  return layers + [('fc', 'linear', 'head')]
+
+
+def write_results(workdir, model_id, criticality, layers=LAYERS, original_top1=80.0,
+                  ci_images=0.01):
+  """A runner-format workdir: criticality[trial][layer index]; original_top1 None: no labels."""
+  os.makedirs(workdir, exist_ok=True)
+  labelled = original_top1 is not None
+
+  def label(value):
+    return value if labelled else ''
+
+  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(COLUMNS)
+    writer.writerow([model_id, 'original', 0, 'none', '', '', 0, 100, label(original_top1),
+                     label(95.0), label(1.0), 1.0, 0, 0, 0, 1.0, label(1.0), 0.0, 0.0, 1.0])
+    for trial, values in enumerate(criticality):
+      for (layer, kind, stage), c in zip(layers, values):
+        top1 = original_top1 * (1 - c) if labelled else None
+        writer.writerow([model_id, layer, trial, 'fresh', kind, stage, 1000, 100, label(top1),
+                         label(top1), label(2.0), 1 - c, c, c / 2, 2 * c, 1 - c,
+                         label(1 - c), c, ci_images, 0.5])
+  return str(workdir)
+
+
+def test_t_quantile_matches_scipy():
+  stats = pytest.importorskip('scipy.stats')
+  for dof in list(range(1, 45)) + [60, 100, 1000]:
+    assert report.t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=2e-6)
+  assert report.t_quantile_975(2) == pytest.approx(T_975_2)
+
+
+def test_summary_mean_and_intervals_by_hand(tmp_path):
+  values = [[0.1, 0.5, 0.0, 0.9, 0.2], [0.2, 0.5, 0.0, 0.7, 0.4], [0.3, 0.5, 0.0, 0.8, 0.6]]
+  summaries = report.summarize(report.load(write_results(tmp_path / 'a', 'm', values)))
+  first = summaries[0]
+  assert first.layer == 'conv1' and first.trials == 3
+  assert first.criticality == pytest.approx(0.2)
+  assert first.ci_trials == pytest.approx(T_975_2 * 0.1 / math.sqrt(3), rel=1e-6)
+  assert first.ci_images == pytest.approx(0.01)
+  assert first.top1_acc == pytest.approx(80.0 * 0.8)
+  assert first.recovered_acc == pytest.approx(0.8)
+  assert first.pred_agreement == pytest.approx(0.8)
+  assert first.pred_kl_div == pytest.approx(0.4)
+  assert first.original_top1 == pytest.approx(80.0)
+  # Equal values over trials: an interval of zero width, not NaN.
+  assert summaries[1].criticality == pytest.approx(0.5) and summaries[1].ci_trials == 0.0
+  # fc: 0.2, 0.4, 0.6 -> sd 0.2
+  assert summaries[4].ci_trials == pytest.approx(T_975_2 * 0.2 / math.sqrt(3), rel=1e-6)
+
+
+def test_layer_order_kept_and_original_is_no_layer(tmp_path):
+  values = [[0.1, 0.2, 0.3, 0.4, 0.5]] * 2
+  rows = report.load(write_results(tmp_path / 'a', 'm', values))
+  assert rows[0]['layer'] == 'original'  # load keeps it; summarize sets it apart
+  summaries = report.summarize(rows)
+  assert [s.layer for s in summaries] == [name for name, _, _ in LAYERS]
+  assert [s.stage for s in summaries] == ['stem', 'layer1', 'layer1', 'layer2', 'head']
+  assert [s.kind for s in summaries] == ['conv', 'conv', 'conv', 'conv', 'linear']
+  assert {s.model for s in summaries} == {'m'}
+
+
+def test_one_trial_has_no_trial_interval(tmp_path):
+  summaries = report.summarize(report.load(
+      write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]])))
+  assert all(math.isnan(s.ci_trials) for s in summaries)
+  assert summaries[0].criticality == pytest.approx(0.1)
+  assert 'none with one trial' in report.table(summaries)
+
+
+def test_without_labels_accuracies_are_nan(tmp_path):
+  workdir = write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]] * 3,
+                          original_top1=None)
+  rows = report.load(workdir)
+  assert math.isnan(rows[1]['top1_acc']) and math.isnan(rows[1]['recovered_acc'])
+  summaries = report.summarize(rows)
+  assert all(math.isnan(s.original_top1) and math.isnan(s.recovered_acc) for s in summaries)
+  assert summaries[0].criticality == pytest.approx(0.1)
+  assert summaries[0].pred_agreement == pytest.approx(0.9)
+  text = report.table(summaries)
+  assert 'no labels' in text and 'nan' not in text.lower()
+  scatter = tmp_path / 'scatter.png'
+  assert report.plot_scatter(summaries, str(scatter)) == ['m']
+  assert not scatter.exists()
+
+
+def test_paper_format_reads_to_the_same_layers(tmp_path):
+  # Two models in one file, as the paper releases them: 'model.' prefixes, trials as 0.0,
+  # no original row, no criticality column; recovered_acc = top1 / original top-1.
+  values = [[0.1, 0.2, 0.3, 0.4, 0.5], [0.3, 0.2, 0.1, 0.6, 0.7]]
+  path = tmp_path / 'paper.csv'
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(PAPER_COLUMNS)
+    for model_id, top1 in (('resnet50_augmix_180ep', 77.5), ('tv_resnet50', 76.0)):
+      for trial, trial_values in enumerate(values):
+        for (layer, _, _), c in zip(LAYERS, trial_values):
+          acc = top1 * (1 - c)
+          writer.writerow([acc, acc + 10, 3.0, '', f'model.{layer}', 1 - c, c, c / 2,
+                           -1000.0, float(trial), acc / top1, model_id])
+  paper = report.summarize(report.load(str(path)))
+  ours = report.summarize(report.load(write_results(tmp_path / 'ours', 'tv_resnet50', values)))
+
+  grouped = report.by_model(paper)
+  assert list(grouped) == ['resnet50_augmix_180ep', 'tv_resnet50']
+  tv = grouped['tv_resnet50']
+  assert [s.layer for s in tv] == [s.layer for s in ours]
+  assert [s.kind for s in tv] == [s.kind for s in ours]  # guessed from the names
+  assert [s.stage for s in tv] == [s.stage for s in ours]
+  np.testing.assert_allclose([s.criticality for s in tv], [s.criticality for s in ours])
+  np.testing.assert_allclose([s.ci_trials for s in tv], [s.ci_trials for s in ours])
+  assert all(math.isnan(s.ci_images) for s in tv)  # the paper has no image interval
+  assert tv[0].original_top1 == pytest.approx(76.0)
+  assert grouped['resnet50_augmix_180ep'][0].original_top1 == pytest.approx(77.5)
+  assert tv[0].trials == 2
+
+
+def test_layer_name_prefixes_are_stripped():
+  assert report.clean_layer_name('model.layer1.0.conv1') == 'layer1.0.conv1'
+  assert report.clean_layer_name('module.model.fc') == 'fc'
+  assert report.clean_layer_name('blocks.1.0.conv_dw') == 'blocks.1.0.conv_dw'
+  assert report.clean_layer_name('model') == 'model'
+
+
+def test_repeated_rows_count_once(tmp_path):
+  # A resumed run may write a (trial, layer) again: the last row wins.
+  workdir = write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]])
+  with open(os.path.join(workdir, 'results.csv'), 'a', newline='') as f:
+    csv.writer(f).writerow(['m', 'conv1', 0, 'fresh', 'conv', 'stem', 1000, 100, 1, 1, 1,
+                            0.7, 0, 0, 0, 0.7, 0.7, 0.3, 0.01, 0.5])
+  summaries = report.summarize(report.load(workdir))
+  assert len(summaries) == 5 and summaries[0].trials == 1
+  assert summaries[0].criticality == pytest.approx(0.3)
+
+
+def test_table_lists_extremes_and_warns_about_trials(tmp_path):
+  layers = resnet50_layers()
+  rng = np.random.default_rng(0)
+  base = np.linspace(0.01, 0.99, len(layers))
+  values = [np.clip(base + rng.normal(0, 0.05, len(layers)), 0, 1) for _ in range(3)]
+  summaries = report.summarize(report.load(
+      write_results(tmp_path / 'a', 'm', values, layers=layers, ci_images=0.005)))
+  text = report.table(summaries, top=3)
+  lines = text.splitlines()
+  assert 'original top-1 80.00%' in lines[0]
+  most = lines[lines.index(' most critical 3:') + 2]
+  least = lines[lines.index(' least critical 3:') + 4]
+  assert most.split()[0] == max(summaries, key=lambda s: s.criticality).layer
+  assert least.split()[0] == min(summaries, key=lambda s: s.criticality).layer
+  assert '3 trials may not be enough' in text
+  # Image intervals wider than the spread over trials: no note.
+  calm = report.summarize(report.load(
+      write_results(tmp_path / 'b', 'm', [base] * 3, layers=layers, ci_images=0.05)))
+  assert 'may not be enough' not in report.table(calm)
+
+
+def test_layer_union_interleaves_new_layers():
+  union = report.layer_union([['conv1', 'layer1.0.conv1', 'fc'],
+                              ['conv1', 'bn1', 'layer1.0.conv1', 'layer1.0.bn1', 'fc'],
+                              ['stem.conv', 'conv1']])
+  assert union == ['stem.conv', 'conv1', 'bn1', 'layer1.0.conv1', 'layer1.0.bn1', 'fc']
+
+
+def _png_size(path):
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  image = matplotlib.image.imread(path)
+  return image.shape[1], image.shape[0]
+
+
+def test_figures_are_readable_pngs(tmp_path):
+  layers = resnet50_layers()
+  rng = np.random.default_rng(1)
+  summaries = []
+  for name, top1 in (('a', 76.0), ('b', 80.0), ('c', None)):
+    values = rng.uniform(0, 1, (3, len(layers)))
+    summaries += report.summarize(report.load(
+        write_results(tmp_path / name, f'model_{name}', values, layers=layers,
+                      original_top1=top1)))
+
+  path = str(tmp_path / 'criticality.png')
+  report.plot_criticality([s for s in summaries if s.model == 'model_a'], path)
+  width, height = _png_size(path)
+  assert 1000 < width < 3000 and 400 < height < 1500 and width > height  # 54 bars side by side
+
+  path = str(tmp_path / 'heatmap.png')
+  report.plot_heatmap(summaries, path)
+  width, height = _png_size(path)
+  assert 1000 < width < 4000 and 200 < height < 1500
+
+  path = str(tmp_path / 'scatter.png')
+  assert report.plot_scatter(summaries, path) == ['model_c']
+  width, height = _png_size(path)
+  assert 500 < width < 2000 and 300 < height < 1500
+
+  with pytest.raises(ValueError, match='one model'):
+    report.plot_criticality(summaries, str(tmp_path / 'x.png'))
+
+
+def test_write_workdir_report(tmp_path):
+  workdir = write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]] * 3)
+  text = report.write_workdir_report(workdir)
+  assert text.startswith('m: fresh, 5 layers, 3 trials')
+  _png_size(os.path.join(workdir, 'criticality.png'))
+
+
+def _cli(args, cwd):
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return subprocess.run([sys.executable, '-m', 'lc_jax.report', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_heatmap_and_scatter(tmp_path):
+  a = write_results(tmp_path / 'runs' / 'a', 'resnet50.a1_in1k', [[0.1, 0.2, 0.3, 0.4, 0.5]] * 3)
+  b = write_results(tmp_path / 'runs' / 'b', 'tv_resnet50', [[0.5, 0.4, 0.3, 0.2, 0.1]] * 3,
+                    original_top1=76.0)
+  out = tmp_path / 'figures'
+  result = _cli([a, b, '--out', str(out)], cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert 'resnet50.a1_in1k' in result.stdout and 'tv_resnet50' in result.stdout
+  for name in ('heatmap.png', 'scatter.png'):
+    _png_size(out / name)
+  # --out defaults to the current folder.
+  result = _cli([a, b, '--top', '0'], cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / 'heatmap.png').exists() and (tmp_path / 'scatter.png').exists()
+
+
+def _bad_inputs(tmp_path):
+  (tmp_path / 'no_results').mkdir()
+  (tmp_path / 'empty.csv').write_text('')
+  (tmp_path / 'header_only.csv').write_text(','.join(COLUMNS) + '\n')
+  (tmp_path / 'no_criticality.csv').write_text('model_id,layer,trial,top1_acc\nm,conv1,0,5\n')
+  return {'missing': str(tmp_path / 'nowhere'), 'no_results': str(tmp_path / 'no_results'),
+          'empty': str(tmp_path / 'empty.csv'), 'header_only': str(tmp_path / 'header_only.csv'),
+          'no_criticality': str(tmp_path / 'no_criticality.csv')}
+
+
+@pytest.mark.parametrize('case', ['missing', 'no_results', 'empty', 'header_only',
+                                  'no_criticality'])
+def test_cli_bad_input_is_one_line(tmp_path, case):
+  path = _bad_inputs(tmp_path)[case]
+  with pytest.raises(report.UserError):
+    report.load(path)
+  result = _cli([path, '--out', str(tmp_path)], cwd=tmp_path)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  assert not (tmp_path / 'heatmap.png').exists()
