@@ -1,0 +1,81 @@
+"""Our run equals the paper's loop in PyTorch: same checkpoint, same reset weights, same images."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.data
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+
+from converters import mapping  # pylint: disable=g-import-not-at-top
+from lc_jax import config as lc_config
+from lc_jax import data
+from lc_jax import experiment
+from lc_jax import init
+from lc_jax import torch_reference
+import torch_models
+
+METRIC_TOLERANCE = 1e-4  # cosine, L1, L2, KL
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """A labelled ImageFolder of real photos and a calibrated timm ResNet-18 checkpoint."""
+  root = tmp_path_factory.mktemp('parity')
+  photos = ['astronaut', 'chelsea', 'coffee', 'rocket', 'camera', 'hubble_deep_field']
+  for index, name in enumerate(photos):
+    folder = root / 'val' / f'n{index:08d}'
+    folder.mkdir(parents=True)
+    image = PIL.Image.fromarray(getattr(skimage.data, name)())
+    image.convert('RGB').save(folder / f'{name}.JPEG', quality=90)
+    image.convert('RGB').transpose(PIL.Image.FLIP_LEFT_RIGHT).save(folder / f'{name}_flip.JPEG')
+  calibration = np.random.RandomState(0).rand(4, 64, 64, 3).astype(np.float32)
+  torch.manual_seed(0)
+  model = torch_models.calibrated(timm.create_model('resnet18', num_classes=6), calibration)
+  torch.save(model.state_dict(), root / 'resnet18.pth')
+
+  config = lc_config.default()
+  config.model.checkpoint = str(root / 'resnet18.pth')
+  config.data = data.default_config(source='imagefolder', path=str(root / 'val'), num_images=0,
+                                    batch_size=5, resize_size=72, crop_size=64, order='sorted')
+  config.reset.layers = 'conv1,layer1.0.conv2,layer2.0.downsample.0,layer3.1.conv1,fc'
+  config.trials = 2
+  config.progress = False
+  config.cache_dir = str(root / 'cache')
+  return config, root, model
+
+
+def test_run_equals_the_torch_protocol(setup):
+  config, root, trained = setup
+  ours = experiment.run(config, str(root / 'run'))
+
+  model = experiment.prepare_model(config, str(root / 'run'))
+  images, labels, _ = data.load(config.data, cache_dir=config.cache_dir, progress=False)
+  fresh = [{k: torch.from_numpy(np.array(v)) for k, v in mapping.to_state_dict(
+      init.fresh_variables(model.layers, model.arch.init_scheme,
+                           jax.random.fold_in(jax.random.key(config.seed), trial))).items()}
+           for trial in range(config.trials)]
+  names = config.reset.layers.split(',')
+  theirs = torch_reference.run_protocol(
+      trained, fresh, np.array(images), labels, names, model.module.mean, model.module.std,
+      batch_size=config.data.batch_size)
+
+  ours_by_key = {(r['trial'], r['layer']): r for r in ours}
+  assert len(ours_by_key) == len(theirs) == 1 + config.trials * len(names)
+  worst = 0.0
+  for row in theirs:
+    mine = ours_by_key[(row['trial'], row['layer'])]
+    for key in ('pred_cos_sim', 'pred_l1_err', 'pred_l2_err', 'pred_kl_div'):
+      worst = max(worst, abs(mine[key] - row[key]))
+      assert mine[key] == pytest.approx(row[key], abs=METRIC_TOLERANCE), (row['layer'], key)
+    for key in ('top1_acc', 'top5_acc', 'pred_agreement'):
+      assert mine[key] == pytest.approx(row[key], abs=1e-9), (row['layer'], key)
+    assert mine['loss'] == pytest.approx(row['loss'], abs=1e-4), row['layer']
+  print(f'largest metric difference, ours vs the torch protocol: {worst:.3g}')
+  moved = [r['criticality'] for r in ours if r['layer'] != 'original']
+  assert max(moved) > 1e-3, 'the resets moved the predictions'
