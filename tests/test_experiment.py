@@ -158,3 +158,28 @@ def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, t
                           '--quiet'))
   assert quiet.returncode == 0 and 'images/s' not in quiet.stderr
   assert (workdir / 'results.csv').read_bytes() == before, 'a finished run recomputes nothing'
+
+
+@pytest.mark.parametrize('mode,extra,rows,moved', [
+    ('zero', {}, 21, True),
+    ('checkpoint', {'init_checkpoint': 'SELF'}, 21, False),  # reset to itself: nothing moves
+    ('interpolate', {'alpha': 1.0}, 2 * 21, False),  # alpha 1 keeps the trained weights
+    ('skip', {'granularity': 'block', 'layer_types': 'conv,batchnorm'}, 8, True),
+])
+def test_every_reset_mode_runs(checkpoint, tmp_path, mode, extra, rows, moved):
+  from lc_jax import config as lc_config  # pylint: disable=g-import-not-at-top
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = lc_config.default()
+  config.model.checkpoint = checkpoint
+  config.data.update(source='photos', num_images=0, order='sorted', batch_size=4,
+                     resize_size=72, crop_size=64)
+  config.reset.mode = mode
+  config.reset.update({k: checkpoint if v == 'SELF' else v for k, v in extra.items()})
+  config.trials, config.progress, config.cache_dir = 2, False, str(tmp_path / 'cache')
+  result = [r for r in experiment.run(config, str(tmp_path / mode)) if r['layer'] != 'original']
+  assert len(result) == rows  # deterministic modes run one trial
+  criticality = max(r['criticality'] for r in result)
+  print(f'{mode}: {len(result)} rows, largest criticality {criticality:.3g}')
+  assert (criticality > 1e-3) if moved else (criticality < 1e-6)
+  if mode == 'skip':
+    assert [r['layer'] for r in result][:2] == ['layer1.0', 'layer1.1']
