@@ -100,6 +100,8 @@ def select_targets(config: ml_collections.ConfigDict, model: Model) -> list[laye
   if config.reset.mode == 'skip' and granularity != 'block':
     raise UserError('reset.mode=skip removes whole residual blocks: set reset.granularity=block')
   types = [t for t in str(config.reset.layer_types).split(',') if t.strip()]
+  if config.reset.mode == 'skip' and 'batchnorm' not in types:
+    types.append('batchnorm')  # skipping zeroes the branch's last BatchNorm
   targets = layers_lib.select(model.layers, types, config.reset.layers, granularity)
   if config.reset.mode == 'skip':  # the stem and head have no shortcut to return
     targets = [t for t in targets if any(layer.residual for layer in t.layers)]

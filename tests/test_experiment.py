@@ -164,7 +164,7 @@ def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, t
     ('zero', {}, 21, True),
     ('checkpoint', {'init_checkpoint': 'SELF'}, 21, False),  # reset to itself: nothing moves
     ('interpolate', {'alpha': 1.0}, 2 * 21, False),  # alpha 1 keeps the trained weights
-    ('skip', {'granularity': 'block', 'layer_types': 'conv,batchnorm'}, 8, True),
+    ('skip', {'granularity': 'block'}, 8, True),
 ])
 def test_every_reset_mode_runs(checkpoint, tmp_path, mode, extra, rows, moved):
   from lc_jax import config as lc_config  # pylint: disable=g-import-not-at-top
