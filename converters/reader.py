@@ -168,6 +168,9 @@ def _read_torch(path: str, trust_pickle: bool) -> Any:
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     raise ConversionError(f'cannot read {path}: truncated or not a PyTorch checkpoint '
                           f'({_first_line(e)})') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Unpickling a trusted file runs its code: any error of that code ends up here.
+    raise ConversionError(f'cannot load {path}: {type(e).__name__}: {_first_line(e)}') from None
 
 
 def _first_line(error: BaseException) -> str:

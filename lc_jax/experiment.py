@@ -136,12 +136,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   show = config.get('progress', True)
   with jax.default_matmul_precision(config.get('matmul_precision', 'highest')):
     # ---------------------------------------------------------------- model and images --------
+    # Refuse another run's workdir before the conversion overwrites its model.
+    source = converters.reader.resolve(config.model.checkpoint)
+    results.refuse_other_run(workdir, {
+        'config': measured_config(config),
+        **({'checkpoint_sha256': converters.reader.sha256(source)}
+           if os.path.isfile(source) else {})})
     model = prepare_model(config, workdir)
     targets = select_targets(config, model)
     images, labels, info = data.load(config.data, cache_dir=config.get('cache_dir') or None,
                                      progress=show)
     if info.num_images == 0:
       raise UserError('the image set is empty')
+    num_classes = int(model.card['num_classes'])
+    if labels is not None and labels.size and int(labels.max()) >= num_classes:
+      raise UserError(f'the images have labels up to {int(labels.max())} but the model has '
+                      f'{num_classes} classes; point data.path at a matching image set')
     trials = config.trials if config.reset.mode in RANDOM_MODES else 1
     store = results.Store(workdir, {
         'config': measured_config(config), 'checkpoint_sha256': model.card['sha256'],

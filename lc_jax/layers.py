@@ -125,9 +125,12 @@ def select(layers: Sequence[Layer], types: Iterable[str] = DEFAULT_TYPES, patter
   """The reset targets a user asked for, in forward order.
 
   `types` keeps layers of those kinds ('conv' covers depthwise convs). `pattern` narrows them:
-  empty for all; a comma-separated list of layer, block or stage names; a regex (full match)
-  or glob on names; 'first:N', 'last:N', or an index range 'A:B' over the typed layers. `granularity` 'block' or 'stage'
-  groups the selected layers into one target per block or stage.
+  empty for all; 'first:N', 'last:N' or an index range 'A:B' over the typed layers; or a
+  comma-separated list whose items are names (of a layer, or of a block, stage or module,
+  standing for the layers in it), globs or regexes (full match) on layer names; a layer is
+  selected when any item matches it. A plain name that matches nothing is an error naming the
+  closest layers. `granularity` 'block' or 'stage' groups the selected layers into one target
+  per block or stage.
   """
   types = [t.strip() for t in types if t.strip()]
   unknown = [t for t in types if t not in TYPES]
@@ -160,30 +163,44 @@ def _match(typed: list[Layer], every: Sequence[Layer], pattern: str) -> list[Lay
     start, stop = (int(v) if v else None for v in (slice_match[3], slice_match[4]))
     return typed[start:stop]
   names = [layer.name for layer in typed]
-  if ',' in pattern or _is_plain_name(pattern):
-    # Names of layers, or of blocks and stages, which stand for all their layers.
-    wanted = [p.strip() for p in pattern.split(',') if p.strip()]
-    for name in wanted:
-      if not any(name in (layer.name, layer.block, layer.stage) for layer in typed):
-        raise UserError(_unknown_layer(name, names, every))
-    return [layer for layer in typed
-            if any(name in (layer.name, layer.block, layer.stage) for name in wanted)]
-  if any(c in pattern for c in '*?[') and not _is_regex(pattern):
-    return [layer for layer in typed if fnmatch.fnmatchcase(layer.name, pattern)]
+  chosen: set[str] = set()
+  for item in _split(pattern):
+    hits = {layer.name for layer in typed if _item_matches(item, layer)}
+    if not hits and _is_plain_name(item):
+      raise UserError(_unknown_layer(item, names, every))
+    chosen |= hits
+  return [layer for layer in typed if layer.name in chosen]
+
+
+def _split(pattern: str) -> list[str]:
+  """Comma-separated items; commas inside (), [] or {} belong to a regex ('\d{1,2}')."""
+  items, depth, current = [], 0, ''
+  for char in pattern:
+    depth += (char in '([{') - (char in ')]}')
+    if char == ',' and depth == 0:
+      items.append(current)
+      current = ''
+    else:
+      current += char
+  return [item.strip() for item in items + [current] if item.strip()]
+
+
+def _item_matches(item: str, layer: Layer) -> bool:
+  """A name (of the layer, its block or stage, or a module containing it), a glob or a regex."""
+  if item in (layer.name, layer.block, layer.stage) or layer.name.startswith(item + '.'):
+    return True
+  if _is_plain_name(item):
+    return False
+  if fnmatch.fnmatchcase(layer.name, item):
+    return True
   try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise UserError(f'layer pattern {pattern!r} is neither a name, a glob nor a regex ({e})') from None
-  return [layer for layer in typed if regex.fullmatch(layer.name)]
+    return re.fullmatch(item, layer.name) is not None
+  except re.error:
+    return False  # not a regex ('*.conv1'); the glob above has had its say
 
 
 def _is_plain_name(pattern: str) -> bool:
   return re.fullmatch(r'[A-Za-z_][\w]*(\.[\w]+)*', pattern) is not None
-
-
-def _is_regex(pattern: str) -> bool:
-  # '.*', '\d' or '+' mark a regex; a bare '*' or '?' after a name part is a glob.
-  return any(token in pattern for token in ('.*', '\\', '+', '^', '$', '|', '(', '{'))
 
 
 def _unknown_layer(name: str, typed_names: list[str], every: Sequence[Layer]) -> str:

@@ -44,7 +44,12 @@ def batch_sums(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
 
   safe_labels = jnp.maximum(labels, 0)
   label_logit = jnp.take_along_axis(logits, safe_labels[:, None], axis=-1)[:, 0]
-  rank = jnp.sum(logits > label_logit[:, None], axis=-1)  # classes scored above the label
+  # Classes ranked above the label; ties go to the lower index, as argmax and top-k break them,
+  # so an all-equal output (a zeroed classifier) is not counted as correct.
+  classes = jnp.arange(logits.shape[-1])
+  above = (logits > label_logit[:, None]) | (
+      (logits == label_logit[:, None]) & (classes < safe_labels[:, None]))
+  rank = jnp.sum(above, axis=-1)
   nll = -jnp.take_along_axis(log_q, safe_labels[:, None], axis=-1)[:, 0]
 
   per_image = {

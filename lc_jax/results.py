@@ -38,18 +38,10 @@ class Store:
     run_info = json.loads(json.dumps(run_info, default=str))  # as it will read back
     self.path = os.path.join(self.workdir, RESULTS)
     run_path = os.path.join(self.workdir, RUN)
-    if os.path.exists(run_path):
-      with open(run_path) as f:
-        previous = json.load(f)
-      differences = [line for key in IDENTITY
-                     for line in _differences(previous.get(key), run_info.get(key), key)]
-      if differences:
-        shown = '; '.join(differences[:6]) + ('; ...' if len(differences) > 6 else '')
-        raise UserError(f'{self.workdir} holds a run of another configuration ({shown}); '
-                        'use a new --workdir, or the same settings to resume it')
+    refuse_other_run(self.workdir, run_info)
     _write_atomically(run_path, json.dumps(run_info, indent=2, sort_keys=True) + '\n')
     self.rows = self._read()
-    self._file = open(self.path, 'a', newline='')
+    self._file = open(self.path, 'a', newline='', encoding='utf-8')
     if self._file.tell() == 0:
       self._file.write(','.join(COLUMNS) + '\n')
       self._sync()
@@ -81,13 +73,15 @@ class Store:
     self._keys: set[tuple[int, str]] = set()
     if not os.path.exists(self.path):
       return []
-    with open(self.path, newline='') as f:
+    with open(self.path, newline='', encoding='utf-8') as f:
       text = f.read()
-    # A run killed mid-write can leave a partial last line: drop it, keep every whole row.
+    # A run killed mid-write can leave a partial last line: cut it off in place (never rewrite
+    # the file, so the whole rows are not at risk), keep every whole row.
     complete = text[:text.rfind('\n') + 1]
     if complete != text:
-      with open(self.path, 'w', newline='') as f:
-        f.write(complete)
+      with open(self.path, 'r+b') as f:
+        f.truncate(len(complete.encode('utf-8')))
+        os.fsync(f.fileno())
     reader = csv.DictReader(io.StringIO(complete))
     if complete and tuple(reader.fieldnames or ()) != COLUMNS:
       raise UserError(f'{self.path} has columns {reader.fieldnames}, not those of this version '
@@ -95,6 +89,26 @@ class Store:
     rows = [_parse(r) for r in reader]
     self._keys = {(r['trial'], r['layer']) for r in rows}
     return rows
+
+
+def refuse_other_run(workdir: str, run_info: Mapping[str, Any]) -> None:
+  """Raises if `workdir` holds a run that differs in one of the entries of `run_info` given.
+
+  Called before anything is written to the workdir (the model conversion included), with what
+  is known at that point; `Store` checks every identity entry again once all are known.
+  """
+  path = os.path.join(os.path.abspath(workdir), RUN)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = json.load(f)
+  run_info = json.loads(json.dumps(run_info, default=str))
+  differences = [line for key in IDENTITY if key in run_info
+                 for line in _differences(previous.get(key), run_info[key], key)]
+  if differences:
+    shown = '; '.join(differences[:6]) + ('; ...' if len(differences) > 6 else '')
+    raise UserError(f'{os.path.abspath(workdir)} holds a run of another configuration ({shown}); '
+                    'use a new --workdir, or the same settings to resume it')
 
 
 def read(workdir: str) -> list[dict[str, Any]]:

@@ -48,6 +48,13 @@ def test_metrics_by_hand():
   assert got['loss'] == pytest.approx(math.log(4), abs=1e-6)
 
 
+def test_tied_logits_rank_like_argmax():
+  # A zeroed classifier scores every class equally: only the first class counts as predicted.
+  got = _metrics(np.zeros((2, 10), np.float32), np.zeros((2, 10), np.float32),
+                 labels=np.array([0, 7], np.int32))
+  assert got['top1_acc'] == 50.0 and got['top5_acc'] == 50.0
+
+
 def test_metrics_match_numpy_and_ignore_masked_rows():
   rng = np.random.RandomState(0)
   ref = rng.randn(12, 50).astype(np.float32) * 3
@@ -145,14 +152,22 @@ def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, t
                                 '--config.data.source=imagefolder',
                                 f'--config.data.path={tmp_path / "nowhere"}'], 'nowhere'),
   ]
-  for name, extra, fragment in cases:
-    result = _run(*_run_args(checkpoint, workdir, cache, *extra))
-    lines = result.stderr.strip().splitlines()
-    print(f'{name}: exit {result.returncode}: {lines[-1] if lines else ""}')
-    assert result.returncode == 1, name
-    assert lines[-1].startswith('error: ') and fragment in lines[-1], (name, lines[-1:])
-    assert 'Traceback' not in result.stderr, name
+  for index, (name, extra, fragment) in enumerate(cases):
+    # Bad input on the finished workdir is refused before anything is touched; on a new
+    # workdir it fails with its own message and writes no results.
+    elsewhere = tmp_path / f'new{index}'
+    places = [(workdir, 'holds a run of another configuration')]
+    if name != 'other config':  # a new config on a new workdir is just a new run
+      places.append((elsewhere, fragment))
+    for target, expected in places:
+      result = _run(*_run_args(checkpoint, target, cache, *extra))
+      lines = result.stderr.strip().splitlines()
+      print(f'{name} in {target.name}: exit {result.returncode}: {lines[-1] if lines else ""}')
+      assert result.returncode == 1, name
+      assert lines[-1].startswith('error: ') and expected in lines[-1], (name, lines[-1:])
+      assert 'Traceback' not in result.stderr, name
     assert (workdir / 'results.csv').read_bytes() == before, f'{name}: results kept'
+    assert not (elsewhere / 'results.csv').exists(), name
 
   quiet = _run(*_run_args(checkpoint, workdir, cache, '--config.reset.layers=layer1.*',
                           '--quiet'))

@@ -60,6 +60,12 @@ def test_selection_by_pattern_range_and_granularity(resnet50_layers):
   assert names(pattern='last:1') == ['fc']
   assert names(pattern='1:3') == ['layer1.0.conv1', 'layer1.0.conv2']
   assert names(pattern='layer4.2') == ['layer4.2.conv1', 'layer4.2.conv2', 'layer4.2.conv3']
+  assert names(pattern='*.downsample.*') == [f'layer{i}.0.downsample.0' for i in range(1, 5)]
+  assert names(pattern=r'layer[1-2]\.\d{1,2}\.conv1') == [
+      'layer1.0.conv1', 'layer1.1.conv1', 'layer1.2.conv1', 'layer2.0.conv1', 'layer2.1.conv1',
+      'layer2.2.conv1', 'layer2.3.conv1']
+  assert names(pattern='layer4.2.*,fc') == ['layer4.2.conv1', 'layer4.2.conv2', 'layer4.2.conv3', 'fc']
+  assert names(pattern='layer1.0.downsample') == ['layer1.0.downsample.0']  # a torch Sequential
   assert names(granularity='stage') == ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head']
   blocks = layers_lib.select(resnet50_layers, ['conv', 'batchnorm'], granularity='block')
   assert len(blocks) == 1 + 16 and blocks[1].name == 'layer1.0'  # stem + blocks; no head conv

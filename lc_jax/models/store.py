@@ -34,14 +34,14 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
     if not overwrite:
       raise UserError(f'{directory} already holds a converted model; choose another output '
                       'folder or allow overwriting it')
-    for name in (CARD, VARIABLES):
-      path = os.path.join(directory, name)
-      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.remove(os.path.join(directory, CARD))
   os.makedirs(directory, exist_ok=True)
   staging = os.path.join(directory, f'.{VARIABLES}.partial')
   shutil.rmtree(staging, ignore_errors=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(staging, variables)
+  # Without a card, variables/ left here is from an interrupted save: never a model to keep.
+  shutil.rmtree(os.path.join(directory, VARIABLES), ignore_errors=True)
   os.replace(staging, os.path.join(directory, VARIABLES))
   card = dict(metadata or {}, arch=arch)
   with open(os.path.join(directory, CARD + '.partial'), 'w') as f:
