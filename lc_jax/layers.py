@@ -173,7 +173,7 @@ def _match(typed: list[Layer], every: Sequence[Layer], pattern: str) -> list[Lay
 
 
 def _split(pattern: str) -> list[str]:
-  """Comma-separated items; commas inside (), [] or {} belong to a regex ('\d{1,2}')."""
+  """Comma-separated items; commas inside (), [] or {} belong to a regex ('[0-9]{1,2}')."""
   items, depth, current = [], 0, ''
   for char in pattern:
     depth += (char in '([{') - (char in ')]}')
