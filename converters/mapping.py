@@ -33,31 +33,28 @@ def torch_key(collection: str, path: tuple[str, ...]) -> str:
   return '.'.join(path[:-1] + (leaf,))
 
 
+# Kernel axis orders by rank: torch conv OIHW <-> Flax HWIO, torch linear (out, in) <-> (in, out).
+_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0)}
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0)}
+
+
+def _permutation(leaf: str, ndim: int, table: dict[int, tuple[int, ...]]) -> tuple[int, ...]:
+  return table.get(ndim, tuple(range(ndim))) if leaf == 'kernel' else tuple(range(ndim))
+
+
 def to_flax_layout(value: np.ndarray, leaf: str) -> np.ndarray:
   """Torch layout -> Flax layout: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
-  if leaf == 'kernel' and value.ndim == 4:
-    return np.transpose(value, (2, 3, 1, 0))
-  if leaf == 'kernel' and value.ndim == 2:
-    return value.T
-  return value
+  return np.transpose(value, _permutation(leaf, value.ndim, _TO_FLAX))
 
 
 def to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
   """Flax layout -> torch layout: the inverse of `to_flax_layout`."""
-  if leaf == 'kernel' and value.ndim == 4:
-    return np.transpose(value, (3, 2, 0, 1))
-  if leaf == 'kernel' and value.ndim == 2:
-    return value.T
-  return value
+  return np.transpose(value, _permutation(leaf, value.ndim, _TO_TORCH))
 
 
 def torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
   """Flax shape -> the torch shape it comes from (the inverse of `to_flax_layout`)."""
-  if leaf == 'kernel' and len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  if leaf == 'kernel' and len(shape) == 2:
-    return (shape[1], shape[0])
-  return tuple(shape)
+  return tuple(shape[axis] for axis in _permutation(leaf, len(shape), _TO_TORCH))
 
 
 @dataclasses.dataclass

@@ -5,8 +5,8 @@ r"""Parity report: a converted checkpoint in Flax against the same weights in ti
 
 Converts SRC, loads the converted variables back into the timm model of the same architecture
 (strictly), runs both at float32 with matmul precision 'highest' on scikit-image's photos
-(Resize(256), CenterCrop(224), ToTensor, as the paper), and prints the top-5 classes of each
-and the largest logit and block-activation differences. Needs the torch extra.
+(Resize(256), CenterCrop(224), /255, bit for bit as torchvision), and prints the top-5 classes
+of each and the largest logit and block-activation differences. Needs the torch extra.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 import converters
 from converters import mapping
+from lc_jax import data
 from lc_jax import errors
 from lc_jax import models
 from lc_jax.errors import UserError
@@ -32,18 +33,17 @@ _TRUST_PICKLE = flags.DEFINE_bool('trust_pickle', False, 'Allow legacy pickled c
 
 
 def photos(names: Sequence[str] = PHOTOS, resize: int = 256, crop: int = 224) -> np.ndarray:
-  """scikit-image photos through torchvision's Resize, CenterCrop and ToTensor, as NHWC float32."""
+  """scikit-image photos through the run's preprocessing (torchvision's Resize and CenterCrop,
+  bit for bit), as NHWC float32 in [0, 1]."""
   import PIL.Image  # pylint: disable=g-import-not-at-top
   import skimage.data  # pylint: disable=g-import-not-at-top
-  from torchvision import transforms  # pylint: disable=g-import-not-at-top
-  transform = transforms.Compose([
-      transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor()])
+  transform = data.Transform(resize, crop)
   batch = []
   for name in names:
     if not hasattr(skimage.data, name):
       raise UserError(f'scikit-image has no photo {name!r}; try {", ".join(PHOTOS)}')
     image = PIL.Image.fromarray(getattr(skimage.data, name)()).convert('RGB')
-    batch.append(transform(image).permute(1, 2, 0).numpy())
+    batch.append(transform(image).astype(np.float32) / 255)
   return np.stack(batch)
 
 

@@ -50,14 +50,18 @@ class Model:
   model_id: str
 
 
-def prepare_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
+def prepare_model(config: ml_collections.ConfigDict, workdir: str,
+                  source_sha256: str | None = None) -> Model:
   """Converts `config.model.checkpoint` into WORKDIR/model, or reuses an earlier conversion of
-  the same file (same sha256), and returns the model with its layer inventory."""
+  the same file (same sha256, computed here unless given), and returns the model with its layer
+  inventory."""
   model_dir = os.path.join(workdir, 'model')
   card = models.store.read_card(model_dir)
   source = converters.reader.resolve(config.model.checkpoint)
-  reusable = (card and os.path.isfile(source) and card['arch'] == (config.model.arch or card['arch'])
-              and card['sha256'] == converters.reader.sha256(source))
+  if source_sha256 is None and os.path.isfile(source):
+    source_sha256 = converters.reader.sha256(source)
+  reusable = (card and card['arch'] == (config.model.arch or card['arch'])
+              and card['sha256'] == source_sha256)
   if not reusable:
     arch, variables, card = converters.convert(
         config.model.checkpoint, config.model.arch or None,
@@ -138,11 +142,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     # ---------------------------------------------------------------- model and images --------
     # Refuse another run's workdir before the conversion overwrites its model.
     source = converters.reader.resolve(config.model.checkpoint)
-    results.refuse_other_run(workdir, {
-        'config': measured_config(config),
-        **({'checkpoint_sha256': converters.reader.sha256(source)}
-           if os.path.isfile(source) else {})})
-    model = prepare_model(config, workdir)
+    sha256 = converters.reader.sha256(source) if os.path.isfile(source) else None
+    results.refuse_other_run(workdir, {'config': measured_config(config),
+                                       **({'checkpoint_sha256': sha256} if sha256 else {})})
+    model = prepare_model(config, workdir, sha256)
     targets = select_targets(config, model)
     images, labels, info = data.load(config.data, cache_dir=config.get('cache_dir') or None,
                                      progress=show)

@@ -13,9 +13,8 @@ import pytest
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
-import PIL.Image  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import skimage.data  # pylint: disable=g-import-not-at-top
-import converters  # pylint: disable=g-import-not-at-top
+import converters  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from converters import parity
 from converters import reader
 from converters import recipes
 from lc_jax import models
@@ -38,17 +37,8 @@ def highest_precision():
 
 
 def _photos(size: int, resize: int) -> np.ndarray:
-  """The photos, shorter side resized (bilinear) and centre-cropped to `size`, NHWC in [0, 1]."""
-  batch = []
-  for name in PHOTOS:
-    image = PIL.Image.fromarray(getattr(skimage.data, name)()).convert('RGB')
-    scale = resize / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)),
-                         PIL.Image.BILINEAR)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    batch.append(np.asarray(image, np.float32) / 255)
-  return np.stack(batch)
+  """The photos, Resize(resize) + CenterCrop(size) as torchvision does them, NHWC in [0, 1]."""
+  return parity.photos(PHOTOS, resize, size)
 
 
 def _run_both(module, variables, model, images):
