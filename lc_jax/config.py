@@ -13,6 +13,10 @@ Fields:
   checkpoint), alpha (the trained weights' share for mode interpolate);
 - trials, seed: trial t of a random mode draws its fresh model from fold_in(key(seed), t);
 - matmul_precision: 'highest' keeps float32 exact on GPU/TPU too;
+- precision: 'float32' (exact, the default) or 'bfloat16' (faster on accelerators; weights stay
+  float32, activations and matmuls run in bfloat16);
+- reuse_prefix: a reset of a layer re-runs the network only from the block that contains it, on
+  the original model's activations there (results are identical; False re-runs it all);
 - progress: print progress lines; cache_dir: where decoded images are cached (empty: default).
 """
 
@@ -33,6 +37,8 @@ def default() -> ml_collections.ConfigDict:
   config.trials = 3
   config.seed = 0
   config.matmul_precision = 'highest'
+  config.precision = 'float32'
+  config.reuse_prefix = True
   config.progress = True
   config.cache_dir = ''
   return config

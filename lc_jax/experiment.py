@@ -3,9 +3,17 @@
     rows = lc_jax.experiment.run(config, workdir)
 
 Steps: convert the checkpoint into WORKDIR/model (or reuse it), load the images (decoded once,
-cached), run the original model once and keep its logits, then for every (trial, target) not
-yet in WORKDIR/results.csv: reset the variables (a pure function), run the same jitted forward
-and append one row of metrics durably. A killed run resumes where it stopped.
+cached), run the original model once and keep its logits on the device. Then, batch by batch,
+the original model runs segment by segment (stem, block after block, head; `lc_jax.evaluate`),
+and every (trial, target) not yet in WORKDIR/results.csv is evaluated from the segment that
+holds the target: reset the variables (a pure function), run the compiled segments from there
+on the original's activations, add the batch's metric sums. After each batch the running sums
+are saved; on the last batch each finished row is appended durably. A killed run resumes where
+it stopped and writes the same file.
+
+Work done per batch, for T targets in a model of S segments: one forward for the reference,
+one for the walk, and for each target only the segments from its own on; the paper's procedure
+runs T + 1 full forwards and decodes the images T + 1 times.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import numpy as np
 
 import converters
 from lc_jax import data
+from lc_jax import evaluate
 from lc_jax import init
 from lc_jax import layers as layers_lib
 from lc_jax import metrics
@@ -34,7 +43,8 @@ from lc_jax.errors import UserError
 
 # Config fields that change how a run is shown or how fast it goes, not what it measures: a
 # workdir may be resumed with other values.
-NOT_MEASURED = {'progress': None, 'cache_dir': None, 'data': ('workers',)}
+NOT_MEASURED = {'progress': None, 'cache_dir': None, 'reuse_prefix': None,
+                'data': ('workers',)}
 RANDOM_MODES = ('fresh', 'interpolate')
 
 
@@ -162,39 +172,77 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         'arch': model.card['arch'], 'model_id': model.model_id, 'num_images': info.num_images,
         'image_cache': info.cache_path, 'versions': _versions()})
 
-    forward = jax.jit(lambda v, x: model.module.apply(v, x.astype(jnp.float32) / 255.0))
-    batch_list = [(jax.device_put(x), None if y is None else jnp.asarray(y), jnp.asarray(m))
-                  for x, y, m in data.batches(images, labels, info)]
+    module = evaluate.with_precision(model.module, config.get('precision', 'float32'))
+    forward = evaluate.Forward(module, model.layers)
+    variables = forward.replicate(model.variables)
     has_labels = labels is not None
 
-    def evaluate(variables, reference):
-      total = None
-      for (x, y, mask), ref in zip(batch_list, reference):
-        y = y if has_labels else jnp.full(mask.shape, -1, jnp.int32)
-        total = metrics.accumulate(total, metrics.batch_sums(ref, forward(variables, x), y, mask))
-      return total
+    def put(batch):
+      x, y, mask = batch
+      y = np.full(mask.shape, -1, np.int32) if y is None else y
+      return forward.put(x), forward.put(y), forward.put(mask)
 
     # ---------------------------------------------------------------- the original ------------
-    reference = [forward(model.variables, x) for x, _, _ in batch_list]
-    original = metrics.finalize(evaluate(model.variables, reference), has_labels)
+    # Its logits on every batch are the reference of every reset (kept on the device).
+    reference, total = [], None
+    for batch in data.batches(images, labels, info):
+      x, y, mask = put(batch)
+      reference.append(forward(variables, x))
+      total = metrics.accumulate(total, metrics.batch_sums(reference[-1], reference[-1], y, mask))
+    original = metrics.finalize(total, has_labels)
     original['recovered_acc'] = 1.0 if has_labels else float('nan')
     if not store.done(0, results.ORIGINAL):
       store.append(_row(model, info, results.ORIGINAL, 0, 'none', None, original))
 
     # ---------------------------------------------------------------- resets ------------------
-    todo = [(t, target) for t in range(trials) for target in targets
-            if not store.done(t, target.name)]
-    progress = _Progress(len(todo), trials * len(targets), info.num_images, show)
-    for trial in sorted({t for t, _ in todo}):
-      reset_fn = reset.make(config.reset.mode, model.layers,
-                            source=reset_source(config, model, trial), alpha=config.reset.alpha)
-      for _, target in (item for item in todo if item[0] == trial):
-        measured = metrics.finalize(evaluate(reset_fn(model.variables, target), reference),
-                                    has_labels, original['top1_acc'])
-        store.append(_row(model, info, target.name, trial, config.reset.mode, target, measured))
-        progress.step(f'trial {trial} {target.name}', measured['criticality'])
+    # Batch by batch, the original model runs segment by segment; a reset of a layer in segment
+    # k re-runs the network from k on that segment's input (or from the images without prefix
+    # reuse). Rows are in the order of the targets, trials within a target.
+    reuse = config.get('reuse_prefix', True)
+    todo: dict[int, list[tuple[int, layers_lib.Target]]] = {}
+    for target in targets:
+      start = forward.start(target) if reuse else 0
+      todo.setdefault(start, []).extend(
+          (trial, target) for trial in range(trials) if not store.done(trial, target.name))
+    todo = {k: items for k, items in sorted(todo.items()) if items}
+    pending = [_key(t, target) for items in todo.values() for t, target in items]
+    first_batch, sums = store.load_partial(pending) if pending else (0, {})
+    resets = {trial: reset.make(config.reset.mode, model.layers,
+                                source=reset_source(config, model, trial),
+                                alpha=config.reset.alpha)
+              for trial in sorted({t for items in todo.values() for t, _ in items})}
+    progress = _Progress(len(pending), trials * len(targets), info, first_batch, show)
+    for b, batch in enumerate(data.batches(images, labels, info)):
+      if b < first_batch or not todo:
+        continue
+      x, y, mask = put(batch)
+      last_batch = b == info.num_batches - 1
+      starts = list(todo)
+      h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
+      for k, next_k in zip(starts, starts[1:] + [None]):
+        items = todo[k]
+        new_sums = [metrics.batch_sums(reference[b], forward(resets[t](variables, target), h, k),
+                                       y, mask) for t, target in items]
+        if next_k is not None:  # dispatched before the sums are read, so the device keeps busy
+          h = forward(variables, h, k, next_k)
+        for (trial, target), new in zip(items, new_sums):
+          key = _key(trial, target)
+          sums[key] = metrics.accumulate(sums.get(key), new)
+          if last_batch:
+            measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
+            store.append(_row(model, info, target.name, trial, config.reset.mode, target,
+                              measured))
+            progress.row(f'trial {trial} {target.name}', measured['criticality'])
+        progress.segment(b, forward.names[k], len(items))
+      if not last_batch:
+        store.save_partial(b + 1, sums)
+    store.clear_partial()
   store.close()
   return store.rows
+
+
+def _key(trial: int, target: layers_lib.Target) -> str:
+  return f'{trial}/{target.name}'
 
 
 def _row(model: Model, info, layer: str, trial: int, mode: str,
@@ -210,25 +258,40 @@ def _row(model: Model, info, layer: str, trial: int, mode: str,
 
 
 class _Progress:
-  """Resets done of the total, images per second and time left, one line per reset on stderr."""
+  """Progress on stderr: after each segment of a batch before the last, the resets evaluated on
+  it; on the last batch, one line per finished row with its criticality. Both give image-resets
+  per second (images times resets evaluated on them) and the time left."""
 
-  def __init__(self, todo: int, total: int, num_images: int, enabled: bool):
-    self.todo, self.total, self.num_images, self.enabled = todo, total, num_images, enabled
-    self.done = 0
+  def __init__(self, todo: int, total: int, info, first_batch: int, enabled: bool):
+    self.todo, self.total, self.info, self.enabled = todo, total, info, enabled
+    self.work = todo * (info.num_batches - first_batch)  # evaluations of one batch each
+    self.worked = self.rows = 0
     self.start = time.perf_counter()
-    if enabled and todo < total:
-      print(f'resuming: {total - todo} of {total} resets already in results.csv', file=sys.stderr)
+    if enabled and (todo < total or first_batch):
+      print(f'resuming: {total - todo} of {total} resets already in results.csv'
+            + (f', {first_batch} of {info.num_batches} batches of the others done'
+               if first_batch else ''), file=sys.stderr)
 
-  def step(self, what: str, criticality: float) -> None:
-    self.done += 1
-    if not self.enabled:
-      return
+  def segment(self, batch: int, segment: str, resets: int) -> None:
+    self.worked += resets
+    if self.enabled and batch < self.info.num_batches - 1:
+      self._print(f'[batch {batch + 1}/{self.info.num_batches}] {segment:24s} {resets:4d} resets')
+
+  def row(self, what: str, criticality: float) -> None:
+    self.rows += 1
+    if self.enabled:
+      finished = self.total - self.todo + self.rows
+      self._print(f'[{finished:4d}/{self.total}] {what:32s} criticality {100 * criticality:7.3f}%',
+                  extra=1)
+
+  def _print(self, what: str, extra: int = 0) -> None:
+    # `extra`: a row line comes before its segment is counted; count its own evaluation.
+    worked = max(self.worked + extra, 1)
     elapsed = time.perf_counter() - self.start
-    rate = self.done * self.num_images / elapsed
-    left = elapsed / self.done * (self.todo - self.done)
-    finished = self.total - self.todo + self.done
-    print(f'[{finished:4d}/{self.total}] {what:32s} criticality {100 * criticality:7.3f}%  '
-          f'{rate:7.0f} images/s  {_duration(left)} left', file=sys.stderr, flush=True)
+    rate = worked * self.info.num_images / self.info.num_batches / elapsed
+    left = elapsed / worked * max(self.work - worked, 0)
+    print(f'{what}  {rate:8.0f} image-resets/s  {_duration(left)} left', file=sys.stderr,
+          flush=True)
 
 
 def _duration(seconds: float) -> str:

@@ -1,7 +1,9 @@
 """The results store of a run: OUT/results.csv, appended durably row by row, and OUT/run.json.
 
-A row is written, flushed and fsynced as soon as its (trial, layer) is measured, so a killed run
-loses at most the row it was computing. Re-opening a workdir resumes it: finished rows are kept
+A row is written, flushed and fsynced as soon as its (trial, layer) is measured over all images.
+A run goes batch by batch; until the last batch, the running sums of every unfinished row are
+saved atomically after each batch (OUT/partial.json), so a killed run loses at most the batch it
+was computing. Re-opening a workdir resumes it: finished rows are kept
 and skipped; a workdir made with a different configuration, checkpoint or image set is refused
 with the differences listed.
 """
@@ -20,6 +22,8 @@ from lc_jax.errors import UserError
 
 RESULTS = 'results.csv'
 RUN = 'run.json'
+# Metric sums of the rows not yet finished, over the batches done so far (see `save_partial`).
+PARTIAL = 'partial.json'
 # No timings: a resumed run must end with the very file an uninterrupted run writes.
 COLUMNS = ('model_id', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params', 'num_images'
           ) + metrics.COLUMNS
@@ -61,6 +65,34 @@ class Store:
     self._sync()
     self.rows.append(_parse({c: _format(row[c]) for c in COLUMNS}))
     self._keys.add((int(row['trial']), str(row['layer'])))
+
+  def save_partial(self, batches_done: int, sums: Mapping[str, Mapping[str, float]]) -> None:
+    """Makes the running sums of unfinished rows durable: `sums[key]` are the float64 metric
+    sums of row `key` over the first `batches_done` batches. Written atomically, so a kill
+    leaves the previous state or this one."""
+    _write_atomically(os.path.join(self.workdir, PARTIAL),
+                      json.dumps({'batches_done': batches_done, 'sums': sums}) + '\n')
+
+  def load_partial(self, keys: Iterable[str]) -> tuple[int, dict[str, dict[str, float]]]:
+    """(batches done, sums per key) saved for every one of `keys`, or (0, {}) to start over.
+
+    Floats are written with repr and read back exactly, so a resumed run adds up the very
+    numbers the interrupted one had."""
+    path = os.path.join(self.workdir, PARTIAL)
+    if not os.path.exists(path):
+      return 0, {}
+    with open(path) as f:
+      state = json.load(f)
+    keys = list(keys)
+    if not all(key in state['sums'] for key in keys):
+      return 0, {}
+    return int(state['batches_done']), {key: state['sums'][key] for key in keys}
+
+  def clear_partial(self) -> None:
+    """Drops the partial sums once every row they fed is written."""
+    partial = os.path.join(self.workdir, PARTIAL)
+    if os.path.exists(partial):
+      os.remove(partial)
 
   def close(self) -> None:
     self._file.close()

@@ -6,6 +6,9 @@ networks, so convs pad like TensorFlow's 'SAME' (asymmetric, extra row/column at
 when a strided conv needs odd padding), BatchNorm uses TF's eps 1e-3, and the activation is
 ReLU6. Unlike EfficientNet-B*, Lite has no squeeze-excite, and its stem (32) and head (1280)
 widths stay fixed while the stages are scaled.
+
+The forward is a chain of segments, ``stem``, one per block (``blocks.0.0``, ...) and ``head``;
+``apply(variables, x, start, stop)`` runs segments [start, stop) only (see `lc_jax.evaluate`).
 """
 
 from __future__ import annotations
@@ -147,9 +150,10 @@ class Stage(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, start: int = 0, stop: int | None = None):
+    """Runs blocks [start, stop) of the stage (all by default)."""
     kernel, expansion = KERNELS[self.stage], EXPANSIONS[self.stage]
-    for index in range(self.depth):
+    for index in range(start, self.depth if stop is None else stop):
       stride = STRIDES[self.stage] if index == 0 else 1
       if expansion == 1:
         block = DepthwiseSeparable(self.width, kernel, stride, self.dtype, name=str(index))
@@ -172,9 +176,10 @@ class Blocks(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def stage(self, x, index: int):
-    """Runs stage `index` on `x`."""
-    return Stage(index, self.widths[index], self.depths[index], self.dtype, name=str(index))(x)
+  def stage(self, x, index: int, start: int = 0, stop: int | None = None):
+    """Runs blocks [start, stop) of stage `index` on `x`."""
+    return Stage(index, self.widths[index], self.depths[index], self.dtype,
+                 name=str(index))(x, start, stop)
 
 
 class EfficientNetLite(nn.Module):
@@ -187,26 +192,46 @@ class EfficientNetLite(nn.Module):
   std: Sequence[float] = STD
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, images):
-    x = common.normalize(images, self.mean, self.std, self.dtype)
+  def segments(self) -> tuple[str, ...]:
+    """The forward's segments in order: 'stem', every block ('blocks.0.0', ...), 'head'."""
+    blocks = [f'blocks.{stage}.{index}' for stage, depth in enumerate(self.depths)
+              for index in range(depth)]
+    return ('stem', *blocks, 'head')
 
-    x = _conv(STEM_WIDTH, 3, 2, dtype=self.dtype, name='conv_stem')(x)
-    x = BatchNormAct(dtype=self.dtype, name='bn1')(x)
-    self.sow('intermediates', 'stem', x)
+  @nn.compact
+  def __call__(self, x, start: int = 0, stop: int | None = None):
+    """Logits of NHWC images in [0, 1].
+
+    With `start`/`stop`, only segments [start, stop) of `segments()` run: `x` is the input of
+    segment `start` (the images when 0) and the result the output of segment `stop - 1`.
+    """
+    head = len(self.segments()) - 1
+    stop = head + 1 if stop is None else stop
+
+    if start == 0 < stop:
+      x = common.normalize(x, self.mean, self.std, self.dtype)
+      x = _conv(STEM_WIDTH, 3, 2, dtype=self.dtype, name='conv_stem')(x)
+      x = BatchNormAct(dtype=self.dtype, name='bn1')(x)
+      self.sow('intermediates', 'stem', x)
 
     blocks = Blocks(self.widths, self.depths, self.dtype, name='blocks')
-    for stage in range(len(self.depths)):
-      x = blocks.stage(x, stage)
-      # Named as timm's stage modules, so a name is also a torch hook target.
-      self.sow('intermediates', f'blocks.{stage}', x)
+    first = 1  # the segment index of the stage's block 0
+    for stage, depth in enumerate(self.depths):
+      lo, hi = max(start - first, 0), min(stop - first, depth)
+      if lo < hi:
+        x = blocks.stage(x, stage, lo, hi)
+        if hi == depth:  # named as timm's stage modules, so a name is also a torch hook target
+          self.sow('intermediates', f'blocks.{stage}', x)
+      first += depth
 
-    x = _conv(HEAD_WIDTH, 1, dtype=self.dtype, name='conv_head')(x)
-    x = BatchNormAct(dtype=self.dtype, name='bn2')(x)
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow('intermediates', 'pool', x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    return x.astype(jnp.float32)
+    if start <= head < stop:
+      x = _conv(HEAD_WIDTH, 1, dtype=self.dtype, name='conv_head')(x)
+      x = BatchNormAct(dtype=self.dtype, name='bn2')(x)
+      x = jnp.mean(x, axis=(1, 2))
+      self.sow('intermediates', 'pool', x)
+      x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+      x = x.astype(jnp.float32)
+    return x
 
 
 # (channel multiplier, depth multiplier, input size): multipliers from timm's

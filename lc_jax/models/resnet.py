@@ -6,6 +6,10 @@ Padding is explicit and equal to PyTorch's (never 'SAME'), the stride of a bottl
 on its 3x3 conv (ResNet v1.5), and BatchNorm uses eps 1e-5 with running statistics. The
 outputs of the stem's max-pool and of the global pool, which are not modules, are sown as
 intermediates under timm's module names so parity can be checked stage by stage.
+
+The forward is a chain of segments, ``stem``, one per residual block (``layer1.0``, ...) and
+``head``; ``apply(variables, x, start, stop)`` runs segments [start, stop) only, which is how a
+reset of a layer re-runs the network from its block on (see `lc_jax.evaluate`).
 """
 
 from __future__ import annotations
@@ -93,9 +97,10 @@ class Stage(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, start: int = 0, stop: int | None = None):
+    """Runs blocks [start, stop) of the stage (all by default)."""
     out_features = self.planes * self.block_cls.expansion
-    for index in range(self.depth):
+    for index in range(start, self.depth if stop is None else stop):
       stride = self.stride if index == 0 else 1
       downsample = index == 0 and (stride != 1 or self.in_features != out_features)
       x = self.block_cls(self.planes, stride, downsample, self.dtype, name=str(index))(x)
@@ -112,28 +117,46 @@ class ResNet(nn.Module):
   std: Sequence[float] = common.IMAGENET_STD
   dtype: Any = jnp.float32
 
+  def segments(self) -> tuple[str, ...]:
+    """The forward's segments in order: 'stem', every block ('layer1.0', ...), 'head'."""
+    blocks = [f'layer{stage + 1}.{index}' for stage, depth in enumerate(self.layers)
+              for index in range(depth)]
+    return ('stem', *blocks, 'head')
+
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, x, start: int = 0, stop: int | None = None):
+    """Logits of NHWC images in [0, 1].
+
+    With `start`/`stop`, only segments [start, stop) of `segments()` run: `x` is the input of
+    segment `start` (the images when 0) and the result the output of segment `stop - 1`.
+    """
     conv, bn = common.conv_bn_factories(self.dtype)
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
-    x = common.normalize(images, self.mean, self.std, self.dtype)
+    head = len(self.segments()) - 1
+    stop = head + 1 if stop is None else stop
 
-    x = conv(64, 7, 2, 3, name='conv1')(x)
-    x = nn.relu(bn(name='bn1')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    self.sow('intermediates', 'maxpool', x)
+    if start == 0 < stop:
+      x = common.normalize(x, self.mean, self.std, self.dtype)
+      x = conv(64, 7, 2, 3, name='conv1')(x)
+      x = nn.relu(bn(name='bn1')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      self.sow('intermediates', 'maxpool', x)
 
-    in_features = 64
+    in_features, first = 64, 1  # `first`: the segment index of the stage's block 0
     for stage, depth in enumerate(self.layers):
       planes = 64 * 2**stage
-      x = Stage(block_cls, planes, depth, 1 if stage == 0 else 2, in_features, self.dtype,
-                name=f'layer{stage + 1}')(x)
-      in_features = planes * block_cls.expansion
+      lo, hi = max(start - first, 0), min(stop - first, depth)
+      if lo < hi:
+        x = Stage(block_cls, planes, depth, 1 if stage == 0 else 2, in_features, self.dtype,
+                  name=f'layer{stage + 1}')(x, lo, hi)
+      in_features, first = planes * block_cls.expansion, first + depth
 
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow('intermediates', 'global_pool', x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
-    return x.astype(jnp.float32)
+    if start <= head < stop:
+      x = jnp.mean(x, axis=(1, 2))
+      self.sow('intermediates', 'global_pool', x)
+      x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+      x = x.astype(jnp.float32)
+    return x
 
 
 _DEPTHS = {

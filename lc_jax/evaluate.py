@@ -1,0 +1,122 @@
+"""The model's forward split at block boundaries, compiled once per segment, over a device mesh.
+
+    forward = Forward(module, layers)            # layers: lc_jax.layers.inventory(module, ...)
+    x, mask = forward.put(images), forward.put(mask)   # sharded over the mesh's 'batch' axis
+    logits = forward(variables, x)               # the whole network
+    h = forward(variables, x, 0, 3)              # the input of segment 3 ...
+    logits = forward(reset_variables, h, 3)      # ... and the rest of the network from there
+
+A model's forward is a chain of segments (`module.segments()`: 'stem', each residual block,
+'head'). Each segment is jitted on its own and compiled once, for whatever variables it is given,
+so the original model and every reset of it share the compiled code, and a run from segment k
+chains the compiled segments k, k+1, ... on the device without a host round trip. A segment is
+handed only its own variables (the layers the inventory assigns to its block), so a reset
+elsewhere does not even reach it.
+
+Devices: all local devices form a one-axis `Mesh` ('batch',); images are sharded along it (a
+batch is padded to a multiple of the device count; the padding rows are masked out by the
+caller) and variables are replicated. On one device this is plain jit.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lc_jax import layers as layers_lib
+
+PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def with_precision(module: nn.Module, precision: str) -> nn.Module:
+  """`module` computing in `precision` ('float32' or 'bfloat16'); weights stay float32."""
+  if precision not in PRECISIONS:
+    raise ValueError(f'unknown precision {precision!r}; choose from {", ".join(PRECISIONS)}')
+  return module.clone(dtype=PRECISIONS[precision])
+
+
+def local_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis mesh ('batch',) over `devices` (default: this process's devices)."""
+  devices = jax.local_devices() if devices is None else list(devices)
+  return Mesh(np.array(devices), ('batch',))
+
+
+class Forward:
+  """`module`'s forward by segments; see the module docstring."""
+
+  def __init__(self, module: nn.Module, layers: Sequence[layers_lib.Layer],
+               mesh: Mesh | None = None):
+    self.module = module
+    self.names: tuple[str, ...] = tuple(module.segments())
+    self.index = {name: k for k, name in enumerate(self.names)}
+    self.mesh = mesh or local_mesh()
+    self._replicated = NamedSharding(self.mesh, P())
+    self._sharded = NamedSharding(self.mesh, P('batch'))
+    paths = collections.defaultdict(list)
+    for layer in layers:
+      if layer.block not in self.index:
+        raise ValueError(f'layer {layer.name} lies in {layer.block!r}, which is not a segment of '
+                         f'{type(module).__name__} ({", ".join(self.names)})')
+      paths[self.index[layer.block]].append(layer.path)
+    self._paths = [paths[k] for k in range(len(self.names))]
+    self._segment = jax.jit(self._apply_segment, static_argnums=(2,),
+                            in_shardings=(self._replicated, self._sharded),
+                            out_shardings=self._sharded)
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  def start(self, target: layers_lib.Target) -> int:
+    """The first segment a reset of `target` changes: where its re-run has to begin."""
+    return min(self.index[layer.block] for layer in target.layers)
+
+  def put(self, batch: np.ndarray) -> jax.Array:
+    """A host batch (images, labels or mask) sharded over the mesh, padded to a multiple of the
+    device count with zeros (which read as False in a mask)."""
+    batch = np.asarray(batch)
+    pad = -len(batch) % self.num_devices
+    if pad:
+      batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
+    return jax.device_put(batch, self._sharded)
+
+  def replicate(self, variables: dict) -> dict:
+    """`variables` placed on every device of the mesh (done once for the trained weights)."""
+    return jax.device_put(variables, self._replicated)
+
+  def __call__(self, variables: dict, x: jax.Array, start: int = 0,
+               stop: int | None = None) -> jax.Array:
+    """Segments [start, stop) of the model on `x`, the input of segment `start` (uint8 images
+    for 0). Dispatches one compiled segment after the other; nothing waits for the device."""
+    for k in range(start, len(self.names) if stop is None else stop):
+      x = self._segment(self._variables_of(variables, k), x, k)
+    return x
+
+  def _variables_of(self, variables: dict, k: int) -> dict:
+    """The part of `variables` that segment k reads: its layers' subtrees, paths kept."""
+    own: dict[str, Any] = {}
+    for collection, tree in variables.items():
+      for path in self._paths[k]:
+        node = tree
+        for part in path:
+          node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+          continue
+        out = own.setdefault(collection, {})
+        for part in path[:-1]:
+          out = out.setdefault(part, {})
+        out[path[-1]] = node
+    return own
+
+  def _apply_segment(self, variables: dict, x: jax.Array, k: int) -> jax.Array:
+    if k == 0:
+      x = x.astype(jnp.float32) / 255.0
+    return self.module.apply(variables, x, k, k + 1)
