@@ -188,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     for batch in data.batches(images, labels, info):
       x, y, mask = put(batch)
       reference.append(forward(variables, x))
-      total = metrics.accumulate(total, metrics.batch_sums(reference[-1], reference[-1], y, mask))
+      total = metrics.accumulate(total, metrics.per_image(reference[-1], reference[-1], y, mask))
     original = metrics.finalize(total, has_labels)
     original['recovered_acc'] = 1.0 if has_labels else float('nan')
     if not store.done(0, results.ORIGINAL):
@@ -221,11 +221,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
       for k, next_k in zip(starts, starts[1:] + [None]):
         items = todo[k]
-        new_sums = [metrics.batch_sums(reference[b], forward(resets[t](variables, target), h, k),
-                                       y, mask) for t, target in items]
-        if next_k is not None:  # dispatched before the sums are read, so the device keeps busy
+        values = [metrics.per_image(reference[b], forward(resets[t](variables, target), h, k),
+                                    y, mask) for t, target in items]
+        if next_k is not None:  # dispatched before the values are read: the device keeps busy
           h = forward(variables, h, k, next_k)
-        for (trial, target), new in zip(items, new_sums):
+        for (trial, target), new in zip(items, values):
           key = _key(trial, target)
           sums[key] = metrics.accumulate(sums.get(key), new)
           if last_batch:

@@ -1,7 +1,8 @@
 """How far a reset model's predictions moved from the original's, over the same images.
 
-Per batch, `batch_sums` (jitted) reduces the logits of the original model (p = softmax) and of
-the reset model (q = softmax) to sums; `accumulate` adds them up in float64 on the host and
+Per batch, `per_image` (jitted) turns the logits of the original model (p = softmax) and of the
+reset model (q = softmax) into per-image values; `accumulate` adds them up in float64 on the
+host (squares too, so the spread over the images suffers no float32 cancellation) and
 `finalize` turns the totals into the paper's metrics:
 
 - top1_acc, top5_acc (%), loss (mean cross-entropy): against the labels, NaN without labels;
@@ -30,12 +31,11 @@ COLUMNS = ('top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_
 
 
 @jax.jit
-def batch_sums(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
-               mask: jax.Array) -> dict[str, jax.Array]:
-  """Sums over the images of a batch where `mask` is true; labels < 0 mean 'no label'."""
+def per_image(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
+              mask: jax.Array) -> dict[str, jax.Array]:
+  """Each image's values ('count' 1) where `mask` is true, 0 elsewhere; labels < 0: no label."""
   ref_logits = ref_logits.astype(jnp.float32)
   logits = logits.astype(jnp.float32)
-  weight = mask.astype(jnp.float32)
   log_p = jax.nn.log_softmax(ref_logits, axis=-1)
   log_q = jax.nn.log_softmax(logits, axis=-1)
   p, q = jnp.exp(log_p), jnp.exp(log_q)
@@ -52,24 +52,25 @@ def batch_sums(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
   rank = jnp.sum(above, axis=-1)
   nll = -jnp.take_along_axis(log_q, safe_labels[:, None], axis=-1)[:, 0]
 
-  per_image = {
+  values = {
       'count': jnp.ones_like(cos),
       'top1': (rank < 1).astype(jnp.float32),
       'top5': (rank < 5).astype(jnp.float32),
       'loss': nll,
       'cos': cos,
-      'cos_sq': cos * cos,
       'l1': jnp.sum(jnp.abs(p - q), -1),
       'l2': jnp.linalg.norm(p - q, axis=-1),
       'kl': kl,
       'agree': (jnp.argmax(logits, -1) == jnp.argmax(ref_logits, -1)).astype(jnp.float32),
   }
-  return {k: jnp.sum(v * weight) for k, v in per_image.items()}
+  return {k: jnp.where(mask, v, 0.0) for k, v in values.items()}
 
 
-def accumulate(total: dict[str, float] | None, sums: dict[str, jax.Array]) -> dict[str, float]:
-  """Adds a batch's sums to the running totals, in float64 on the host."""
-  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+def accumulate(total: dict[str, float] | None, values: dict[str, jax.Array]) -> dict[str, float]:
+  """Adds a batch's per-image values to the running totals, in float64 on the host."""
+  values = {k: np.asarray(v, np.float64) for k, v in jax.device_get(values).items()}
+  values['cos_sq'] = values['cos'] ** 2
+  sums = {k: float(np.sum(values[k])) for k in SUMS}
   if total is None:
     return sums
   return {k: total[k] + sums[k] for k in SUMS}

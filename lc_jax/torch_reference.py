@@ -75,7 +75,7 @@ def metrics(ref_logits: torch.Tensor | np.ndarray, logits: torch.Tensor | np.nda
   """The metrics of one evaluation: `logits` (reset model) against `ref_logits` (original).
 
   Per image everything is computed in float32, with log_softmax wherever a log is taken (as
-  `lc_jax.metrics.batch_sums` does); the means over the images are taken in float64 (as its
+  `lc_jax.metrics.per_image` does); the means over the images are taken in float64 (as its
   host-side accumulation does), so that at 10,000 images the two differ by float32 rounding of
   single images only. Label metrics (top1_acc, top5_acc, loss, recovered_acc) are NaN without
   `labels`; recovered_acc also needs `original_top1` (the original's top1_acc).

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _metrics(ref, logits, labels=None, mask=None):
   mask = np.ones(len(ref), bool) if mask is None else mask
   y = np.full(len(ref), -1, np.int32) if labels is None else labels
-  total = metrics.accumulate(None, metrics.batch_sums(
+  total = metrics.accumulate(None, metrics.per_image(
       jnp.asarray(ref), jnp.asarray(logits), jnp.asarray(y), jnp.asarray(mask)))
   return metrics.finalize(total, labels is not None)
 
@@ -198,3 +198,71 @@ def test_every_reset_mode_runs(checkpoint, tmp_path, mode, extra, rows, moved):
   assert (criticality > 1e-3) if moved else (criticality < 1e-6)
   if mode == 'skip':
     assert [r['layer'] for r in result][:2] == ['layer1.0', 'layer1.1']
+
+
+def _numbers(workdir):
+  return {(r['layer'], r['trial']): np.array([float(r[c] or 'nan') for c in metrics.COLUMNS])
+          for r in _rows(workdir)}
+
+
+def test_prefix_reuse_and_eight_devices_give_the_same_results(checkpoint, tmp_path):
+  cache = tmp_path / 'cache'
+  args = ('--config.reset.layers=conv1,layer1.*,layer4.1.*,fc', '--config.trials=1')
+  reused = _run(*_run_args(checkpoint, tmp_path / 'reused', cache, *args))
+  assert reused.returncode == 0, reused.stderr
+  # Without prefix reuse every reset runs the whole network through the same compiled
+  # segments: the very same file.
+  whole = _run(*_run_args(checkpoint, tmp_path / 'whole', cache, *args,
+                          '--config.reuse_prefix=false'))
+  assert whole.returncode == 0, whole.stderr
+  assert ((tmp_path / 'whole' / 'results.csv').read_bytes()
+          == (tmp_path / 'reused' / 'results.csv').read_bytes())
+  # Over 8 devices (batches of 4 padded to 8, sharded): equal within 1e-6.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  sharded = subprocess.run(_run_args(checkpoint, tmp_path / 'sharded', cache, *args), cwd=ROOT,
+                           env=env, capture_output=True, text=True, check=False)
+  assert sharded.returncode == 0, sharded.stderr
+  want, got = _numbers(tmp_path / 'reused'), _numbers(tmp_path / 'sharded')
+  assert want.keys() == got.keys() and len(want) == 9
+  difference = max(np.nanmax(np.abs(got[k] - want[k])) for k in want)
+  print(f'8 devices vs 1: largest metric difference {difference:.2g}')
+  assert difference <= 1e-6
+
+
+def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, monkeypatch,
+                                                         capsys):
+  from lc_jax import config as lc_config  # pylint: disable=g-import-not-at-top
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  from lc_jax import results  # pylint: disable=g-import-not-at-top
+  config = lc_config.default()
+  config.model.checkpoint = checkpoint
+  config.data.update(source='photos', num_images=0, order='sorted', batch_size=3,
+                     resize_size=72, crop_size=64)  # 7 photos: 3 batches
+  config.reset.layers = 'layer2.*,fc'
+  config.trials, config.progress, config.cache_dir = 2, False, str(tmp_path / 'cache')
+  full = experiment.run(config, str(tmp_path / 'full'))
+
+  class Killed(Exception):
+    pass
+
+  save = results.Store.save_partial
+
+  def save_then_die(store, batches_done, sums):
+    save(store, batches_done, sums)
+    if batches_done == 2:
+      raise Killed
+  monkeypatch.setattr(results.Store, 'save_partial', save_then_die)
+  with pytest.raises(Killed):
+    experiment.run(config, str(tmp_path / 'killed'))
+  monkeypatch.undo()
+  assert [r['layer'] for r in _rows(tmp_path / 'killed')] == ['original']
+  assert (tmp_path / 'killed' / 'partial.json').exists()
+
+  # The resumed run takes up the sums of the two batches done and adds the third.
+  config.progress = True
+  resumed = experiment.run(config, str(tmp_path / 'killed'))
+  assert 'resuming: 0 of 12 resets already in results.csv, 2 of 3 batches' in capsys.readouterr().err
+  assert [r['layer'] for r in resumed] == [r['layer'] for r in full]
+  assert ((tmp_path / 'killed' / 'results.csv').read_bytes()
+          == (tmp_path / 'full' / 'results.csv').read_bytes())
+  assert not (tmp_path / 'killed' / 'partial.json').exists()

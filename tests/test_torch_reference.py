@@ -122,7 +122,7 @@ def test_metrics_match_the_jax_metrics_column_for_column():
   logits = (ref_logits + rng.normal(size=ref_logits.shape) * 3).astype(np.float32)
   labels = rng.integers(0, 100, size=48)
   labels[:16] = logits[:16].argmax(-1)
-  sums = jax_metrics.batch_sums(jnp.asarray(ref_logits), jnp.asarray(logits),
+  sums = jax_metrics.per_image(jnp.asarray(ref_logits), jnp.asarray(logits),
                                 jnp.asarray(labels, jnp.int32), jnp.ones(48, bool))
   want = jax_metrics.finalize(jax_metrics.accumulate(None, sums), True, original_top1=40.0)
   got = ref.metrics(ref_logits, logits, labels, original_top1=40.0)

@@ -1,0 +1,106 @@
+"""The forward by segments: equal to the whole forward, from any block on, on any device count."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lc_jax import evaluate
+from lc_jax import layers as layers_lib
+from lc_jax import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model(arch, size=64):
+  spec = models.get(arch)
+  module = spec.create()
+  variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  variables = {k: variables[k] for k in ('params', 'batch_stats')}
+  images = (np.random.RandomState(0).rand(4, size, size, 3) * 255).astype(np.uint8)
+  return module, variables, layers_lib.inventory(module, spec.block_depth), images
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50', 'efficientnet_lite0'])
+def test_segments_chain_to_the_whole_forward(arch):
+  module, variables, layers, images = _model(arch)
+  forward = evaluate.Forward(module, layers)
+  whole = np.asarray(jax.jit(module.apply)(variables, images.astype(np.float32) / 255))
+  x = forward.put(images)
+  chained = np.asarray(forward(variables, x))
+  # One program for the whole network and a chain of one per segment fuse differently: float32
+  # rounding apart (stated), the same logits.
+  difference = np.abs(chained - whole).max()
+  print(f'{arch}: {len(forward.names)} segments; chained vs one program: max abs diff '
+        f'{difference:.2g} (largest logit {np.abs(whole).max():.3g})')
+  assert difference <= 1e-5 * max(1.0, np.abs(whole).max())
+  # From every segment on, given the original's activation there: the chain's logits bit for
+  # bit (each segment is the same compiled program whichever segment the run started from).
+  h = x
+  for k in range(len(forward.names)):
+    assert np.array_equal(np.asarray(forward(variables, h, k)), chained), forward.names[k]
+    h = forward(variables, h, k, k + 1)
+
+
+def test_every_variable_belongs_to_one_segment():
+  module, variables, layers, _ = _model('resnet50')
+  forward = evaluate.Forward(module, layers)
+  assert forward.names[:3] == ('stem', 'layer1.0', 'layer1.1') and forward.names[-1] == 'head'
+  seen = []
+  for k in range(len(forward.names)):
+    own = forward._variables_of(variables, k)  # pylint: disable=protected-access
+    seen += [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(own)]
+  every = [jax.tree_util.keystr(path) for path, _ in
+           jax.tree_util.tree_leaves_with_path(variables)]
+  assert sorted(seen) == sorted(every)
+  target = layers_lib.select(layers, ['conv'], 'layer2.1.conv2')[0]
+  assert forward.names[forward.start(target)] == 'layer2.1'
+  block = layers_lib.select(layers, ['conv'], 'layer3', granularity='stage')[0]
+  assert forward.names[forward.start(block)] == 'layer3.0'
+
+
+def test_bfloat16_stays_close_to_float32():
+  module, variables, layers, images = _model('resnet18')
+  exact = evaluate.Forward(module, layers)
+  fast = evaluate.Forward(evaluate.with_precision(module, 'bfloat16'), layers)
+  want = np.asarray(exact(variables, exact.put(images)))
+  got = np.asarray(fast(variables, fast.put(images)))
+  assert got.dtype == np.float32
+  error = np.abs(got - want).max() / np.abs(want).max()
+  print(f'bfloat16 vs float32 logits: max abs diff {error:.2g} of the largest logit')
+  assert 0 < error < 0.05
+  with pytest.raises(ValueError, match='unknown precision'):
+    evaluate.with_precision(module, 'float16')
+
+
+def test_eight_devices_give_the_single_device_logits(tmp_path):
+  # A fresh interpreter: the device count is fixed when jax starts.
+  code = f"""
+import numpy as np, jax, sys
+sys.path.insert(0, {ROOT!r})
+sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+jax.config.update('jax_default_matmul_precision', 'highest')
+import test_evaluate
+from lc_jax import evaluate
+module, variables, layers, images = test_evaluate._model('resnet18')
+forward = evaluate.Forward(module, layers)
+x = forward.put(images[:3])
+assert len(x.sharding.device_set) == 8 and x.shape[0] == 8, x.shape  # padded to the devices
+np.save('logits.npy', np.asarray(forward(forward.replicate(variables), x))[:3])
+"""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                          check=False, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  module, variables, layers, images = _model('resnet18')
+  forward = evaluate.Forward(module, layers)
+  want = np.asarray(forward(variables, forward.put(images[:3])))
+  got = np.load(tmp_path / 'logits.npy')
+  print(f'8 devices vs 1: logits max abs diff {np.abs(got - want).max():.2g} '
+        f'(largest logit {np.abs(want).max():.3g})')
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
