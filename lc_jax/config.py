@@ -17,6 +17,9 @@ Fields:
   float32, activations and matmuls run in bfloat16);
 - reuse_prefix: a reset of a layer re-runs the network only from the block that contains it, on
   the original model's activations there (results are identical; False re-runs it all);
+- spread_resets: split the local devices into this many groups, each evaluating other resets
+  on the whole batch (for batches small next to the device count); 1: every device takes a
+  slice of every batch;
 - progress: print progress lines; cache_dir: where decoded images are cached (empty: default).
 """
 
@@ -39,6 +42,7 @@ def default() -> ml_collections.ConfigDict:
   config.matmul_precision = 'highest'
   config.precision = 'float32'
   config.reuse_prefix = True
+  config.spread_resets = 1
   config.progress = True
   config.cache_dir = ''
   return config

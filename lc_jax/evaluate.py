@@ -13,9 +13,12 @@ chains the compiled segments k, k+1, ... on the device without a host round trip
 handed only its own variables (the layers the inventory assigns to its block), so a reset
 elsewhere does not even reach it.
 
-Devices: all local devices form a one-axis `Mesh` ('batch',); images are sharded along it (a
-batch is padded to a multiple of the device count; the padding rows are masked out by the
-caller) and variables are replicated. On one device this is plain jit.
+Devices: the local devices form a `Mesh` with axes ('resets', 'batch'). Images are sharded
+along 'batch' (a batch is padded to a multiple of its size; the caller masks the padding rows
+out) and variables are replicated. By default 'resets' has size 1: every device holds a slice of
+every batch. When batches are small next to the device count, `resets=R` splits the devices
+into R groups and `many` evaluates R resets at once, one per group, each on the whole batch
+(sharded within its group). On one device all of this is plain jit.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lc_jax import layers as layers_lib
+from lc_jax.errors import UserError
 
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -43,10 +47,13 @@ def with_precision(module: nn.Module, precision: str) -> nn.Module:
   return module.clone(dtype=PRECISIONS[precision])
 
 
-def local_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A one-axis mesh ('batch',) over `devices` (default: this process's devices)."""
+def local_mesh(resets: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh ('resets', 'batch') over `devices` (default: this process's), `resets` rows."""
   devices = jax.local_devices() if devices is None else list(devices)
-  return Mesh(np.array(devices), ('batch',))
+  if resets < 1 or len(devices) % resets:
+    raise UserError(f'{len(devices)} devices cannot be split into {resets} groups for resets; '
+                    'choose a divisor of the device count')
+  return Mesh(np.array(devices).reshape(resets, -1), ('resets', 'batch'))
 
 
 class Forward:
@@ -70,10 +77,12 @@ class Forward:
     self._segment = jax.jit(self._apply_segment, static_argnums=(2,),
                             in_shardings=(self._replicated, self._sharded),
                             out_shardings=self._sharded)
+    self._spread = {}  # (segment, shared input) -> jitted segment over stacked resets
 
   @property
   def num_devices(self) -> int:
-    return self.mesh.size
+    """Devices a batch is sharded over (the 'batch' axis)."""
+    return self.mesh.shape['batch']
 
   def start(self, target: layers_lib.Target) -> int:
     """The first segment a reset of `target` changes: where its re-run has to begin."""
@@ -99,6 +108,40 @@ class Forward:
     for k in range(start, len(self.names) if stop is None else stop):
       x = self._segment(self._variables_of(variables, k), x, k)
     return x
+
+  def many(self, variables: Sequence[dict], x: jax.Array, start: int) -> list[jax.Array]:
+    """Logits of every tree in `variables` from segment `start` on `x` (as `__call__`).
+
+    With a 'resets' mesh axis of size R, R trees run at once, one per device group."""
+    groups = self.mesh.shape['resets']
+    if groups == 1:
+      return [self(tree, x, start) for tree in variables]
+    logits = []
+    for first in range(0, len(variables), groups):
+      chunk = list(variables[first:first + groups])
+      count = len(chunk)
+      chunk += chunk[-1:] * (groups - count)  # a short last chunk repeats its last tree
+      h = x
+      for k in range(start, len(self.names)):
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                               *[self._variables_of(tree, k) for tree in chunk])
+        h = self._spread_segment(k, shared=k == start)(stacked, h)
+      logits += [h[i] for i in range(count)]
+    return logits
+
+  def _spread_segment(self, k: int, shared: bool):
+    """Segment k under shard_map: each device group runs its own reset's variables, on the
+    batch (`shared`, the walk's activation) or on its reset's own activation."""
+    if (k, shared) not in self._spread:
+      def body(stacked, x):
+        if shared:
+          return jax.lax.map(lambda tree: self._apply_segment(tree, x, k), stacked)
+        return jax.lax.map(lambda pair: self._apply_segment(pair[0], pair[1], k), (stacked, x))
+      x_spec = P('batch') if shared else P('resets', 'batch')
+      self._spread[(k, shared)] = jax.jit(jax.shard_map(
+          body, mesh=self.mesh, in_specs=(P('resets'), x_spec),
+          out_specs=P('resets', 'batch')))
+    return self._spread[(k, shared)]
 
   def _variables_of(self, variables: dict, k: int) -> dict:
     """The part of `variables` that segment k reads: its layers' subtrees, paths kept."""

@@ -44,7 +44,7 @@ from lc_jax.errors import UserError
 # Config fields that change how a run is shown or how fast it goes, not what it measures: a
 # workdir may be resumed with other values.
 NOT_MEASURED = {'progress': None, 'cache_dir': None, 'reuse_prefix': None,
-                'data': ('workers',)}
+                'spread_resets': None, 'data': ('workers',)}
 RANDOM_MODES = ('fresh', 'interpolate')
 
 
@@ -173,7 +173,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         'image_cache': info.cache_path, 'versions': _versions()})
 
     module = evaluate.with_precision(model.module, config.get('precision', 'float32'))
-    forward = evaluate.Forward(module, model.layers)
+    forward = evaluate.Forward(module, model.layers,
+                               evaluate.local_mesh(config.get('spread_resets', 1)))
     variables = forward.replicate(model.variables)
     has_labels = labels is not None
 
@@ -221,8 +222,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
       for k, next_k in zip(starts, starts[1:] + [None]):
         items = todo[k]
-        values = [metrics.per_image(reference[b], forward(resets[t](variables, target), h, k),
-                                    y, mask) for t, target in items]
+        logits = forward.many([resets[t](variables, target) for t, target in items], h, k)
+        values = [metrics.per_image(reference[b], z, y, mask) for z in logits]
         if next_k is not None:  # dispatched before the values are read: the device keeps busy
           h = forward(variables, h, k, next_k)
         for (trial, target), new in zip(items, values):

@@ -104,3 +104,10 @@ np.save('logits.npy', np.asarray(forward(forward.replicate(variables), x))[:3])
   print(f'8 devices vs 1: logits max abs diff {np.abs(got - want).max():.2g} '
         f'(largest logit {np.abs(want).max():.3g})')
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_resets_groups_must_divide_the_devices():
+  from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match='cannot be split into 3 groups'):
+    evaluate.local_mesh(3, jax.local_devices() * 2)
+  assert evaluate.local_mesh(2, jax.local_devices() * 2).shape == {'resets': 2, 'batch': 1}

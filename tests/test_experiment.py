@@ -217,16 +217,19 @@ def test_prefix_reuse_and_eight_devices_give_the_same_results(checkpoint, tmp_pa
   assert whole.returncode == 0, whole.stderr
   assert ((tmp_path / 'whole' / 'results.csv').read_bytes()
           == (tmp_path / 'reused' / 'results.csv').read_bytes())
-  # Over 8 devices (batches of 4 padded to 8, sharded): equal within 1e-6.
+  # Over 8 devices, batches of 4 padded to 8 and sharded, or resets spread over 4 groups of 2
+  # devices each: equal within 1e-6.
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  sharded = subprocess.run(_run_args(checkpoint, tmp_path / 'sharded', cache, *args), cwd=ROOT,
-                           env=env, capture_output=True, text=True, check=False)
-  assert sharded.returncode == 0, sharded.stderr
-  want, got = _numbers(tmp_path / 'reused'), _numbers(tmp_path / 'sharded')
-  assert want.keys() == got.keys() and len(want) == 9
-  difference = max(np.nanmax(np.abs(got[k] - want[k])) for k in want)
-  print(f'8 devices vs 1: largest metric difference {difference:.2g}')
-  assert difference <= 1e-6
+  want = _numbers(tmp_path / 'reused')
+  for name, extra in (('sharded', ()), ('spread', ('--config.spread_resets=4',))):
+    result = subprocess.run(_run_args(checkpoint, tmp_path / name, cache, *args, *extra),
+                            cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    got = _numbers(tmp_path / name)
+    assert want.keys() == got.keys() and len(want) == 9
+    difference = max(np.nanmax(np.abs(got[k] - want[k])) for k in want)
+    print(f'8 devices ({name}) vs 1: largest metric difference {difference:.2g}')
+    assert difference <= 1e-6
 
 
 def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, monkeypatch,
