@@ -106,8 +106,13 @@ class Forward:
     """Segments [start, stop) of the model on `x`, the input of segment `start` (uint8 images
     for 0). Dispatches one compiled segment after the other; nothing waits for the device."""
     for k in range(start, len(self.names) if stop is None else stop):
-      x = self._segment(self._variables_of(variables, k), x, k)
+      x = self._segment(self._placed(self._variables_of(variables, k)), x, k)
     return x
+
+  def _placed(self, tree: dict) -> dict:
+    """`tree` replicated over the mesh. Leaves a reset made may sit uncommitted on one device;
+    placing every leaf alike keeps one compiled program per segment (jit specialises on it)."""
+    return jax.device_put(tree, self._replicated)
 
   def many(self, variables: Sequence[dict], x: jax.Array, start: int) -> list[jax.Array]:
     """Logits of every tree in `variables` from segment `start` on `x` (as `__call__`).
@@ -124,7 +129,7 @@ class Forward:
       h = x
       for k in range(start, len(self.names)):
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                               *[self._variables_of(tree, k) for tree in chunk])
+                               *[self._placed(self._variables_of(tree, k)) for tree in chunk])
         h = self._spread_segment(k, shared=k == start)(stacked, h)
       logits += [h[i] for i in range(count)]
     return logits

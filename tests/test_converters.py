@@ -16,6 +16,8 @@ timm = pytest.importorskip('timm')
 
 import converters  # pylint: disable=g-import-not-at-top
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope='module')
 def resnet50_state():
@@ -78,6 +80,33 @@ def test_auxiliary_batchnorm_is_dropped_by_name(tmp_path):
   torch.save({'state_dict': {**state, **aux}}, tmp_path / 'debiased.pth')
   _, _, metadata = converters.convert(str(tmp_path / 'debiased.pth'))
   assert sorted(metadata['dropped']['aux_bn']) == sorted(aux)
+
+
+def test_plain_zip_checkpoints_are_read_without_torch(tmp_path):
+  from converters import reader  # pylint: disable=g-import-not-at-top
+  state = timm.create_model('resnet18').state_dict()
+  extra = {'bf16': torch.randn(3, 4).bfloat16(), 'half': torch.randn(5).half(),
+           'double': torch.randn(2, 2).double(), 'transposed': torch.randn(4, 6).t(),
+           'view': torch.randn(10)[3:7], 'ints': torch.arange(7), 'flags': torch.rand(3) > 0.5,
+           'param': torch.nn.Parameter(torch.randn(2))}
+  torch.save({'state_dict': {**state, **extra}, 'epoch': 3, 'arch': 'r18'}, tmp_path / 'a.pth')
+  fast = reader._read_torch_zip(str(tmp_path / 'a.pth'))  # pylint: disable=protected-access
+  slow = torch.load(tmp_path / 'a.pth', weights_only=True)
+  assert fast['epoch'] == 3 and fast['arch'] == 'r18'
+  for key, tensor in slow['state_dict'].items():
+    want = reader._to_numpy(tensor)  # pylint: disable=protected-access
+    got = fast['state_dict'][key]
+    assert got.dtype == want.dtype and np.array_equal(got, want), key
+  # Converting it never imports torch (a fresh interpreter; the ResNet keys only).
+  torch.save(state, tmp_path / 'b.pth')
+  code = ('import sys, converters; converters.convert(sys.argv[1]); '
+          "assert 'torch' not in sys.modules, 'torch was imported'")
+  result = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'b.pth')], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  # Anything besides tensors and plain containers goes to torch.load, which decides.
+  torch.save({'state_dict': state, 'args': argparse.Namespace(lr=0.1)}, tmp_path / 'c.pth')
+  assert reader._read_torch_zip(str(tmp_path / 'c.pth')) is None  # pylint: disable=protected-access
 
 
 def test_legacy_pickle_needs_an_explicit_opt_in(tmp_path):
