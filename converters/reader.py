@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -176,6 +177,7 @@ class _TensorUnpickler(pickle.Unpickler):
   def __init__(self, archive: zipfile.ZipFile, prefix: str):
     super().__init__(io.BytesIO(archive.read(prefix + 'data.pkl')))
     self.archive, self.prefix = archive, prefix
+    self.storages: dict[str, np.ndarray] = {}
 
   def find_class(self, module: str, name: str):
     if (module, name) == ('collections', 'OrderedDict'):
@@ -190,12 +192,19 @@ class _TensorUnpickler(pickle.Unpickler):
 
   def persistent_load(self, pid):
     kind, dtype, key, _, numel = pid
-    if kind != 'storage':
+    if kind != 'storage' or not isinstance(numel, int) or numel < 0:
       raise _NotPlain(kind)
-    raw = self.archive.read(f'{self.prefix}data/{key}')
-    if dtype == 'bfloat16':  # the top half of a float32: widen exactly
-      return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)[:numel]
-    return np.frombuffer(raw, dtype)[:numel]
+    if key not in self.storages:  # tensors sharing a storage share one read
+      raw = self.archive.read(f'{self.prefix}data/{key}')
+      itemsize = 2 if dtype == 'bfloat16' else np.dtype(dtype).itemsize
+      if len(raw) < numel * itemsize:
+        raise _NotPlain('short storage')
+      if dtype == 'bfloat16':  # the top half of a float32: widen exactly
+        storage = (np.frombuffer(raw, np.uint16, numel).astype(np.uint32) << 16).view(np.float32)
+      else:
+        storage = np.frombuffer(raw, dtype, numel)
+      self.storages[key] = storage
+    return self.storages[key]
 
 
 class _NotPlain(Exception):
@@ -204,6 +213,11 @@ class _NotPlain(Exception):
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
   del unused
+  numbers = [offset, *size, *stride]
+  if (not all(isinstance(n, int) and n >= 0 for n in numbers) or len(size) != len(stride)
+      or (math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride))
+          >= len(storage))):
+    raise _NotPlain('a tensor outside its storage')  # torch.load refuses it with a reason
   view = np.lib.stride_tricks.as_strided(storage[offset:], tuple(size),
                                          tuple(s * storage.itemsize for s in stride))
   array = np.array(view)  # owns its memory, writable
@@ -224,9 +238,8 @@ def _read_torch_zip(path: str) -> Any | None:
           prefix + 'byteorder') != b'little':
         return None
       return _TensorUnpickler(archive, prefix).load()
-  except (_NotPlain, zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, EOFError,
-          OSError, TypeError):
-    return None
+  except Exception:  # pylint: disable=broad-except
+    return None  # anything unusual or damaged: torch.load reads it, or says what is wrong
 
 
 def _read_torch(path: str, trust_pickle: bool) -> Any:

@@ -43,7 +43,7 @@ PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def with_precision(module: nn.Module, precision: str) -> nn.Module:
   """`module` computing in `precision` ('float32' or 'bfloat16'); weights stay float32."""
   if precision not in PRECISIONS:
-    raise ValueError(f'unknown precision {precision!r}; choose from {", ".join(PRECISIONS)}')
+    raise UserError(f'unknown precision {precision!r}; choose from {", ".join(PRECISIONS)}')
   return module.clone(dtype=PRECISIONS[precision])
 
 

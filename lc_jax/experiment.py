@@ -8,7 +8,8 @@ the original model runs segment by segment (stem, block after block, head; `lc_j
 and every (trial, target) not yet in WORKDIR/results.csv is evaluated from the segment that
 holds the target: reset the variables (a pure function), run the compiled segments from there
 on the original's activations, add the batch's metric sums. After each batch the running sums
-are saved; on the last batch each finished row is appended durably. A killed run resumes where
+are saved (after every batch but the last); on the last batch each finished row is appended
+durably. A killed run resumes where
 it stopped and writes the same file.
 
 Work done per batch, for T targets in a model of S segments: one forward for the reference,
@@ -122,6 +123,21 @@ def select_targets(config: ml_collections.ConfigDict, model: Model) -> list[laye
   return targets
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """Refuses settings that cannot run, before anything is written to the workdir."""
+  if config.get('precision', 'float32') not in evaluate.PRECISIONS:
+    raise UserError(f'unknown precision {config.precision!r}; choose from '
+                    f'{", ".join(evaluate.PRECISIONS)}')
+  if config.reset.mode not in reset.MODES:
+    raise UserError(f'unknown reset mode {config.reset.mode!r}; choose from '
+                    f'{", ".join(reset.MODES)}')
+  if config.reset.mode == 'checkpoint' and not config.reset.init_checkpoint:
+    raise UserError('reset.mode=checkpoint needs reset.init_checkpoint=PATH')
+  if config.reset.init_scheme:
+    init.scheme(config.reset.init_scheme)
+  evaluate.local_mesh(config.get('spread_resets', 1))  # the groups must divide the devices
+
+
 def measured_config(config: ml_collections.ConfigDict) -> dict:
   """The config without the fields that do not change the numbers (see NOT_MEASURED)."""
   measured = config.to_dict()
@@ -148,6 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   """Runs (or resumes) the experiment of `config` in `workdir`; returns all result rows."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   show = config.get('progress', True)
+  check(config)
   with jax.default_matmul_precision(config.get('matmul_precision', 'highest')):
     # ---------------------------------------------------------------- model and images --------
     # Refuse another run's workdir before the conversion overwrites its model.
@@ -175,7 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     module = evaluate.with_precision(model.module, config.get('precision', 'float32'))
     forward = evaluate.Forward(module, model.layers,
                                evaluate.local_mesh(config.get('spread_resets', 1)))
-    variables = forward.replicate(model.variables)
+    model.variables = variables = forward.replicate(model.variables)  # one copy, not two
     has_labels = labels is not None
 
     def put(batch):
@@ -207,9 +224,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
           (trial, target) for trial in range(trials) if not store.done(trial, target.name))
     todo = {k: items for k, items in sorted(todo.items()) if items}
     pending = [_key(t, target) for items in todo.values() for t, target in items]
-    first_batch, sums = store.load_partial(pending) if pending else (0, {})
-    resets = {trial: reset.make(config.reset.mode, model.layers,
-                                source=reset_source(config, model, trial),
+    first_batch, sums = (store.load_partial(pending, info.num_batches, metrics.SUMS)
+                         if pending else (0, {}))
+    def source(trial):  # placed on the mesh once, not at every use
+      tree = reset_source(config, model, trial)
+      return None if tree is None else forward.replicate(tree)
+    resets = {trial: reset.make(config.reset.mode, model.layers, source=source(trial),
                                 alpha=config.reset.alpha)
               for trial in sorted({t for items in todo.values() for t, _ in items})}
     progress = _Progress(len(pending), trials * len(targets), info, first_batch, show)
@@ -237,6 +257,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         progress.segment(b, forward.names[k], len(items))
       if not last_batch:
         store.save_partial(b + 1, sums)
+    missing = [key for key in pending if not store.done(*_unkey(key))]
+    if missing:
+      raise RuntimeError(f'{len(missing)} resets were not written, e.g. {missing[0]}')
     store.clear_partial()
   store.close()
   return store.rows
@@ -244,6 +267,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
 def _key(trial: int, target: layers_lib.Target) -> str:
   return f'{trial}/{target.name}'
+
+
+def _unkey(key: str) -> tuple[int, str]:
+  trial, name = key.split('/', 1)
+  return int(trial), name
 
 
 def _row(model: Model, info, layer: str, trial: int, mode: str,
@@ -274,23 +302,23 @@ class _Progress:
                if first_batch else ''), file=sys.stderr)
 
   def segment(self, batch: int, segment: str, resets: int) -> None:
-    self.worked += resets
-    if self.enabled and batch < self.info.num_batches - 1:
-      self._print(f'[batch {batch + 1}/{self.info.num_batches}] {segment:24s} {resets:4d} resets')
+    if batch < self.info.num_batches - 1:  # the last batch counts its rows one by one
+      self.worked += resets
+      if self.enabled:
+        self._print(f'[batch {batch + 1}/{self.info.num_batches}] {segment:24s} '
+                    f'{resets:4d} resets')
 
   def row(self, what: str, criticality: float) -> None:
+    self.worked += 1
     self.rows += 1
     if self.enabled:
       finished = self.total - self.todo + self.rows
-      self._print(f'[{finished:4d}/{self.total}] {what:32s} criticality {100 * criticality:7.3f}%',
-                  extra=1)
+      self._print(f'[{finished:4d}/{self.total}] {what:32s} criticality {100 * criticality:7.3f}%')
 
-  def _print(self, what: str, extra: int = 0) -> None:
-    # `extra`: a row line comes before its segment is counted; count its own evaluation.
-    worked = max(self.worked + extra, 1)
+  def _print(self, what: str) -> None:
     elapsed = time.perf_counter() - self.start
-    rate = worked * self.info.num_images / self.info.num_batches / elapsed
-    left = elapsed / worked * max(self.work - worked, 0)
+    rate = self.worked * self.info.num_images / self.info.num_batches / elapsed
+    left = elapsed / self.worked * max(self.work - self.worked, 0)
     print(f'{what}  {rate:8.0f} image-resets/s  {_duration(left)} left', file=sys.stderr,
           flush=True)
 

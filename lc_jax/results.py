@@ -73,20 +73,27 @@ class Store:
     _write_atomically(os.path.join(self.workdir, PARTIAL),
                       json.dumps({'batches_done': batches_done, 'sums': sums}) + '\n')
 
-  def load_partial(self, keys: Iterable[str]) -> tuple[int, dict[str, dict[str, float]]]:
+  def load_partial(self, keys: Iterable[str], num_batches: int, fields: Iterable[str]
+                   ) -> tuple[int, dict[str, dict[str, float]]]:
     """(batches done, sums per key) saved for every one of `keys`, or (0, {}) to start over.
 
     Floats are written with repr and read back exactly, so a resumed run adds up the very
-    numbers the interrupted one had."""
+    numbers the interrupted one had. A state that does not fit this run (another batch count,
+    missing keys or sums, an unreadable file) is ignored: the unfinished rows start over."""
     path = os.path.join(self.workdir, PARTIAL)
     if not os.path.exists(path):
       return 0, {}
-    with open(path) as f:
-      state = json.load(f)
-    keys = list(keys)
-    if not all(key in state['sums'] for key in keys):
-      return 0, {}
-    return int(state['batches_done']), {key: state['sums'][key] for key in keys}
+    try:
+      with open(path) as f:
+        state = json.load(f)
+      done, saved = int(state['batches_done']), state['sums']
+      keys = list(keys)
+      if (0 < done < num_batches and all(key in saved for key in keys)
+          and all(field in saved[key] for key in keys for field in fields)):
+        return done, {key: {f: float(saved[key][f]) for f in fields} for key in keys}
+    except (ValueError, KeyError, TypeError, AttributeError):
+      pass
+    return 0, {}
 
   def clear_partial(self) -> None:
     """Drops the partial sums once every row they fed is written."""

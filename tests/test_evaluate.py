@@ -12,6 +12,7 @@ import pytest
 from lc_jax import evaluate
 from lc_jax import layers as layers_lib
 from lc_jax import models
+from lc_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +74,7 @@ def test_bfloat16_stays_close_to_float32():
   error = np.abs(got - want).max() / np.abs(want).max()
   print(f'bfloat16 vs float32 logits: max abs diff {error:.2g} of the largest logit')
   assert 0 < error < 0.05
-  with pytest.raises(ValueError, match='unknown precision'):
+  with pytest.raises(UserError, match='unknown precision'):
     evaluate.with_precision(module, 'float16')
 
 
@@ -107,7 +108,6 @@ np.save('logits.npy', np.asarray(forward(forward.replicate(variables), x))[:3])
 
 
 def test_resets_groups_must_divide_the_devices():
-  from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   with pytest.raises(UserError, match='cannot be split into 3 groups'):
     evaluate.local_mesh(3, jax.local_devices() * 2)
   assert evaluate.local_mesh(2, jax.local_devices() * 2).shape == {'resets': 2, 'batch': 1}

@@ -1,0 +1,429 @@
+r"""Our criticality run against the paper's PyTorch procedure, side by side, on ResNet-50.
+
+    python benchmarks/criticality_speed.py --num_images=32 --batch_size=32
+
+Runs, one after the other and each in its own process, the same job: all 54 conv + linear
+layers of the same ResNet-50 checkpoint, one trial of fresh resets, on the same NUM_IMAGES
+generated ImageNet-like JPEGs (benchmarks/decode.py's, written into WORKDIR/images):
+
+  a  ours, end to end: `python run.py --config=configs/paper.py ...` with a fresh image cache
+     (decoding included), prefix reuse on;
+  b  the paper's procedure in PyTorch, as its code (github.com/paulgavrikov/layer_criticality)
+     does it: timm resnet50, the trained state_dict restored before each reset, the layer's
+     parameters and buffers taken from a freshly initialised model, and for every one of the
+     1 + 54 evaluations the ImageFolder + DataLoader rebuilt and every JPEG decoded again
+     (Resize(256), CenterCrop(224), ToTensor; shuffle with a generator seeded 0);
+  c  ours as a, with --config.reuse_prefix=false (every reset runs the whole forward).
+
+Without --checkpoint it builds a timm resnet50 (torch.manual_seed(0), BatchNorm statistics
+calibrated on smooth random images, the head scaled to a trained model's logit spread) and
+saves it to WORKDIR/resnet50.pth (kept and reused when the workdir is given again). Prints a header
+(CPUs, versions, jax backend), then per leg: wall time of the process (imports included),
+images*layers per second, the process's peak resident memory (ru_maxrss from wait4) and its
+mean criticality; then the ratios b/a and c/a; then the model FLOPs each procedure executes (2 *
+MACs of every Conv2d and Linear at 224x224, counted with forward hooks) against the minimum
+the protocol needs (one original forward, and for each layer the forward from that layer on).
+A leg that fails is reported with its exit status and last error line; the others still run.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lc_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'JPEGs to generate and evaluate.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Batch size of every procedure.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', '', 'A ResNet-50 state_dict (.pth); empty: a calibrated random timm resnet50 '
+    'saved to WORKDIR/resnet50.pth.')
+_WORKDIR = flags.DEFINE_string('workdir', '', 'Folder for everything; empty: a temporary one.')
+_THREADS = flags.DEFINE_integer(
+    'threads', 0, 'CPU cores for every leg (CPU affinity, and torch.set_num_threads for b); '
+    '0: all.')
+_LEGS = flags.DEFINE_list('legs', ['a', 'b', 'c'], 'Which legs to run, of a, b, c.')
+_TORCH_DEVICE = flags.DEFINE_string(
+    'torch_device', 'auto', 'Device of leg b: cpu, cuda, or auto (cuda when available).')
+_TORCH_WORKERS = flags.DEFINE_integer(
+    'torch_workers', 0, "Leg b's DataLoader num_workers (the reference uses up to 8; 0 decodes "
+    'in the process itself).')
+_MODE = flags.DEFINE_enum('mode', 'compare', ['compare', 'torch'],
+                          'Internal: torch runs leg b in this process.')
+
+ARCH = 'resnet50'
+TRIALS = 1
+SEED = 0
+LEG_NAMES = {'a': 'ours', 'b': 'paper procedure, PyTorch', 'c': 'ours, reuse_prefix=false'}
+
+
+# ------------------------------------------------------------------------ leg b (PyTorch) -----
+
+
+def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, threads: int,
+              device: str, workers: int) -> dict:
+  """The reference code's loop (one trial, conv + linear layers); returns its rows and timings."""
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch.utils.data import DataLoader  # pylint: disable=g-import-not-at-top
+  from torchvision import datasets  # pylint: disable=g-import-not-at-top
+  from torchvision import transforms  # pylint: disable=g-import-not-at-top
+
+  # Imports torch and numpy only, no jax.
+  from lc_jax import torch_reference  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(SEED)  # the reference's seed_everything(seed)
+  device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
+                        if device == 'auto' else device)
+  root = os.path.join(workdir, 'images')
+  test_transforms = transforms.Compose(
+      [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
+
+  model = timm.create_model(ARCH, pretrained=False)
+  model.load_state_dict(torch.load(checkpoint, map_location='cpu', weights_only=True))
+  model.eval().to(device)
+  cfg = model.pretrained_cfg
+  mean = torch.tensor(cfg['mean'], device=device).view(1, 3, 1, 1)
+  std = torch.tensor(cfg['std'], device=device).view(1, 3, 1, 1)
+  names = [n for n, m in model.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+  seconds = {'decode': 0.0, 'forward': 0.0}
+
+  def evaluate():
+    # As the reference's _test_individual: a new dataset and loader for every evaluation.
+    generator = torch.Generator()
+    generator.manual_seed(SEED)
+    dataset = datasets.ImageFolder(root, transform=test_transforms)
+    if len(dataset) < num_images:
+      raise ValueError(f'{root} holds {len(dataset)} images, fewer than {num_images}')
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                        num_workers=workers, pin_memory=device.type == 'cuda')
+    logits, labels, seen = [], [], 0
+    tick = time.perf_counter()
+    for x, y in loader:
+      x, y = x[:num_images - seen], y[:num_images - seen]
+      start = time.perf_counter()
+      seconds['decode'] += start - tick
+      with torch.no_grad():
+        out = model((x.to(device) - mean) / std)
+        logits.append(out.float().cpu())
+      labels.append(y)
+      seen += len(x)
+      tick = time.perf_counter()
+      seconds['forward'] += tick - start
+      if seen >= num_images:
+        break
+    return torch.cat(logits), torch.cat(labels)
+
+  start = time.perf_counter()
+  # A real backup (the reference's state_dict().copy() is shallow on CPU: resets pile up).
+  backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+  ref_logits, labels = evaluate()
+  original = torch_reference.metrics(ref_logits, ref_logits, labels)
+  rows = [{'layer': 'original', 'trial': 0, **original}]
+  for trial in range(TRIALS):
+    fresh = timm.create_model(ARCH, pretrained=False)  # timm's init, one model per trial
+    for name in names:
+      model.load_state_dict(backup)
+      with torch.no_grad():
+        model.get_submodule(name).load_state_dict(fresh.get_submodule(name).state_dict())
+      logits, _ = evaluate()
+      rows.append({'layer': name, 'trial': trial,
+                   **torch_reference.metrics(ref_logits, logits, labels, original['top1_acc'])})
+  model.load_state_dict(backup)
+  return {'rows': rows, 'loop_seconds': time.perf_counter() - start, 'device': str(device),
+          'evaluations': 1 + TRIALS * len(names), **{f'{k}_seconds': v for k, v in seconds.items()}}
+
+
+# ------------------------------------------------------------------------ set-up --------------
+
+
+def make_checkpoint(path: str) -> None:
+  """A timm resnet50 drawn with seed 0, BatchNorm calibrated on smooth random images, saved."""
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from tests import torch_models  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(SEED)
+  model = timm.create_model(ARCH, pretrained=False)
+  # Low-frequency noise upsampled to 224x224 (closer to photos than white noise), normalised
+  # as the model's input is, so the calibrated statistics fit normalised photos.
+  noise = F.interpolate(torch.rand(16, 3, 14, 14), size=224, mode='bicubic', align_corners=False)
+  mean = torch.tensor(model.pretrained_cfg['mean']).view(1, 3, 1, 1)
+  std = torch.tensor(model.pretrained_cfg['std']).view(1, 3, 1, 1)
+  images = ((noise.clamp(0, 1) - mean) / std).permute(0, 2, 3, 1)
+  torch_models.calibrated(model, images, seed=SEED)
+  # timm's random head gives logits of std ~0.3 (softmax ~uniform, every reset looks harmless);
+  # scale it to a trained ResNet-50's logit spread (std ~3 over the classes).
+  with torch.no_grad():
+    logits = model(images.permute(0, 3, 1, 2))
+    model.fc.weight.mul_(3.0 / logits.std(-1).mean())
+    model.fc.bias.zero_()
+  torch.save(model.state_dict(), path)
+
+
+def make_images(root: str, count: int) -> int:
+  """Writes benchmarks/decode.py's JPEGs; returns their total bytes.
+
+  A child process writes them: importing decode here would define its absl flags (--num_images)
+  a second time.
+  """
+  out = subprocess.run(
+      [sys.executable, '-c', 'import sys; from benchmarks import decode; '
+       'print(decode.make_images(sys.argv[1], int(sys.argv[2])))', root, str(count)],
+      cwd=ROOT, capture_output=True, text=True, check=False)
+  if out.returncode:
+    lines = out.stderr.strip().splitlines()
+    raise RuntimeError(f'writing the images failed: {lines[-1] if lines else out.returncode}')
+  return int(out.stdout.split()[-1])
+
+
+def layer_flops() -> list[tuple[str, int]]:
+  """(torch module name, FLOPs per 224x224 image) of every Conv2d and Linear, in forward order."""
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  model = timm.create_model(ARCH, pretrained=False).eval()
+  found = []
+
+  def hook(name):
+    def count(module, unused_inputs, output):
+      if isinstance(module, torch.nn.Conv2d):
+        kh, kw = module.kernel_size
+        macs = output.numel() * module.in_channels // module.groups * kh * kw
+      else:
+        macs = output.numel() * module.in_features
+      found.append((name, 2 * macs))
+    return count
+
+  for name, module in model.named_modules():
+    if type(module) in (torch.nn.Conv2d, torch.nn.Linear):
+      module.register_forward_hook(hook(name))
+  with torch.no_grad():
+    model(torch.zeros(1, 3, 224, 224))
+  return found
+
+
+def block_of(name: str) -> str:
+  """'stem' for conv1, 'layerS.I' for layerS.I.*, 'head' for fc."""
+  parts = name.split('.')
+  if parts[0].startswith('layer'):
+    return '.'.join(parts[:2])
+  return 'head' if parts[0] == 'fc' else 'stem'
+
+
+def flops_per_leg(flops: list[tuple[str, int]], num_images: int) -> dict[str, float]:
+  """Model FLOPs each procedure executes, and the protocol's minimum, for `num_images`."""
+  per_layer = [f for _, f in flops]
+  full = sum(per_layer)
+  blocks = []  # blocks in forward order with their FLOPs
+  for name, f in flops:
+    if not blocks or blocks[-1][0] != block_of(name):
+      blocks.append([block_of(name), 0])
+    blocks[-1][1] += f
+  block_index = {b: i for i, (b, _) in enumerate(blocks)}
+  from_block = [sum(f for _, f in blocks[i:]) for i in range(len(blocks))]
+  walk = full - sum(f for b, f in blocks if b == 'head')
+  ours = full + walk + sum(from_block[block_index[block_of(n)]] for n, _ in flops)
+  minimum = full + sum(sum(per_layer[i:]) for i in range(len(per_layer)))
+  return {'a': ours * num_images, 'b': (1 + TRIALS * len(flops)) * full * num_images,
+          'c': (1 + TRIALS * len(flops)) * full * num_images, 'min': minimum * num_images}
+
+
+def jax_backend() -> str:
+  """jax's default backend and devices, asked in a child so that this process holds none."""
+  try:
+    out = subprocess.run(
+        [sys.executable, '-c', 'import jax; d = jax.devices(); '
+         'print(f"{jax.default_backend()} ({len(d)} x {d[0].device_kind})")'],
+        capture_output=True, text=True, timeout=300, check=True)
+    return out.stdout.strip()
+  except (subprocess.SubprocessError, OSError) as e:
+    return f'unknown ({type(e).__name__})'
+
+
+def version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return 'not installed'
+
+
+# ------------------------------------------------------------------------ running legs --------
+
+
+def run_child(command: list[str], log_prefix: str, cores: list[int] | None) -> dict:
+  """Runs `command` from the repository root; its wall time, exit status and peak RSS (KiB)."""
+  preexec = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+  with open(log_prefix + '.out', 'w') as out, open(log_prefix + '.err', 'w') as err:
+    start = time.perf_counter()
+    proc = subprocess.Popen(  # pylint: disable=subprocess-popen-preexec-fn
+        command, cwd=ROOT, stdout=out, stderr=err, preexec_fn=preexec)
+    try:
+      _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+      proc.kill()
+      proc.wait()
+      raise
+    wall = time.perf_counter() - start
+  proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait again
+  with open(log_prefix + '.err', errors='replace') as f:
+    lines = [l.strip() for l in f if l.strip()]
+  return {'wall': wall, 'rc': proc.returncode, 'maxrss_kib': usage.ru_maxrss,
+          'error': lines[-1] if lines else '', 'log': log_prefix + '.err'}
+
+
+def ours_command(tmp: str, leg: str, checkpoint: str, num_images: int, batch_size: int) -> list:
+  command = [sys.executable, 'run.py', '--config=configs/paper.py',
+             f'--workdir={os.path.join(tmp, leg)}',
+             f'--config.model.checkpoint={checkpoint}', f'--config.model.arch={ARCH}',
+             '--config.data.source=imagefolder',
+             f'--config.data.path={os.path.join(tmp, "images")}',
+             f'--config.data.num_images={num_images}', f'--config.data.batch_size={batch_size}',
+             f'--config.trials={TRIALS}', f'--config.seed={SEED}',
+             f'--config.cache_dir={os.path.join(tmp, "cache_" + leg)}', '--quiet']
+  if leg == 'c':
+    command.append('--config.reuse_prefix=false')
+  return command
+
+
+def mean_criticality_ours(workdir: str) -> float:
+  with open(os.path.join(workdir, 'results.csv'), newline='') as f:
+    values = [float(r['criticality']) for r in csv.DictReader(f) if r['layer'] != 'original']
+  return sum(values) / len(values) if values else math.nan
+
+
+def compare(tmp: str) -> None:
+  """Runs the selected legs in `tmp` and prints the comparison."""
+  legs = [l.strip() for l in _LEGS.value if l.strip()]
+  unknown = sorted(set(legs) - set(LEG_NAMES))
+  if unknown:
+    raise app.UsageError(f'unknown leg(s) {", ".join(unknown)}; choose from a, b, c')
+  num_images, batch_size = _NUM_IMAGES.value, _BATCH_SIZE.value
+  available = sorted(os.sched_getaffinity(0))
+  threads = _THREADS.value or len(available)
+  cores = available[:threads] if threads < len(available) else None
+
+  print(f'machine: {os.cpu_count()} CPUs ({len(available)} usable, legs run on {threads}); '
+        f'python {sys.version.split()[0]}, jax {version("jax")}, jaxlib {version("jaxlib")}, '
+        f'torch {version("torch")}, torchvision {version("torchvision")}, '
+        f'timm {version("timm")}; jax backend: {jax_backend()}', flush=True)
+
+  images = os.path.join(tmp, 'images')
+  shutil.rmtree(images, ignore_errors=True)
+  size = make_images(images, num_images)
+  checkpoint = os.path.abspath(_CHECKPOINT.value) if _CHECKPOINT.value else os.path.join(
+      tmp, f'{ARCH}.pth')
+  if not _CHECKPOINT.value and not os.path.exists(checkpoint):
+    make_checkpoint(checkpoint)
+  flops = layer_flops()
+  print(f'{ARCH}: {checkpoint}; {len(flops)} conv + linear layers, {TRIALS} trial, fresh '
+        f'resets; {num_images} JPEGs ({size / num_images / 1024:.0f} KiB on average) in '
+        f'{images}, batch {batch_size}', flush=True)
+
+  print()
+  results = {}
+  os.makedirs(os.path.join(tmp, 'logs'), exist_ok=True)
+  for leg in legs:
+    for stale in (leg, f'cache_{leg}'):  # a fresh run: no resume, no image cache
+      shutil.rmtree(os.path.join(tmp, stale), ignore_errors=True)
+    if leg == 'b':
+      os.makedirs(os.path.join(tmp, 'b'))
+      command = [sys.executable, os.path.abspath(__file__), '--mode=torch', f'--workdir={tmp}',
+                 f'--checkpoint={checkpoint}', f'--num_images={num_images}',
+                 f'--batch_size={batch_size}', f'--threads={threads}',
+                 f'--torch_device={_TORCH_DEVICE.value}',
+                 f'--torch_workers={_TORCH_WORKERS.value}']
+    else:
+      command = ours_command(tmp, leg, checkpoint, num_images, batch_size)
+    result = run_child(command, os.path.join(tmp, 'logs', leg), cores)
+    if result['rc'] == 0:
+      try:
+        if leg == 'b':
+          with open(os.path.join(tmp, 'b', 'result.json')) as f:
+            detail = json.load(f)
+          crits = [r['criticality'] for r in detail['rows'] if r['layer'] != 'original']
+          result['crit'] = sum(crits) / len(crits)
+          result['note'] = (f'{detail["device"]}; {detail["evaluations"]} evaluations: decoding '
+                            f'{detail["decode_seconds"]:.1f} s, forward '
+                            f'{detail["forward_seconds"]:.1f} s')
+        else:
+          result['crit'] = mean_criticality_ours(os.path.join(tmp, leg))
+      except (OSError, ValueError, KeyError) as e:
+        result['rc'], result['error'] = -1, f'no readable results: {e}'
+    if result['rc'] != 0 and leg == 'c' and 'reuse_prefix' in result['error']:
+      result['error'] += ' (this checkout has no config.reuse_prefix)'
+    results[leg] = result
+    show_leg(leg, result, num_images * len(flops))
+
+  done = {l: r for l, r in results.items() if r['rc'] == 0}
+  for leg in ('b', 'c'):
+    if leg in done and 'a' in done:
+      a, x = done['a'], done[leg]
+      print(f'  {leg}/a: wall time {x["wall"] / a["wall"]:.2f}x, images*layers/s '
+            f'{a["wall"] / x["wall"]:.2f}x, peak RSS {x["maxrss_kib"] / a["maxrss_kib"]:.2f}x')
+    elif leg in results and 'a' in results:
+      print(f'  {leg}/a: n/a ({" and ".join(l for l in ("a", leg) if l not in done)} failed)')
+
+  counted = flops_per_leg(flops, num_images)
+  print(f'\nmodel FLOPs (2 * MACs of conv + linear at 224x224, {num_images} images):')
+  labels = {
+      'a': 'a ours: original + walk (no head) + per layer its block on',
+      'b': f'b paper procedure: {1 + TRIALS * len(flops)} full forwards',
+      'c': f'c ours, reuse_prefix=false: 1 + {TRIALS * len(flops)} full forwards',
+      'min': 'minimum: original + per layer from the layer on',
+  }
+  for key, label in labels.items():
+    print(f'  {label:62s} {counted[key] / 1e9:9.1f} GFLOPs  '
+          f'{counted[key] / counted["min"]:5.2f}x minimum')
+
+
+def show_leg(leg: str, result: dict, images_layers: int) -> None:
+  name = f'{leg} {LEG_NAMES[leg]}:'
+  if result['rc'] != 0:
+    print(f'{name:32s} FAILED (exit {result["rc"]}) after {result["wall"]:.1f} s: '
+          f'{result["error"][:300]} (log: {result["log"]})', flush=True)
+    return
+  note = f' ({result["note"]})' if result.get('note') else ''
+  print(f'{name:32s} {result["wall"]:8.1f} s  {images_layers / result["wall"]:8.1f} '
+        f'images*layers/s  peak RSS {result["maxrss_kib"] / 1024:7.0f} MiB  mean criticality '
+        f'{100 * result["crit"]:6.2f}%{note}', flush=True)
+
+
+@errors.exits_cleanly
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _MODE.value == 'torch':
+    tmp = _WORKDIR.value
+    detail = torch_leg(tmp, _CHECKPOINT.value, _NUM_IMAGES.value, _BATCH_SIZE.value,
+                       _THREADS.value or len(os.sched_getaffinity(0)), _TORCH_DEVICE.value,
+                       _TORCH_WORKERS.value)
+    with open(os.path.join(tmp, 'b', 'result.json'), 'w') as f:
+      json.dump(detail, f)
+    return
+  if _WORKDIR.value:
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    compare(os.path.abspath(_WORKDIR.value))
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      compare(tmp)
+
+
+if __name__ == '__main__':
+  app.run(main)
