@@ -10,6 +10,9 @@ Schemes (torch layouts in brackets; Flax kernels are HWIO and (in, out)):
   / groups; BatchNorm 1/0; Linear weight ~ U(+-1/sqrt(out_features)), bias 0.
 - 'pytorch_default': conv and Linear weight and bias ~ U(+-1/sqrt(fan_in)) (kaiming_uniform
   with a = sqrt(5)); BatchNorm 1/0.
+
+Random weights come from numpy's PCG64 seeded with the bits of the layer's JAX key
+(`fold_in(key, layer index)`), so they are reproducible from (seed, trial, layer) alone.
 """
 
 from __future__ import annotations
