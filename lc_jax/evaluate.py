@@ -114,6 +114,16 @@ class Forward:
     placing every leaf alike keeps one compiled program per segment (jit specialises on it)."""
     return jax.device_put(tree, self._replicated)
 
+  def input_bytes(self, variables: dict, images: jax.ShapeDtypeStruct) -> list[int]:
+    """Bytes of each segment's input for a batch of `images` (traced, nothing is computed):
+    what the walk keeps while the resets of that segment run."""
+    sizes, x = [], images
+    for k in range(len(self.names)):
+      sizes.append(x.size * x.dtype.itemsize)
+      x = jax.eval_shape(lambda v, h, k=k: self._apply_segment(v, h, k),
+                         self._variables_of(variables, k), x)
+    return sizes
+
   def many(self, variables: Sequence[dict], x: jax.Array, start: int) -> list[jax.Array]:
     """Logits of every tree in `variables` from segment `start` on `x` (as `__call__`).
 

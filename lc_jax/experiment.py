@@ -232,6 +232,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     resets = {trial: reset.make(config.reset.mode, model.layers, source=source(trial),
                                 alpha=config.reset.alpha)
               for trial in sorted({t for items in todo.values() for t, _ in items})}
+    if show and todo and reuse:
+      shape = (info.local_batch_size + -info.local_batch_size % forward.num_devices,
+               *images.shape[1:])
+      kept = forward.input_bytes(variables, jax.ShapeDtypeStruct(shape, jnp.uint8))
+      print(f'prefix reuse: {len(forward.names)} segments; the walk keeps one activation, at '
+            f'most {max(kept) / 2**20:.0f} MiB for a batch of {shape[0]}', file=sys.stderr)
     progress = _Progress(len(pending), trials * len(targets), info, first_batch, show)
     for b, batch in enumerate(data.batches(images, labels, info)):
       if b < first_batch or not todo:

@@ -58,6 +58,10 @@ def test_every_variable_belongs_to_one_segment():
   every = [jax.tree_util.keystr(path) for path, _ in
            jax.tree_util.tree_leaves_with_path(variables)]
   assert sorted(seen) == sorted(every)
+  kept = forward.input_bytes(variables, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.uint8))
+  assert kept[0] == 2 * 64 * 64 * 3  # the images, uint8
+  assert kept[1] == 2 * 16 * 16 * 64 * 4  # the stem's output, float32
+  assert kept[-1] == 2 * 2 * 2 * 2048 * 4  # layer4's output, before the head
   target = layers_lib.select(layers, ['conv'], 'layer2.1.conv2')[0]
   assert forward.names[forward.start(target)] == 'layer2.1'
   block = layers_lib.select(layers, ['conv'], 'layer3', granularity='stage')[0]
