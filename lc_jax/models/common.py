@@ -36,6 +36,23 @@ def conv_bn_factories(dtype: Any):
           functools.partial(batch_norm, dtype=dtype))
 
 
+def segment_names(block_names: Sequence[str]) -> tuple[str, ...]:
+  """A model's segments in forward order: 'stem', its blocks, 'head' (see `stage_ranges`)."""
+  return ('stem', *block_names, 'head')
+
+
+def stage_ranges(depths: Sequence[int], start: int, stop: int):
+  """For each stage with blocks among segments [start, stop): (stage, first block, end block).
+
+  Segment 0 is the stem, then come the blocks stage after stage, then the head."""
+  first = 1  # the segment index of the stage's block 0
+  for stage, depth in enumerate(depths):
+    lo, hi = max(start - first, 0), min(stop - first, depth)
+    if lo < hi:
+      yield stage, lo, hi
+    first += depth
+
+
 def normalize(images, mean: Sequence[float], std: Sequence[float], dtype: Any):
   """Maps images in [0, 1] to the model's input space, (x - mean) / std per channel."""
   images = jnp.asarray(images, jnp.float32)

@@ -194,9 +194,9 @@ class EfficientNetLite(nn.Module):
 
   def segments(self) -> tuple[str, ...]:
     """The forward's segments in order: 'stem', every block ('blocks.0.0', ...), 'head'."""
-    blocks = [f'blocks.{stage}.{index}' for stage, depth in enumerate(self.depths)
-              for index in range(depth)]
-    return ('stem', *blocks, 'head')
+    return common.segment_names([f'blocks.{stage}.{index}'
+                                 for stage, depth in enumerate(self.depths)
+                                 for index in range(depth)])
 
   @nn.compact
   def __call__(self, x, start: int = 0, stop: int | None = None):
@@ -215,14 +215,10 @@ class EfficientNetLite(nn.Module):
       self.sow('intermediates', 'stem', x)
 
     blocks = Blocks(self.widths, self.depths, self.dtype, name='blocks')
-    first = 1  # the segment index of the stage's block 0
-    for stage, depth in enumerate(self.depths):
-      lo, hi = max(start - first, 0), min(stop - first, depth)
-      if lo < hi:
-        x = blocks.stage(x, stage, lo, hi)
-        if hi == depth:  # named as timm's stage modules, so a name is also a torch hook target
-          self.sow('intermediates', f'blocks.{stage}', x)
-      first += depth
+    for stage, lo, hi in common.stage_ranges(self.depths, start, stop):
+      x = blocks.stage(x, stage, lo, hi)
+      if hi == self.depths[stage]:  # named as timm's stage modules: also a torch hook target
+        self.sow('intermediates', f'blocks.{stage}', x)
 
     if start <= head < stop:
       x = _conv(HEAD_WIDTH, 1, dtype=self.dtype, name='conv_head')(x)

@@ -119,9 +119,9 @@ class ResNet(nn.Module):
 
   def segments(self) -> tuple[str, ...]:
     """The forward's segments in order: 'stem', every block ('layer1.0', ...), 'head'."""
-    blocks = [f'layer{stage + 1}.{index}' for stage, depth in enumerate(self.layers)
-              for index in range(depth)]
-    return ('stem', *blocks, 'head')
+    return common.segment_names([f'layer{stage + 1}.{index}'
+                                 for stage, depth in enumerate(self.layers)
+                                 for index in range(depth)])
 
   @nn.compact
   def __call__(self, x, start: int = 0, stop: int | None = None):
@@ -142,14 +142,11 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
       self.sow('intermediates', 'maxpool', x)
 
-    in_features, first = 64, 1  # `first`: the segment index of the stage's block 0
-    for stage, depth in enumerate(self.layers):
+    for stage, lo, hi in common.stage_ranges(self.layers, start, stop):
       planes = 64 * 2**stage
-      lo, hi = max(start - first, 0), min(stop - first, depth)
-      if lo < hi:
-        x = Stage(block_cls, planes, depth, 1 if stage == 0 else 2, in_features, self.dtype,
-                  name=f'layer{stage + 1}')(x, lo, hi)
-      in_features, first = planes * block_cls.expansion, first + depth
+      in_features = 64 if stage == 0 else planes // 2 * block_cls.expansion
+      x = Stage(block_cls, planes, self.layers[stage], 1 if stage == 0 else 2, in_features,
+                self.dtype, name=f'layer{stage + 1}')(x, lo, hi)
 
     if start <= head < stop:
       x = jnp.mean(x, axis=(1, 2))
