@@ -40,11 +40,16 @@ from lc_jax.errors import UserError
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def with_precision(module: nn.Module, precision: str) -> nn.Module:
-  """`module` computing in `precision` ('float32' or 'bfloat16'); weights stay float32."""
+def compute_dtype(precision: str):
+  """The dtype of a precision name ('float32' or 'bfloat16'); an unknown name is refused."""
   if precision not in PRECISIONS:
     raise UserError(f'unknown precision {precision!r}; choose from {", ".join(PRECISIONS)}')
-  return module.clone(dtype=PRECISIONS[precision])
+  return PRECISIONS[precision]
+
+
+def with_precision(module: nn.Module, precision: str) -> nn.Module:
+  """`module` computing in `precision` ('float32' or 'bfloat16'); weights stay float32."""
+  return module.clone(dtype=compute_dtype(precision))
 
 
 def local_mesh(resets: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

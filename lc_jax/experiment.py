@@ -94,15 +94,14 @@ def _default_id(checkpoint: str) -> str:
 
 
 def reset_source(config: ml_collections.ConfigDict, model: Model, trial: int) -> dict | None:
-  """The weights a reset of trial `trial` draws from: a fresh model, a checkpoint, or none."""
+  """The weights a reset of trial `trial` draws from: a fresh model, a checkpoint, or none
+  (for a config that passed `check`)."""
   mode = config.reset.mode
   if mode in RANDOM_MODES:
     scheme = config.reset.init_scheme or model.arch.init_scheme
     key = jax.random.fold_in(jax.random.key(config.seed), trial)
     return init.fresh_variables(model.layers, scheme, key)
   if mode == 'checkpoint':
-    if not config.reset.init_checkpoint:
-      raise UserError('reset.mode=checkpoint needs reset.init_checkpoint=PATH')
     _, variables, _ = converters.convert(config.reset.init_checkpoint, model.card['arch'],
                                          trust_pickle=config.model.trust_pickle)
     return variables
@@ -125,12 +124,8 @@ def select_targets(config: ml_collections.ConfigDict, model: Model) -> list[laye
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Refuses settings that cannot run, before anything is written to the workdir."""
-  if config.get('precision', 'float32') not in evaluate.PRECISIONS:
-    raise UserError(f'unknown precision {config.precision!r}; choose from '
-                    f'{", ".join(evaluate.PRECISIONS)}')
-  if config.reset.mode not in reset.MODES:
-    raise UserError(f'unknown reset mode {config.reset.mode!r}; choose from '
-                    f'{", ".join(reset.MODES)}')
+  evaluate.compute_dtype(config.get('precision', 'float32'))
+  reset.check_mode(config.reset.mode)
   if config.reset.mode == 'checkpoint' and not config.reset.init_checkpoint:
     raise UserError('reset.mode=checkpoint needs reset.init_checkpoint=PATH')
   if config.reset.init_scheme:

@@ -106,6 +106,12 @@ def skip(variables: dict, block: Target, all_layers: Iterable[Layer]) -> dict:
       jnp.zeros_like(value) if collection == 'params' else value))
 
 
+def check_mode(mode: str) -> None:
+  """Refuses an unknown reset mode, naming the known ones."""
+  if mode not in MODES:
+    raise UserError(f'unknown reset mode {mode!r}; choose from {", ".join(MODES)}')
+
+
 def make(mode: str, all_layers: list[Layer], *, source: dict | None = None,
          alpha: float = 0.0) -> Reset:
   """The reset function `(variables, target) -> variables` of a mode.
@@ -113,8 +119,7 @@ def make(mode: str, all_layers: list[Layer], *, source: dict | None = None,
   `source` is the fresh model of the trial ('fresh', 'interpolate') or the initial checkpoint
   ('checkpoint'); `alpha` is the trained weights' share for 'interpolate'.
   """
-  if mode not in MODES:
-    raise UserError(f'unknown reset mode {mode!r}; choose from {", ".join(MODES)}')
+  check_mode(mode)
   if mode in ('fresh', 'checkpoint', 'interpolate') and source is None:
     raise UserError(f'reset mode {mode!r} needs reset weights (a fresh model or a checkpoint)')
   if mode in ('fresh', 'checkpoint'):
