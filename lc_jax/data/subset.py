@@ -3,46 +3,34 @@
     select(50000, 10000, seed=0, order='torch')   # the paper's 10,000 ImageNet val images
 
 `order='torch'` is the order in which `DataLoader(dataset, shuffle=True,
-generator=torch.Generator().manual_seed(seed))` yields the dataset: creating its iterator draws
-one int64 from the generator (the base seed for worker processes, drawn even with no workers)
-before the RandomSampler's `randperm(N)` on the same generator. The order for N = 50,000 and seed 0
-(ImageNet val, the paper's setting) ships with the package, so torch is needed only for others.
+generator=torch.Generator().manual_seed(seed))` yields the dataset, computed without torch:
+creating its iterator draws one int64 from the generator (the base seed for worker processes,
+drawn even with no workers) before the RandomSampler's `randperm(N)` on the same generator.
+torch's CPU generator is MT19937 seeded as numpy's legacy `RandomState(seed)` is (a stream numpy
+keeps stable), and its `randperm` is a Fisher-Yates pass that swaps position i with
+i + (draw mod (N - i)); the tests check the result against torch's DataLoader.
 `order='numpy'` is `np.random.default_rng(seed).permutation(N)`; `order='sorted'` is source order.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from lc_jax.errors import UserError
 
-_SHIPPED_TORCH_ORDERS = {(50000, 0): 'torch_order_n50000_seed0.npz'}
 
-
-def _shipped_path(num_total: int, seed: int) -> str | None:
-  """The file holding the shipped torch order for (num_total, seed), if one ships."""
-  name = _SHIPPED_TORCH_ORDERS.get((num_total, seed))
-  return None if name is None else os.path.join(os.path.dirname(__file__), name)
-
-
-def torch_order(num_total: int, seed: int, use_shipped: bool = True) -> np.ndarray:
+def torch_order(num_total: int, seed: int) -> np.ndarray:
   """The reference DataLoader's shuffled order of `num_total` images (int64 indices)."""
-  path = _shipped_path(num_total, seed) if use_shipped else None
-  if path is not None:
-    with np.load(path) as shipped:
-      return shipped['order'].astype(np.int64)
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise UserError(f'data.order=torch for {num_total} images and seed {seed} needs PyTorch '
-                    '(only 50000 images, seed 0 ship precomputed): pip install "lc-jax[torch]", '
-                    'or set data.order=numpy or data.order=sorted') from None
-  generator = torch.Generator().manual_seed(seed)
-  # The DataLoader iterator's _base_seed, drawn before the sampler runs.
-  torch.empty((), dtype=torch.int64).random_(generator=generator)
-  return torch.randperm(num_total, generator=generator).numpy()
+  # 32-bit MT19937 outputs: randint over the whole uint32 range returns them unchanged.
+  draws = np.random.RandomState(seed % 2**32).randint(
+      0, 2**32, size=2 + max(num_total - 1, 0), dtype=np.uint32).astype(np.int64)
+  # The first two make the iterator's int64 base seed; randperm(N) uses one per step.
+  offsets = draws[2:] % np.arange(num_total, 1, -1)
+  order = list(range(num_total))
+  for i, offset in enumerate(offsets.tolist()):
+    j = i + offset
+    order[i], order[j] = order[j], order[i]
+  return np.array(order, np.int64)
 
 
 def order(num_total: int, seed: int, kind: str) -> np.ndarray:
