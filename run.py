@@ -10,6 +10,29 @@ WORKDIR/criticality.png, and prints the most and least critical layers. Re-runni
 same workdir resumes.
 """
 
+import ctypes
+import os
+
+
+def _one_malloc_arena() -> None:
+  """Makes glibc's malloc use one arena for all threads (unless MALLOC_ARENA_MAX is set).
+
+  XLA's CPU runtime allocates and frees its buffers on several threads; with glibc's default of
+  an arena per thread, memory freed in one arena stays resident while another grows. One arena
+  lowers the peak resident memory of a ResNet-50 run at batch 32 from 1428 to 1113 MiB at the
+  same speed (README, speed and devices). A no-op where malloc is not glibc's.
+  """
+  if 'MALLOC_ARENA_MAX' in os.environ:
+    return
+  try:  # Arenas are made lazily: this runs before jax starts its threads.
+    ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
+  except (OSError, AttributeError):
+    pass
+
+
+_one_malloc_arena()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags

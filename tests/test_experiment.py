@@ -1,6 +1,7 @@
 """The criticality run: metrics, resumable results after SIGKILL, refusals, bad input."""
 
 import csv
+import ctypes
 import math
 import os
 import signal
@@ -271,3 +272,40 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
   assert ((tmp_path / 'killed' / 'results.csv').read_bytes()
           == (tmp_path / 'full' / 'results.csv').read_bytes())
   assert not (tmp_path / 'killed' / 'partial.json').exists()
+
+
+_ARENAS = """
+import ctypes, os, sys, tempfile, threading
+import numpy as np
+if sys.argv[1] == 'run':
+  import run  # sets the arena limit on import, before any thread starts
+arrays = []
+def work():
+  arrays.append(np.ones(50_000))  # a malloc on a thread of its own
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+path = tempfile.NamedTemporaryFile(delete=False).name
+stream = libc.fopen(path.encode(), b'w')
+libc.malloc_info(0, ctypes.c_void_p(stream))
+libc.fclose(ctypes.c_void_p(stream))
+print(open(path).read().count('<heap nr='))
+os.remove(path)
+"""
+
+
+def test_run_keeps_malloc_to_one_arena():
+  """run.py limits glibc to one malloc arena (lower peak memory under XLA); without it, the
+  threads get arenas of their own. An explicit MALLOC_ARENA_MAX is left to glibc."""
+  if not hasattr(ctypes.CDLL(None), 'malloc_info'):
+    pytest.skip('malloc is not glibc')
+  env = {k: v for k, v in os.environ.items() if k != 'MALLOC_ARENA_MAX'}
+  def arenas(mode, **extra):
+    out = subprocess.run([sys.executable, '-c', _ARENAS, mode], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={**env, **extra})
+    return int(out.stdout.split()[-1])
+  assert arenas('run') == 1
+  assert arenas('plain') > 1
+  assert arenas('run', MALLOC_ARENA_MAX='8') > 1
