@@ -22,7 +22,8 @@ saves it to WORKDIR/resnet50.pth (kept and reused when the workdir is given agai
 images*layers per second, the process's peak resident memory (ru_maxrss from wait4) and its
 mean criticality; then the ratios b/a and c/a; then the model FLOPs each procedure executes (2 *
 MACs of every Conv2d and Linear at 224x224, counted with forward hooks) against the minimum
-the protocol needs (one original forward, and for each layer the forward from that layer on).
+the protocol needs (one original forward, and for each layer the forward from that layer on),
+and with --peak_tflops those FLOPs per second of wall time as a fraction of the device's peak.
 A leg that fails is reported with its exit status and last error line; the others still run.
 """
 
@@ -62,6 +63,10 @@ _TORCH_DEVICE = flags.DEFINE_string(
 _TORCH_WORKERS = flags.DEFINE_integer(
     'torch_workers', 0, "Leg b's DataLoader num_workers (the reference uses up to 8; 0 decodes "
     'in the process itself).')
+_PEAK_TFLOPS = flags.DEFINE_float(
+    'peak_tflops', 0.0, "The device's float32 peak in TFLOP/s (e.g. 67 for an H100 SXM without "
+    "tensor cores); when given, each leg's executed FLOPs per second of wall time are shown as a "
+    'fraction of it.')
 _MODE = flags.DEFINE_enum('mode', 'compare', ['compare', 'torch'],
                           'Internal: torch runs leg b in this process.')
 
@@ -391,6 +396,13 @@ def compare(tmp: str) -> None:
   for key, label in labels.items():
     print(f'  {label:62s} {counted[key] / 1e9:9.1f} GFLOPs  '
           f'{counted[key] / counted["min"]:5.2f}x minimum')
+  if _PEAK_TFLOPS.value > 0:
+    print(f'\nexecuted FLOPs per second of wall time (imports, conversion, decoding and compiling '
+          f'included) against a float32 peak of {_PEAK_TFLOPS.value:g} TFLOP/s:')
+    for leg, result in done.items():
+      rate = counted[leg] / result['wall'] / 1e12
+      print(f'  {leg} {LEG_NAMES[leg]:30s} {rate:8.3f} TFLOP/s  '
+            f'{100 * rate / _PEAK_TFLOPS.value:5.1f}% of peak')
 
 
 def show_leg(leg: str, result: dict, images_layers: int) -> None:
