@@ -20,6 +20,9 @@ Fields:
 - spread_resets: split the local devices into this many groups, each evaluating other resets
   on the whole batch (for batches small next to the device count); 1: every device takes a
   slice of every batch;
+- chunk_size: run each batch through the model in chunks of at most this many images (0: whole
+  batches). Bounds the activation the walk keeps and each segment's temporaries for a large
+  data.batch_size; the numbers are the same (a batch is only the unit of saved progress);
 - progress: print progress lines; cache_dir: where decoded images are cached (empty: default).
 """
 
@@ -43,6 +46,7 @@ def default() -> ml_collections.ConfigDict:
   config.precision = 'float32'
   config.reuse_prefix = True
   config.spread_resets = 1
+  config.chunk_size = 0
   config.progress = True
   config.cache_dir = ''
   return config

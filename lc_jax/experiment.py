@@ -3,8 +3,9 @@
     rows = lc_jax.experiment.run(config, workdir)
 
 Steps: convert the checkpoint into WORKDIR/model (or reuse it), load the images (decoded once,
-cached), run the original model once and keep its logits on the device. Then, batch by batch,
-the original model runs segment by segment (stem, block after block, head; `lc_jax.evaluate`),
+cached), run the original model once and keep its logits on the device. Then, batch by batch
+(each in chunks of at most `config.chunk_size` images when that is set), the original model runs
+segment by segment (stem, block after block, head; `lc_jax.evaluate`),
 and every (trial, target) not yet in WORKDIR/results.csv is evaluated from the segment that
 holds the target: reset the variables (a pure function), run the compiled segments from there
 on the original's activations, add the batch's metric sums. After each batch the running sums
@@ -45,7 +46,7 @@ from lc_jax.errors import UserError
 # Config fields that change how a run is shown or how fast it goes, not what it measures: a
 # workdir may be resumed with other values.
 NOT_MEASURED = {'progress': None, 'cache_dir': None, 'reuse_prefix': None,
-                'spread_resets': None, 'data': ('workers',)}
+                'spread_resets': None, 'chunk_size': None, 'data': ('workers',)}
 RANDOM_MODES = ('fresh', 'interpolate')
 
 
@@ -131,6 +132,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.reset.init_scheme:
     init.scheme(config.reset.init_scheme)
   evaluate.local_mesh(config.get('spread_resets', 1))  # the groups must divide the devices
+  chunk_size = config.get('chunk_size', 0)
+  if not isinstance(chunk_size, int) or chunk_size < 0:
+    raise UserError(f'chunk_size={chunk_size!r}: give a number of images, or 0 for whole batches')
 
 
 def measured_config(config: ml_collections.ConfigDict) -> dict:
@@ -190,18 +194,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     model.variables = variables = forward.replicate(model.variables)  # one copy, not two
     has_labels = labels is not None
 
-    def put(batch):
-      x, y, mask = batch
-      y = np.full(mask.shape, -1, np.int32) if y is None else y
-      return forward.put(x), forward.put(y), forward.put(mask)
+    # A batch runs through the model in chunks of at most config.chunk_size images.
+    rows = chunk_rows(info.local_batch_size, config.get('chunk_size', 0))
+
+    def chunks(batch):
+      return [tuple(forward.put(part) for part in chunk) for chunk in split(batch, rows)]
 
     # ---------------------------------------------------------------- the original ------------
-    # Its logits on every batch are the reference of every reset (kept on the device).
+    # Its logits on every chunk are the reference of every reset (kept on the device).
     reference, total = [], None
     for batch in data.batches(images, labels, info):
-      x, y, mask = put(batch)
-      reference.append(forward(variables, x))
-      total = metrics.accumulate(total, metrics.per_image(reference[-1], reference[-1], y, mask))
+      reference.append([])
+      for x, y, mask in chunks(batch):
+        reference[-1].append(forward(variables, x))
+        logits = reference[-1][-1]
+        total = metrics.accumulate(total, metrics.per_image(logits, logits, y, mask))
     original = metrics.finalize(total, has_labels)
     original['recovered_acc'] = 1.0 if has_labels else float('nan')
     if not store.done(0, results.ORIGINAL):
@@ -227,36 +234,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     resets = {trial: reset.make(config.reset.mode, model.layers, source=source(trial),
                                 alpha=config.reset.alpha)
               for trial in sorted({t for items in todo.values() for t, _ in items})}
-    if show and todo and reuse:
-      shape = (info.local_batch_size + -info.local_batch_size % forward.num_devices,
-               *images.shape[1:])
+    num_chunks = len(reference[0])
+    if show and todo:
+      shape = (rows + -rows % forward.num_devices, *images.shape[1:])
       kept = forward.input_bytes(variables, jax.ShapeDtypeStruct(shape, jnp.uint8))
-      print(f'prefix reuse: {len(forward.names)} segments; the walk keeps one activation, at '
-            f'most {max(kept) / 2**20:.0f} MiB for a batch of {shape[0]}', file=sys.stderr)
-    progress = _Progress(len(pending), trials * len(targets), info, first_batch, show)
+      what = (f'a batch of {shape[0]}' if num_chunks == 1 else
+              f'a chunk of {shape[0]} ({num_chunks} per batch of {info.local_batch_size})')
+      print((f'prefix reuse: {len(forward.names)} segments; the walk keeps one activation, '
+             if reuse else 'no prefix reuse: every reset runs from the images; the largest '
+             'activation is ') + f'at most {max(kept) / 2**20:.0f} MiB for {what}',
+            file=sys.stderr)
+    progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks,
+                         show)
     for b, batch in enumerate(data.batches(images, labels, info)):
       if b < first_batch or not todo:
         continue
-      x, y, mask = put(batch)
-      last_batch = b == info.num_batches - 1
-      starts = list(todo)
-      h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
-      for k, next_k in zip(starts, starts[1:] + [None]):
-        items = todo[k]
-        logits = forward.many([resets[t](variables, target) for t, target in items], h, k)
-        values = [metrics.per_image(reference[b], z, y, mask) for z in logits]
-        if next_k is not None:  # dispatched before the values are read: the device keeps busy
-          h = forward(variables, h, k, next_k)
-        for (trial, target), new in zip(items, values):
-          key = _key(trial, target)
-          sums[key] = metrics.accumulate(sums.get(key), new)
-          if last_batch:
-            measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
-            store.append(_row(model, info, target.name, trial, config.reset.mode, target,
-                              measured))
-            progress.row(f'trial {trial} {target.name}', measured['criticality'])
-        progress.segment(b, forward.names[k], len(items))
-      if not last_batch:
+      for c, (x, y, mask) in enumerate(chunks(batch)):
+        final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
+        starts = list(todo)
+        h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
+        for k, next_k in zip(starts, starts[1:] + [None]):
+          items = todo[k]
+          logits = forward.many([resets[t](variables, target) for t, target in items], h, k)
+          values = [metrics.per_image(reference[b][c], z, y, mask) for z in logits]
+          if next_k is not None:  # dispatched before the values are read: the device keeps busy
+            h = forward(variables, h, k, next_k)
+          for (trial, target), new in zip(items, values):
+            key = _key(trial, target)
+            sums[key] = metrics.accumulate(sums.get(key), new)
+            if final:
+              measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
+              store.append(_row(model, info, target.name, trial, config.reset.mode, target,
+                                measured))
+              progress.row(f'trial {trial} {target.name}', measured['criticality'])
+          if not final:
+            progress.segment(b, c, forward.names[k], len(items))
+      if b < info.num_batches - 1:
         store.save_partial(b + 1, sums)
     missing = [key for key in pending if not store.done(*_unkey(key))]
     if missing:
@@ -264,6 +277,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     store.clear_partial()
   store.close()
   return store.rows
+
+
+def chunk_rows(batch_size: int, limit: int) -> int:
+  """Rows per chunk when a batch of `batch_size` runs in chunks of at most `limit` images (0: no
+  limit): the fewest chunks, as even as they can be, so the padding is less than one row each."""
+  if not limit or limit >= batch_size:
+    return batch_size
+  count = -(-batch_size // limit)
+  return -(-batch_size // count)
+
+
+def split(batch: tuple, rows: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """A host batch (images, labels or None, mask) as chunks of `rows` rows, every chunk the same
+  shape (one compiled program): the last is padded with zero images, label -1, mask False."""
+  x, y, mask = batch
+  y = np.full(mask.shape, -1, np.int32) if y is None else y
+  pad = -len(mask) % rows
+  if pad:
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.full(pad, -1, y.dtype)])
+    mask = np.concatenate([mask, np.zeros(pad, bool)])
+  return [(x[i:i + rows], y[i:i + rows], mask[i:i + rows]) for i in range(0, len(mask), rows)]
 
 
 def _key(trial: int, target: layers_lib.Target) -> str:
@@ -288,29 +323,32 @@ def _row(model: Model, info, layer: str, trial: int, mode: str,
 
 
 class _Progress:
-  """Progress on stderr: after each segment of a batch before the last, the resets evaluated on
-  it; on the last batch, one line per finished row with its criticality. Both give image-resets
-  per second (images times resets evaluated on them) and the time left."""
+  """Progress on stderr: after each segment of a chunk before the last one, the resets evaluated
+  on it; on the last chunk of the last batch, one line per finished row with its criticality.
+  Both give image-resets per second (images times resets evaluated on them) and the time left."""
 
-  def __init__(self, todo: int, total: int, info, first_batch: int, enabled: bool):
+  def __init__(self, todo: int, total: int, info, first_batch: int, num_chunks: int,
+               enabled: bool):
     self.todo, self.total, self.info, self.enabled = todo, total, info, enabled
+    self.num_chunks = num_chunks
     self.work = todo * (info.num_batches - first_batch)  # evaluations of one batch each
-    self.worked = self.rows = 0
+    self.worked = 0.0
+    self.rows = 0
     self.start = time.perf_counter()
     if enabled and (todo < total or first_batch):
       print(f'resuming: {total - todo} of {total} resets already in results.csv'
             + (f', {first_batch} of {info.num_batches} batches of the others done'
                if first_batch else ''), file=sys.stderr)
 
-  def segment(self, batch: int, segment: str, resets: int) -> None:
-    if batch < self.info.num_batches - 1:  # the last batch counts its rows one by one
-      self.worked += resets
-      if self.enabled:
-        self._print(f'[batch {batch + 1}/{self.info.num_batches}] {segment:24s} '
-                    f'{resets:4d} resets')
+  def segment(self, batch: int, chunk: int, segment: str, resets: int) -> None:
+    self.worked += resets / self.num_chunks
+    if self.enabled:
+      where = f'batch {batch + 1}/{self.info.num_batches}' + (
+          f' chunk {chunk + 1}/{self.num_chunks}' if self.num_chunks > 1 else '')
+      self._print(f'[{where}] {segment:24s} {resets:4d} resets')
 
   def row(self, what: str, criticality: float) -> None:
-    self.worked += 1
+    self.worked += 1 / self.num_chunks
     self.rows += 1
     if self.enabled:
       finished = self.total - self.todo + self.rows

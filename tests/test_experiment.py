@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lc_jax import metrics
+from lc_jax.errors import UserError
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
@@ -21,6 +22,39 @@ timm = pytest.importorskip('timm')
 import torch_models  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------ chunks
+
+
+@pytest.mark.parametrize('batch_size,limit,rows', [(500, 128, 125), (500, 0, 500), (4, 3, 2),
+                                                   (7, 3, 3), (4, 9, 4), (5, 1, 1)])
+def test_chunks_are_even_and_padded_like_a_batch(batch_size, limit, rows):
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  assert experiment.chunk_rows(batch_size, limit) == rows
+  x = np.arange(batch_size, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+  mask = np.arange(batch_size) < batch_size - 1  # the batch's last row is padding already
+  for labels in (None, np.arange(batch_size, dtype=np.int32)):
+    chunks = experiment.split((x, labels, mask), rows)
+    assert len(chunks) == -(-batch_size // rows)
+    assert {tuple(part.shape[0] for part in chunk) for chunk in chunks} == {(rows, rows, rows)}
+    xs, ys, masks = (np.concatenate(parts) for parts in zip(*chunks))
+    np.testing.assert_array_equal(xs[:batch_size], x)
+    np.testing.assert_array_equal(masks[:batch_size], mask)
+    np.testing.assert_array_equal(ys[:batch_size], -1 if labels is None else labels)
+    assert not masks[batch_size:].any() and not xs[batch_size:].any()
+    assert (ys[batch_size:] == -1).all()
+
+
+def test_a_negative_chunk_size_is_refused_before_the_run():
+  from lc_jax import config as lc_config  # pylint: disable=g-import-not-at-top
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = lc_config.default()
+  config.chunk_size = -2
+  with pytest.raises(UserError, match=r'chunk_size=-2: give a number of images, or 0'):
+    experiment.check(config)
+  config.chunk_size = 0
+  experiment.check(config)
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -219,19 +253,25 @@ def test_prefix_reuse_and_eight_devices_give_the_same_results(checkpoint, tmp_pa
   assert ((tmp_path / 'whole' / 'results.csv').read_bytes()
           == (tmp_path / 'reused' / 'results.csv').read_bytes())
   # Over 8 devices, batches of 4 padded to 8 and sharded, or resets spread over 4 groups of 2
-  # devices each: equal within float32 rounding.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  # devices each; or on one device, each batch of 4 in chunks of 2 (chunk_size=3 splits it
+  # evenly): equal within float32 rounding.
+  eight = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   want = _numbers(tmp_path / 'reused')
-  for name, extra in (('sharded', ()), ('spread', ('--config.spread_resets=4',))):
+  for name, extra, env in (('sharded', (), eight),
+                           ('spread', ('--config.spread_resets=4',), eight),
+                           ('chunked', ('--config.chunk_size=3',), os.environ)):
     result = subprocess.run(_run_args(checkpoint, tmp_path / name, cache, *args, *extra),
                             cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+    if name == 'chunked':
+      assert 'for a chunk of 2 (2 per batch of 4)' in result.stderr
+      assert '[batch 1/2 chunk 2/2]' in result.stderr
     got = _numbers(tmp_path / name)
     assert want.keys() == got.keys() and len(want) == 9
     # Within 1e-6; relative to the value for those above 1 (KL and loss, in nats, unbounded).
     difference = max(np.nanmax(np.abs(got[k] - want[k]) / np.maximum(1, np.abs(want[k])))
                      for k in want)
-    print(f'8 devices ({name}) vs 1: largest metric difference {difference:.2g}')
+    print(f'{name} vs one device, whole batches: largest metric difference {difference:.2g}')
     assert difference <= 1e-6
 
 
