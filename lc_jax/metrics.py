@@ -6,7 +6,9 @@ host (squares too, so the spread over the images suffers no float32 cancellation
 `finalize` turns the totals into the paper's metrics:
 
 - top1_acc, top5_acc (%), loss (mean cross-entropy): against the labels, NaN without labels;
-- pred_cos_sim: mean cosine similarity of p and q; criticality = 1 - pred_cos_sim;
+- pred_cos_sim: mean cosine similarity of p and q; criticality = 1 - pred_cos_sim, computed
+  per image as 0.5 * |p/|p| - q/|q||^2 (equal to 1 - cos, without float32's cancellation near
+  cos = 1: exactly 0 for the original, full precision for layers that barely matter);
 - pred_l1_err, pred_l2_err: mean L1 and L2 norm of p - q;
 - pred_kl_div: mean KL(p || q), from log-softmax (the reference code's "pred_ce_loss" fed raw
   logits as soft targets and came out negative; this replaces it);
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUMS = ('count', 'top1', 'top5', 'loss', 'cos', 'cos_sq', 'l1', 'l2', 'kl', 'agree')
+SUMS = ('count', 'top1', 'top5', 'loss', 'crit', 'crit_sq', 'l1', 'l2', 'kl', 'agree')
 COLUMNS = ('top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_l2_err',
            'pred_kl_div', 'pred_agreement', 'recovered_acc', 'criticality',
            'criticality_ci_images')
@@ -39,7 +41,9 @@ def per_image(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
   log_p = jax.nn.log_softmax(ref_logits, axis=-1)
   log_q = jax.nn.log_softmax(logits, axis=-1)
   p, q = jnp.exp(log_p), jnp.exp(log_q)
-  cos = jnp.sum(p * q, -1) / (jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(q, axis=-1))
+  unit_p = p / jnp.linalg.norm(p, axis=-1, keepdims=True)
+  unit_q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+  crit = 0.5 * jnp.sum(jnp.square(unit_p - unit_q), -1)  # 1 - cos(p, q)
   kl = jnp.sum(p * (log_p - log_q), -1)
 
   safe_labels = jnp.maximum(labels, 0)
@@ -53,11 +57,11 @@ def per_image(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
   nll = -jnp.take_along_axis(log_q, safe_labels[:, None], axis=-1)[:, 0]
 
   values = {
-      'count': jnp.ones_like(cos),
+      'count': jnp.ones_like(crit),
       'top1': (rank < 1).astype(jnp.float32),
       'top5': (rank < 5).astype(jnp.float32),
       'loss': nll,
-      'cos': cos,
+      'crit': crit,
       'l1': jnp.sum(jnp.abs(p - q), -1),
       'l2': jnp.linalg.norm(p - q, axis=-1),
       'kl': kl,
@@ -69,7 +73,7 @@ def per_image(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
 def accumulate(total: dict[str, float] | None, values: dict[str, jax.Array]) -> dict[str, float]:
   """Adds a batch's per-image values to the running totals, in float64 on the host."""
   values = {k: np.asarray(v, np.float64) for k, v in jax.device_get(values).items()}
-  values['cos_sq'] = values['cos'] ** 2
+  values['crit_sq'] = values['crit'] ** 2
   sums = {k: float(np.sum(values[k])) for k in SUMS}
   if total is None:
     return sums
@@ -83,20 +87,20 @@ def finalize(total: dict[str, float], has_labels: bool,
   if n == 0:
     raise ValueError('no image was evaluated')
   nan = float('nan')
-  cos = total['cos'] / n
-  variance = max(total['cos_sq'] / n - cos * cos, 0.0) * n / max(n - 1, 1)
+  crit = total['crit'] / n
+  variance = max(total['crit_sq'] / n - crit * crit, 0.0) * n / max(n - 1, 1)
   top1 = 100 * total['top1'] / n if has_labels else nan
   return {
       'top1_acc': top1,
       'top5_acc': 100 * total['top5'] / n if has_labels else nan,
       'loss': total['loss'] / n if has_labels else nan,
-      'pred_cos_sim': cos,
+      'pred_cos_sim': 1 - crit,
       'pred_l1_err': total['l1'] / n,
       'pred_l2_err': total['l2'] / n,
       'pred_kl_div': total['kl'] / n,
       'pred_agreement': total['agree'] / n,
       'recovered_acc': (top1 / original_top1 if has_labels and original_top1 else nan),
-      'criticality': 1 - cos,
+      'criticality': crit,
       'criticality_ci_images': 1.96 * math.sqrt(variance / n),
   }
 
@@ -112,7 +116,8 @@ def numpy_reference(ref_logits: np.ndarray, logits: np.ndarray,
   out = {'pred_cos_sim': cos.mean(), 'pred_l1_err': np.abs(p - q).sum(-1).mean(),
          'pred_l2_err': np.linalg.norm(p - q, axis=-1).mean(),
          'pred_kl_div': (p * (np.log(p) - np.log(q))).sum(-1).mean(),
-         'pred_agreement': (p.argmax(-1) == q.argmax(-1)).mean(), 'criticality': 1 - cos.mean()}
+         'pred_agreement': (p.argmax(-1) == q.argmax(-1)).mean(),
+         'criticality': (1 - cos).mean()}
   if labels is not None:
     top5 = np.argsort(-logits, -1)[:, :5]
     out['top1_acc'] = 100 * (logits.argmax(-1) == labels).mean()

@@ -106,6 +106,20 @@ def test_metrics_match_numpy_and_ignore_masked_rows():
   assert math.isnan(_metrics(ref, logits)['top1_acc'])
 
 
+def test_tiny_criticality_keeps_its_precision():
+  # Against itself: exactly 0. Logits moved by ~2e-4: criticality ~1e-8, far below float32's
+  # resolution near cos = 1 (6e-8), still within 1% of the float64 value.
+  rng = np.random.RandomState(1)
+  ref = rng.randn(16, 1000).astype(np.float32) * 2
+  assert _metrics(ref, ref)['criticality'] == 0.0
+  assert _metrics(ref, ref)['criticality_ci_images'] == 0.0
+  nudged = ref + rng.randn(16, 1000).astype(np.float32) * 2e-4
+  want = metrics.numpy_reference(ref, nudged, None)['criticality']
+  got = _metrics(ref, nudged)['criticality']
+  print(f'criticality {got:.4g}, float64 {want:.4g}: relative error {abs(got / want - 1):.2g}')
+  assert 1e-10 < want < 1e-7 and got == pytest.approx(want, rel=1e-2)
+
+
 # ------------------------------------------------------------------------------------ the run
 
 
