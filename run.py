@@ -12,6 +12,7 @@ same workdir resumes.
 
 import ctypes
 import os
+import sys
 
 
 def _one_malloc_arena() -> None:
@@ -20,13 +21,13 @@ def _one_malloc_arena() -> None:
   XLA's CPU runtime allocates and frees its buffers on several threads; with glibc's default of
   an arena per thread, memory freed in one arena stays resident while another grows. One arena
   lowers the peak resident memory of a ResNet-50 run at batch 32 from 1428 to 1113 MiB at the
-  same speed (README, speed and devices). A no-op where malloc is not glibc's.
+  same speed (README, speed and devices). Linux only; a no-op where malloc is not glibc's.
   """
-  if 'MALLOC_ARENA_MAX' in os.environ:
+  if not sys.platform.startswith('linux') or 'MALLOC_ARENA_MAX' in os.environ:
     return
   try:  # Arenas are made lazily: this runs before jax starts its threads.
     ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
-  except (OSError, AttributeError):
+  except (OSError, AttributeError):  # not glibc
     pass
 
 

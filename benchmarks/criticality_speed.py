@@ -12,7 +12,8 @@ generated ImageNet-like JPEGs (benchmarks/decode.py's, written into WORKDIR/imag
      does it: timm resnet50, the trained state_dict restored before each reset, the layer's
      parameters and buffers taken from a freshly initialised model, and for every one of the
      1 + 54 evaluations the ImageFolder + DataLoader rebuilt and every JPEG decoded again
-     (Resize(256), CenterCrop(224), ToTensor; shuffle with a generator seeded 0);
+     (Resize(256), CenterCrop(224), ToTensor; shuffle with a generator seeded 0), in full
+     float32 (TF32 off on a GPU, as ours at matmul precision 'highest');
   c  ours as a, with --config.reuse_prefix=false (every reset runs the whole forward).
 
 Without --checkpoint it builds a timm resnet50 (torch.manual_seed(0), BatchNorm statistics
@@ -92,6 +93,10 @@ def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, t
   from lc_jax import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(threads)
+  # Full float32, as ours at matmul precision 'highest': on a GPU torch's cuDNN convolutions
+  # would default to TF32 (fewer mantissa bits, more FLOP/s), not the same computation.
+  torch.backends.cudnn.allow_tf32 = False
+  torch.backends.cuda.matmul.allow_tf32 = False
   torch.manual_seed(SEED)  # the reference's seed_everything(seed)
   device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
                         if device == 'auto' else device)

@@ -22,7 +22,8 @@ Fields:
   slice of every batch;
 - chunk_size: run each batch through the model in chunks of at most this many images (0: whole
   batches). Bounds the activation the walk keeps and each segment's temporaries for a large
-  data.batch_size; the numbers are the same (a batch is only the unit of saved progress);
+  data.batch_size; the numbers are the same within float32 rounding (a batch is only the unit
+  of saved progress); chunks are a multiple of the device count;
 - progress: print progress lines; cache_dir: where decoded images are cached (empty: default).
 """
 

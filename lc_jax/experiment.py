@@ -195,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     has_labels = labels is not None
 
     # A batch runs through the model in chunks of at most config.chunk_size images.
-    rows = chunk_rows(info.local_batch_size, config.get('chunk_size', 0))
+    rows = chunk_rows(info.local_batch_size, config.get('chunk_size', 0), forward.num_devices)
 
     def chunks(batch):
       return [tuple(forward.put(part) for part in chunk) for chunk in split(batch, rows)]
@@ -242,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
               f'a chunk of {shape[0]} ({num_chunks} per batch of {info.local_batch_size})')
       print((f'prefix reuse: {len(forward.names)} segments; the walk keeps one activation, '
              if reuse else 'no prefix reuse: every reset runs from the images; the largest '
-             'activation is ') + f'at most {max(kept) / 2**20:.0f} MiB for {what}',
+             'segment input is ') + f'at most {max(kept) / 2**20:.0f} MiB for {what}',
             file=sys.stderr)
     progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks,
                          show)
@@ -279,13 +279,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   return store.rows
 
 
-def chunk_rows(batch_size: int, limit: int) -> int:
+def chunk_rows(batch_size: int, limit: int, devices: int = 1) -> int:
   """Rows per chunk when a batch of `batch_size` runs in chunks of at most `limit` images (0: no
-  limit): the fewest chunks, as even as they can be, so the padding is less than one row each."""
+  limit) sharded over `devices`: the fewest chunks, each a multiple of the device count (at
+  least one row per device) and as even as that allows, so the padding stays small."""
   if not limit or limit >= batch_size:
     return batch_size
-  count = -(-batch_size // limit)
-  return -(-batch_size // count)
+  most = max(devices, limit // devices * devices)
+  count = -(-batch_size // most)
+  rows = -(-batch_size // count)
+  return -(-rows // devices) * devices
 
 
 def split(batch: tuple, rows: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

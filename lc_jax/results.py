@@ -17,6 +17,8 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
+from absl import logging
+
 from lc_jax import metrics
 from lc_jax.errors import UserError
 
@@ -93,6 +95,8 @@ class Store:
         return done, {key: {f: float(saved[key][f]) for f in fields} for key in keys}
     except (ValueError, KeyError, TypeError, AttributeError):
       pass
+    logging.warning('%s does not fit this run (another batch count, other resets, or sums of an '
+                    'older version): its unfinished rows start over from the first batch', path)
     return 0, {}
 
   def clear_partial(self) -> None:

@@ -27,11 +27,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ------------------------------------------------------------------------------------ chunks
 
 
-@pytest.mark.parametrize('batch_size,limit,rows', [(500, 128, 125), (500, 0, 500), (4, 3, 2),
-                                                   (7, 3, 3), (4, 9, 4), (5, 1, 1)])
-def test_chunks_are_even_and_padded_like_a_batch(batch_size, limit, rows):
+@pytest.mark.parametrize('batch_size,limit,devices,rows', [
+    (500, 128, 1, 125), (500, 0, 1, 500), (4, 3, 1, 2), (7, 3, 1, 3), (4, 9, 1, 4), (5, 1, 1, 1),
+    (500, 100, 8, 88), (500, 128, 8, 128), (4, 3, 8, 8), (12, 5, 2, 4)])
+def test_chunks_are_even_and_padded_like_a_batch(batch_size, limit, devices, rows):
   from lc_jax import experiment  # pylint: disable=g-import-not-at-top
-  assert experiment.chunk_rows(batch_size, limit) == rows
+  assert experiment.chunk_rows(batch_size, limit, devices) == rows
   x = np.arange(batch_size, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
   mask = np.arange(batch_size) < batch_size - 1  # the batch's last row is padding already
   for labels in (None, np.arange(batch_size, dtype=np.int32)):
@@ -329,10 +330,11 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
 
 
 _ARENAS = """
-import ctypes, os, sys, tempfile, threading
-import numpy as np
+import sys
 if sys.argv[1] == 'run':
-  import run  # sets the arena limit on import, before any thread starts
+  import run  # sets the arena limit first thing, as `python run.py` does
+import ctypes, os, tempfile, threading
+import numpy as np
 arrays = []
 def work():
   arrays.append(np.ones(50_000))  # a malloc on a thread of its own
@@ -353,7 +355,7 @@ os.remove(path)
 def test_run_keeps_malloc_to_one_arena():
   """run.py limits glibc to one malloc arena (lower peak memory under XLA); without it, the
   threads get arenas of their own. An explicit MALLOC_ARENA_MAX is left to glibc."""
-  if not hasattr(ctypes.CDLL(None), 'malloc_info'):
+  if not sys.platform.startswith('linux') or not hasattr(ctypes.CDLL(None), 'malloc_info'):
     pytest.skip('malloc is not glibc')
   env = {k: v for k, v in os.environ.items() if k != 'MALLOC_ARENA_MAX'}
   def arenas(mode, **extra):

@@ -8,7 +8,8 @@ creating its iterator draws one int64 from the generator (the base seed for work
 drawn even with no workers) before the RandomSampler's `randperm(N)` on the same generator.
 torch's CPU generator is MT19937 seeded as numpy's legacy `RandomState(seed)` is (a stream numpy
 keeps stable), and its `randperm` is a Fisher-Yates pass that swaps position i with
-i + (draw mod (N - i)); the tests check the result against torch's DataLoader.
+i + (draw mod (N - i)) (for N below 2^32 / 20, where torch switches to 64-bit draws); the tests
+check the result against torch's DataLoader.
 `order='numpy'` is `np.random.default_rng(seed).permutation(N)`; `order='sorted'` is source order.
 """
 
@@ -22,7 +23,10 @@ from lc_jax.errors import UserError
 def torch_order(num_total: int, seed: int) -> np.ndarray:
   """The reference DataLoader's shuffled order of `num_total` images (int64 indices)."""
   # 32-bit MT19937 outputs: randint over the whole uint32 range returns them unchanged.
-  draws = np.random.RandomState(seed % 2**32).randint(
+  if num_total >= 2**32 // 20:
+    raise UserError(f'order=torch is reproduced for fewer than {2**32 // 20} images, not '
+                    f'{num_total}; use order=numpy or order=sorted')
+  draws = np.random.RandomState(int(seed) % 2**32).randint(
       0, 2**32, size=2 + max(num_total - 1, 0), dtype=np.uint32).astype(np.int64)
   # The first two make the iterator's int64 base seed; randperm(N) uses one per step.
   offsets = draws[2:] % np.arange(num_total, 1, -1)
