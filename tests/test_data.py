@@ -120,6 +120,11 @@ def test_torch_order_is_the_dataloaders(num_total, seed):
                                 torch.cat(list(dataloader)).numpy())
 
 
+def test_torch_order_refuses_sizes_where_torch_draws_64_bits():
+  with pytest.raises(UserError, match='fewer than 214748364 images'):
+    subset.torch_order(2**32 // 20, 0)
+
+
 def test_paper_subset_is_the_first_10000_of_the_torch_order():
   np.testing.assert_array_equal(subset.select(50000, 10000, 0, 'torch'),
                                 subset.torch_order(50000, 0)[:10000])
