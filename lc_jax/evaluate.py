@@ -82,7 +82,7 @@ class Forward:
     self._segment = jax.jit(self._apply_segment, static_argnums=(2,),
                             in_shardings=(self._replicated, self._sharded),
                             out_shardings=self._sharded)
-    self._spread = {}  # (segment, shared input) -> jitted segment over stacked resets
+    self._spread = {}  # (segment, kind) -> jitted segment over the resets' device groups
 
   @property
   def num_devices(self) -> int:
@@ -132,7 +132,10 @@ class Forward:
   def many(self, variables: Sequence[dict], x: jax.Array, start: int) -> list[jax.Array]:
     """Logits of every tree in `variables` from segment `start` on `x` (as `__call__`).
 
-    With a 'resets' mesh axis of size R, R trees run at once, one per device group."""
+    With a 'resets' mesh axis of size R, R trees run at once, one per device group. A segment
+    whose variables are the same objects in all R trees (a segment after the reset layer's:
+    reset trees share every untouched leaf) runs on the stacked activations with one copy of
+    its variables; only segments that differ are stacked R times."""
     groups = self.mesh.shape['resets']
     if groups == 1:
       return [self(tree, x, start) for tree in variables]
@@ -141,27 +144,42 @@ class Forward:
       chunk = list(variables[first:first + groups])
       count = len(chunk)
       chunk += chunk[-1:] * (groups - count)  # a short last chunk repeats its last tree
-      h = x
+      h, stacked = x, False  # stacked: h holds one activation per group, (R, batch, ...)
       for k in range(start, len(self.names)):
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                               *[self._placed(self._variables_of(tree, k)) for tree in chunk])
-        h = self._spread_segment(k, shared=k == start)(stacked, h)
-      logits += [h[i] for i in range(count)]
+        own = [self._variables_of(tree, k) for tree in chunk]
+        if _same_leaves(own):
+          if stacked:
+            h = self._spread_segment(k, 'one variables')(self._placed(own[0]), h)
+          else:
+            h = self._segment(self._placed(own[0]), h, k)
+        else:
+          trees = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                               *[self._placed(tree) for tree in own])
+          h = self._spread_segment(k, 'stacked' if stacked else 'one input')(trees, h)
+          stacked = True
+      logits += [h[i] for i in range(count)] if stacked else [h] * count
     return logits
 
-  def _spread_segment(self, k: int, shared: bool):
-    """Segment k under shard_map: each device group runs its own reset's variables, on the
-    batch (`shared`, the walk's activation) or on its reset's own activation."""
-    if (k, shared) not in self._spread:
-      def body(stacked, x):
-        if shared:
-          return jax.lax.map(lambda tree: self._apply_segment(tree, x, k), stacked)
-        return jax.lax.map(lambda pair: self._apply_segment(pair[0], pair[1], k), (stacked, x))
-      x_spec = P('batch') if shared else P('resets', 'batch')
-      self._spread[(k, shared)] = jax.jit(jax.shard_map(
-          body, mesh=self.mesh, in_specs=(P('resets'), x_spec),
+  def _spread_segment(self, k: int, kind: str):
+    """Segment k under shard_map, each device group running its own reset: 'one input' (every
+    group's variables on the walk's activation), 'stacked' (its variables on its activation)
+    or 'one variables' (the same variables on each group's activation)."""
+    if (k, kind) not in self._spread:
+      stacked_vars, stacked_input = {'one input': (True, False), 'stacked': (True, True),
+                                     'one variables': (False, True)}[kind]
+
+      def body(tree, x):
+        if not stacked_input:
+          return jax.lax.map(lambda t: self._apply_segment(t, x, k), tree)
+        if not stacked_vars:
+          return jax.lax.map(lambda h: self._apply_segment(tree, h, k), x)
+        return jax.lax.map(lambda pair: self._apply_segment(pair[0], pair[1], k), (tree, x))
+      self._spread[(k, kind)] = jax.jit(jax.shard_map(
+          body, mesh=self.mesh,
+          in_specs=(P('resets') if stacked_vars else P(),
+                    P('resets', 'batch') if stacked_input else P('batch')),
           out_specs=P('resets', 'batch')))
-    return self._spread[(k, shared)]
+    return self._spread[(k, kind)]
 
   def _variables_of(self, variables: dict, k: int) -> dict:
     """The part of `variables` that segment k reads: its layers' subtrees, paths kept."""
@@ -183,3 +201,10 @@ class Forward:
     if k == 0:
       x = x.astype(jnp.float32) / 255.0
     return self.module.apply(variables, x, k, k + 1)
+
+
+def _same_leaves(trees: Sequence[dict]) -> bool:
+  """Whether every tree holds the very same leaf objects as the first (shared, not equal)."""
+  first = jax.tree.leaves(trees[0])
+  return all(len(leaves) == len(first) and all(a is b for a, b in zip(leaves, first))
+             for leaves in map(jax.tree.leaves, trees[1:]))

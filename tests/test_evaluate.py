@@ -115,3 +115,51 @@ def test_resets_groups_must_divide_the_devices():
   with pytest.raises(UserError, match='cannot be split into 3 groups'):
     evaluate.local_mesh(3, jax.local_devices() * 2)
   assert evaluate.local_mesh(2, jax.local_devices() * 2).shape == {'resets': 2, 'batch': 1}
+
+
+def test_spread_resets_give_each_resets_own_logits(tmp_path):
+  """Resets spread over 4 device groups of 2: each equals its own plain forward. Layer targets
+  stack only their own segment; a stage target stacks each of its blocks; the segments after
+  them run once per group on one copy of the variables."""
+  code = f"""
+import numpy as np, jax, sys
+sys.path.insert(0, {ROOT!r})
+sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+jax.config.update('jax_default_matmul_precision', 'highest')
+import test_evaluate
+from lc_jax import evaluate, init, layers as layers_lib, reset
+module, variables, layers, images = test_evaluate._model('resnet18')
+plain = evaluate.Forward(module, layers, evaluate.local_mesh(1))
+spread = evaluate.Forward(module, layers, evaluate.local_mesh(4))
+variables = spread.replicate(variables)
+fresh = spread.replicate(init.fresh_variables(layers, 'timm_resnet', jax.random.key(1)))
+make = reset.make('fresh', layers, source=fresh)
+targets = (layers_lib.select(layers, ['conv'], 'layer3.0.*')  # its 3 convs, and the stage
+           + layers_lib.select(layers, ['conv'], 'layer3', granularity='stage'))
+assert len(targets) == 4
+start = spread.start(targets[0])
+assert all(spread.start(t) == start for t in targets), [spread.start(t) for t in targets]
+trees = [make(variables, t) for t in targets]
+x = plain.put(images)
+h = plain(variables, x, 0, start)
+want = [np.asarray(plain(tree, h, start)) for tree in trees]
+got = [np.asarray(z) for z in spread.many(trees, spread.put(images) if start == 0 else
+                                           spread(variables, spread.put(images), 0, start), start)]
+print(sorted(kind for _, kind in spread._spread), flush=True)
+for name, w, g in zip([t.name for t in targets], want, got):  # the 4 images, not the padding
+  print(name, float(np.abs(g[:4] - w[:4]).max() / np.abs(w[:4]).max()), flush=True)
+"""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                          check=False, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  print('\n'.join(lines))
+  # Segment layer3.0 stacked from the walk's input, layer3.1 stacked on the stacked activations
+  # (the stage target changes it), layer4.* and the head once per group with one copy.
+  assert eval(lines[0]) == ['one input', 'one variables', 'one variables', 'one variables',
+                            'stacked']  # pylint: disable=eval-used
+  assert len(lines) == 5
+  for line in lines[1:]:
+    assert float(line.split()[-1]) <= 1e-5, line
