@@ -8,6 +8,12 @@ With no flags it runs the bundled demo (configs/demo.py) into out/demo. Writes
 WORKDIR/results.csv (a row per trial and layer, appended as they come), WORKDIR/run.json and
 WORKDIR/criticality.png, and prints the most and least critical layers. Re-running with the
 same workdir resumes.
+
+Over several processes (the hosts of a TPU pod or a GPU cluster), start the same command on
+every host with --distributed (jax.distributed.initialize() finds the cluster: Cloud TPU,
+SLURM, Open MPI, ...), or with --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I. Each host decodes its part of every batch; WORKDIR must be one folder all
+hosts see (a shared filesystem): the first process writes it.
 """
 
 import ctypes
@@ -36,6 +42,7 @@ _one_malloc_arena()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from lc_jax import errors
@@ -45,12 +52,25 @@ from lc_jax import report
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'out/demo', 'Folder for the model and the results.')
 _QUIET = flags.DEFINE_bool('quiet', False, 'No progress lines.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Run over several processes (hosts) as jax.distributed.initialize() '
+    'finds them (Cloud TPU, SLURM, Open MPI, ...).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '', 'HOST:PORT of process 0, for a run over --num_processes processes '
+    '(implies --distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes of the run, with '
+                                      '--coordinator_address.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, "This process's index, from 0, with "
+                                   '--coordinator_address.')
 
 
 @errors.exits_cleanly
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value or None, _NUM_PROCESSES.value or None,
+                               None if _PROCESS_ID.value < 0 else _PROCESS_ID.value)
   config = _CONFIG.value
   if _QUIET.value:
     config.progress = False
@@ -59,7 +79,8 @@ def main(argv):
   experiment.run(config, _WORKDIR.value)
 
   # ---------------------------------------------------------------------- report --------------
-  print(report.write_workdir_report(_WORKDIR.value))
+  if jax.process_index() == 0:
+    print(report.write_workdir_report(_WORKDIR.value))
 
 
 if __name__ == '__main__':

@@ -53,11 +53,15 @@ def with_precision(module: nn.Module, precision: str) -> nn.Module:
 
 
 def local_mesh(resets: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh ('resets', 'batch') over `devices` (default: this process's), `resets` rows."""
-  devices = jax.local_devices() if devices is None else list(devices)
+  """A mesh ('resets', 'batch') over `devices` (default: every device of every process, which
+  is this process's on one host), `resets` rows."""
+  devices = jax.devices() if devices is None else list(devices)
   if resets < 1 or len(devices) % resets:
     raise UserError(f'{len(devices)} devices cannot be split into {resets} groups for resets; '
                     'choose a divisor of the device count')
+  if resets > 1 and jax.process_count() > 1:
+    raise UserError('spread_resets works within one process; with several processes (hosts) '
+                    'leave it at 1: every device takes a slice of every batch')
   return Mesh(np.array(devices).reshape(resets, -1), ('resets', 'batch'))
 
 
@@ -89,22 +93,31 @@ class Forward:
     """Devices a batch is sharded over (the 'batch' axis)."""
     return self.mesh.shape['batch']
 
+  @property
+  def local_devices(self) -> int:
+    """Devices of this process on the 'batch' axis: its rows of a batch are padded to a multiple
+    of this (with several processes, each holds the same number)."""
+    return self.num_devices // jax.process_count()
+
   def start(self, target: layers_lib.Target) -> int:
     """The first segment a reset of `target` changes: where its re-run has to begin."""
     return min(self.index[layer.block] for layer in target.layers)
 
   def put(self, batch: np.ndarray) -> jax.Array:
     """A host batch (images, labels or mask) sharded over the mesh, padded to a multiple of the
-    device count with zeros (which read as False in a mask)."""
+    device count with zeros (which read as False in a mask). With several processes, `batch` is
+    this process's part and the result the global batch of all the parts."""
     batch = np.asarray(batch)
-    pad = -len(batch) % self.num_devices
+    pad = -len(batch) % self.local_devices
     if pad:
       batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-    return jax.device_put(batch, self._sharded)
+    if jax.process_count() == 1:
+      return jax.device_put(batch, self._sharded)
+    return jax.make_array_from_process_local_data(self._sharded, batch)
 
   def replicate(self, variables: dict) -> dict:
     """`variables` placed on every device of the mesh (done once for the trained weights)."""
-    return jax.device_put(variables, self._replicated)
+    return self._placed(variables)
 
   def __call__(self, variables: dict, x: jax.Array, start: int = 0,
                stop: int | None = None) -> jax.Array:
@@ -116,8 +129,17 @@ class Forward:
 
   def _placed(self, tree: dict) -> dict:
     """`tree` replicated over the mesh. Leaves a reset made may sit uncommitted on one device;
-    placing every leaf alike keeps one compiled program per segment (jit specialises on it)."""
-    return jax.device_put(tree, self._replicated)
+    placing every leaf alike keeps one compiled program per segment (jit specialises on it).
+    With several processes, a leaf of this process only goes through the host (every process
+    holds the same value) to become a global array."""
+    if jax.process_count() == 1:
+      return jax.device_put(tree, self._replicated)
+    def place(leaf):
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return leaf  # made from replicated arrays by all processes alike
+      return jax.make_array_from_callback(np.shape(leaf), self._replicated,
+                                          lambda index, leaf=np.asarray(leaf): leaf[index])
+    return jax.tree.map(place, tree)
 
   def input_bytes(self, variables: dict, images: jax.ShapeDtypeStruct) -> list[int]:
     """Bytes of each segment's input for a batch of `images` (traced, nothing is computed):

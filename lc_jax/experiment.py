@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -66,24 +67,32 @@ def prepare_model(config: ml_collections.ConfigDict, workdir: str,
                   source_sha256: str | None = None) -> Model:
   """Converts `config.model.checkpoint` into WORKDIR/model, or reuses an earlier conversion of
   the same file (same sha256, computed here unless given), and returns the model with its layer
-  inventory."""
+  inventory. With several processes the first converts and the others wait, then all read it."""
   model_dir = os.path.join(workdir, 'model')
-  card = models.store.read_card(model_dir)
-  source = converters.reader.resolve(config.model.checkpoint)
-  if source_sha256 is None and os.path.isfile(source):
-    source_sha256 = converters.reader.sha256(source)
-  reusable = (card and card['arch'] == (config.model.arch or card['arch'])
-              and card['sha256'] == source_sha256)
-  if not reusable:
-    arch, variables, card = converters.convert(
-        config.model.checkpoint, config.model.arch or None,
-        trust_pickle=config.model.trust_pickle)
-    converters.save(model_dir, arch, variables, card, overwrite=True)
+  if jax.process_index() == 0:
+    card = models.store.read_card(model_dir)
+    source = converters.reader.resolve(config.model.checkpoint)
+    if source_sha256 is None and os.path.isfile(source):
+      source_sha256 = converters.reader.sha256(source)
+    reusable = (card and card['arch'] == (config.model.arch or card['arch'])
+                and card['sha256'] == source_sha256)
+    if not reusable:
+      arch, variables, card = converters.convert(
+          config.model.checkpoint, config.model.arch or None,
+          trust_pickle=config.model.trust_pickle)
+      converters.save(model_dir, arch, variables, card, overwrite=True)
+  _together('model converted')
   module, variables, card = models.load(model_dir)
   spec = models.get(card['arch'])
   model_id = config.model.id or _default_id(config.model.checkpoint)
   return Model(module, jax.tree.map(jnp.asarray, variables), card, spec,
                layers_lib.inventory(module, spec.block_depth), model_id)
+
+
+def _together(step: str) -> None:
+  """With several processes, waits until every one has reached `step`; else nothing."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(step)
 
 
 def _default_id(checkpoint: str) -> str:
@@ -162,7 +171,8 @@ def _versions() -> dict[str, str]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Runs (or resumes) the experiment of `config` in `workdir`; returns all result rows."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  show = config.get('progress', True)
+  primary = jax.process_index() == 0  # with several processes (hosts), the one that writes
+  show = config.get('progress', True) and primary
   check(config)
   with jax.default_matmul_precision(config.get('matmul_precision', 'highest')):
     # ---------------------------------------------------------------- model and images --------
@@ -174,7 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     model = prepare_model(config, workdir, sha256)
     targets = select_targets(config, model)
     images, labels, info = data.load(config.data, cache_dir=config.get('cache_dir') or None,
-                                     progress=show)
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(), progress=show)
     if info.num_images == 0:
       raise UserError('the image set is empty')
     num_classes = int(model.card['num_classes'])
@@ -182,11 +193,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       raise UserError(f'the images have labels up to {int(labels.max())} but the model has '
                       f'{num_classes} classes; point data.path at a matching image set')
     trials = config.trials if config.reset.mode in RANDOM_MODES else 1
-    store = results.Store(workdir, {
+    run_info = {
         'config': measured_config(config), 'checkpoint_sha256': model.card['sha256'],
         'images': info.fingerprint, 'targets': [t.name for t in targets],
         'arch': model.card['arch'], 'model_id': model.model_id, 'num_images': info.num_images,
-        'image_cache': info.cache_path, 'versions': _versions()})
+        'image_cache': info.cache_path, 'versions': _versions()}
+    if jax.process_count() > 1:
+      run_info['processes'] = jax.process_count()
+    # The writer opens the workdir (and cuts a line a kill left half-written) before the others
+    # read it.
+    store = results.Store(workdir, run_info) if primary else None
+    _together('results opened')
+    store = store or results.Store(workdir, run_info, writer=False)
 
     module = evaluate.with_precision(model.module, config.get('precision', 'float32'))
     forward = evaluate.Forward(module, model.layers,
@@ -195,7 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     has_labels = labels is not None
 
     # A batch runs through the model in chunks of at most config.chunk_size images.
-    rows = chunk_rows(info.local_batch_size, config.get('chunk_size', 0), forward.num_devices)
+    rows = chunk_rows(info.local_batch_size, config.get('chunk_size', 0), forward.local_devices)
 
     def chunks(batch):
       return [tuple(forward.put(part) for part in chunk) for chunk in split(batch, rows)]
@@ -236,7 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
               for trial in sorted({t for items in todo.values() for t, _ in items})}
     num_chunks = len(reference[0])
     if show and todo:
-      shape = (rows + -rows % forward.num_devices, *images.shape[1:])
+      shape = (rows + -rows % forward.local_devices, *images.shape[1:])
       kept = forward.input_bytes(variables, jax.ShapeDtypeStruct(shape, jnp.uint8))
       what = (f'a batch of {shape[0]}' if num_chunks == 1 else
               f'a chunk of {shape[0]} ({num_chunks} per batch of {info.local_batch_size})')

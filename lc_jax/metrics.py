@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,7 +72,10 @@ def per_image(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array,
 
 
 def accumulate(total: dict[str, float] | None, values: dict[str, jax.Array]) -> dict[str, float]:
-  """Adds a batch's per-image values to the running totals, in float64 on the host."""
+  """Adds a batch's per-image values to the running totals, in float64 on the host. With several
+  processes every process gathers all images' values (a collective: all must call it alike)."""
+  if any(not v.is_fully_addressable for v in values.values()):
+    values = multihost_utils.process_allgather(values, tiled=True)
   values = {k: np.asarray(v, np.float64) for k, v in jax.device_get(values).items()}
   values['crit_sq'] = values['crit'] ** 2
   sums = {k: float(np.sum(values[k])) for k in SUMS}

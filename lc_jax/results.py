@@ -35,22 +35,30 @@ IDENTITY = ('config', 'checkpoint_sha256', 'images', 'targets')
 
 
 class Store:
-  """Rows of one workdir; `append` makes a row durable before it returns."""
+  """Rows of one workdir; `append` makes a row durable before it returns.
 
-  def __init__(self, workdir: str, run_info: Mapping[str, Any]):
+  With `writer=False` (every process of a run over several but the first) the store reads the
+  workdir the writer opened and keeps appended rows in memory only: one process writes.
+  """
+
+  def __init__(self, workdir: str, run_info: Mapping[str, Any], writer: bool = True):
     """Opens (or starts) the workdir; refuses one whose run.json differs in what it measured."""
     self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    self.writer = writer
     run_info = json.loads(json.dumps(run_info, default=str))  # as it will read back
     self.path = os.path.join(self.workdir, RESULTS)
-    run_path = os.path.join(self.workdir, RUN)
     refuse_other_run(self.workdir, run_info)
-    _write_atomically(run_path, json.dumps(run_info, indent=2, sort_keys=True) + '\n')
+    self._file = None
+    if writer:
+      os.makedirs(self.workdir, exist_ok=True)
+      _write_atomically(os.path.join(self.workdir, RUN),
+                        json.dumps(run_info, indent=2, sort_keys=True) + '\n')
     self.rows = self._read()
-    self._file = open(self.path, 'a', newline='', encoding='utf-8')
-    if self._file.tell() == 0:
-      self._file.write(','.join(COLUMNS) + '\n')
-      self._sync()
+    if writer:
+      self._file = open(self.path, 'a', newline='', encoding='utf-8')
+      if self._file.tell() == 0:
+        self._file.write(','.join(COLUMNS) + '\n')
+        self._sync()
 
   def done(self, trial: int, layer: str) -> bool:
     """Whether the row of (trial, layer) is already stored."""
@@ -61,10 +69,11 @@ class Store:
     missing = [c for c in COLUMNS if c not in row]
     if missing:
       raise ValueError(f'result row lacks {missing}')
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator='\n').writerow([_format(row[c]) for c in COLUMNS])
-    self._file.write(buffer.getvalue())
-    self._sync()
+    if self.writer:
+      buffer = io.StringIO()
+      csv.writer(buffer, lineterminator='\n').writerow([_format(row[c]) for c in COLUMNS])
+      self._file.write(buffer.getvalue())
+      self._sync()
     self.rows.append(_parse({c: _format(row[c]) for c in COLUMNS}))
     self._keys.add((int(row['trial']), str(row['layer'])))
 
@@ -72,6 +81,8 @@ class Store:
     """Makes the running sums of unfinished rows durable: `sums[key]` are the float64 metric
     sums of row `key` over the first `batches_done` batches. Written atomically, so a kill
     leaves the previous state or this one."""
+    if not self.writer:
+      return
     _write_atomically(os.path.join(self.workdir, PARTIAL),
                       json.dumps({'batches_done': batches_done, 'sums': sums}) + '\n')
 
@@ -101,12 +112,15 @@ class Store:
 
   def clear_partial(self) -> None:
     """Drops the partial sums once every row they fed is written."""
+    if not self.writer:
+      return
     partial = os.path.join(self.workdir, PARTIAL)
     if os.path.exists(partial):
       os.remove(partial)
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
   def _sync(self) -> None:
     self._file.flush()
@@ -121,7 +135,7 @@ class Store:
     # A run killed mid-write can leave a partial last line: cut it off in place (never rewrite
     # the file, so the whole rows are not at risk), keep every whole row.
     complete = text[:text.rfind('\n') + 1]
-    if complete != text:
+    if complete != text and self.writer:
       with open(self.path, 'r+b') as f:
         f.truncate(len(complete.encode('utf-8')))
         os.fsync(f.fileno())

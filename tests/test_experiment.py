@@ -2,9 +2,11 @@
 
 import csv
 import ctypes
+import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -288,6 +290,37 @@ def test_prefix_reuse_and_eight_devices_give_the_same_results(checkpoint, tmp_pa
                      for k in want)
     print(f'{name} vs one device, whole batches: largest metric difference {difference:.2g}')
     assert difference <= 1e-6
+
+
+def test_two_processes_give_the_single_process_results(checkpoint, tmp_path):
+  """Two processes of two CPU devices each (as two hosts), a jax.distributed run: each decodes
+  half of every batch, the first writes the workdir; the numbers are one process's."""
+  cache = tmp_path / 'cache'
+  args = ('--config.reset.layers=conv1,layer4.1.*,fc', '--config.trials=1')
+  one = _run(*_run_args(checkpoint, tmp_path / 'one', cache, *args))
+  assert one.returncode == 0, one.stderr
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    port = probe.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  processes = [subprocess.Popen(
+      _run_args(checkpoint, tmp_path / 'two', cache, *args, '--num_processes=2',
+                f'--coordinator_address=localhost:{port}', f'--process_id={index}'),
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for index in range(2)]
+  outputs = [process.communicate(timeout=600) for process in processes]
+  for process, (_, err) in zip(processes, outputs):
+    assert process.returncode == 0, err
+  assert 'most critical' in outputs[0][0] and 'criticality' not in outputs[1][0]
+  assert '[   4/4] trial 0 fc' in outputs[0][1] and 'trial 0' not in outputs[1][1]
+  with open(tmp_path / 'two' / 'run.json') as f:
+    assert json.load(f)['processes'] == 2
+  want, got = _numbers(tmp_path / 'one'), _numbers(tmp_path / 'two')
+  assert want.keys() == got.keys() and len(want) == 5
+  difference = max(np.nanmax(np.abs(got[k] - want[k]) / np.maximum(1, np.abs(want[k])))
+                   for k in want)
+  print(f'2 processes x 2 devices vs 1 process: largest metric difference {difference:.2g}')
+  assert difference <= 1e-6
 
 
 def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, monkeypatch,

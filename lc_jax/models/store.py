@@ -12,6 +12,7 @@ import shutil
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -38,7 +39,7 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
   os.makedirs(directory, exist_ok=True)
   staging = os.path.join(directory, f'.{VARIABLES}.partial')
   shutil.rmtree(staging, ignore_errors=True)
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _checkpointer() as checkpointer:
     checkpointer.save(staging, variables)
   # Without a card, variables/ left here is from an interrupted save: never a model to keep.
   shutil.rmtree(os.path.join(directory, VARIABLES), ignore_errors=True)
@@ -71,7 +72,7 @@ def load(directory: str) -> tuple[nn.Module, dict, dict[str, Any]]:
     raise UserError(f'{directory} is not a converted model (no {CARD}); convert a checkpoint '
                     'first with `python -m converters SRC --out DIR`')
   module = create_from_card(metadata)
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _checkpointer() as checkpointer:
     variables = checkpointer.restore(os.path.join(directory, VARIABLES))
   variables = {k: _as_numpy(v) for k, v in variables.items()}
   return module, variables, metadata
@@ -83,6 +84,14 @@ def create_from_card(metadata: dict[str, Any]) -> nn.Module:
   if 'num_classes' in metadata:
     overrides['num_classes'] = int(metadata['num_classes'])
   return registry.create(metadata['arch'], **overrides)
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+  """An orbax checkpointer that works in this process alone: in a run over several processes
+  one of them writes the model and each reads it, without orbax's cross-process barriers."""
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  return ocp.StandardCheckpointer(multiprocessing_options=alone)
 
 
 def _as_numpy(tree):
