@@ -69,8 +69,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _DISTRIBUTED.value or _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value or None, _NUM_PROCESSES.value or None,
-                               None if _PROCESS_ID.value < 0 else _PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(_COORDINATOR.value or None, _NUM_PROCESSES.value or None,
+                                 None if _PROCESS_ID.value < 0 else _PROCESS_ID.value)
+    except (RuntimeError, ValueError) as e:
+      raise errors.UserError(f'cannot join the run over several processes: {e}') from None
+  elif _NUM_PROCESSES.value or _PROCESS_ID.value >= 0:
+    raise app.UsageError('--num_processes and --process_id need --coordinator_address or '
+                         '--distributed')
   config = _CONFIG.value
   if _QUIET.value:
     config.progress = False

@@ -21,11 +21,13 @@ runs T + 1 full forwards and decodes the images T + 1 times.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -69,30 +71,57 @@ def prepare_model(config: ml_collections.ConfigDict, workdir: str,
   the same file (same sha256, computed here unless given), and returns the model with its layer
   inventory. With several processes the first converts and the others wait, then all read it."""
   model_dir = os.path.join(workdir, 'model')
-  if jax.process_index() == 0:
+
+  def convert():
+    if jax.process_index() != 0:
+      return
     card = models.store.read_card(model_dir)
     source = converters.reader.resolve(config.model.checkpoint)
-    if source_sha256 is None and os.path.isfile(source):
-      source_sha256 = converters.reader.sha256(source)
+    sha256 = source_sha256
+    if sha256 is None and os.path.isfile(source):
+      sha256 = converters.reader.sha256(source)
     reusable = (card and card['arch'] == (config.model.arch or card['arch'])
-                and card['sha256'] == source_sha256)
+                and card['sha256'] == sha256)
     if not reusable:
       arch, variables, card = converters.convert(
           config.model.checkpoint, config.model.arch or None,
           trust_pickle=config.model.trust_pickle)
       converters.save(model_dir, arch, variables, card, overwrite=True)
-  _together('model converted')
-  module, variables, card = models.load(model_dir)
+  agreed('converting the checkpoint', convert)
+  module, variables, card = agreed('reading the converted model',
+                                   lambda: models.load(model_dir))
   spec = models.get(card['arch'])
   model_id = config.model.id or _default_id(config.model.checkpoint)
   return Model(module, jax.tree.map(jnp.asarray, variables), card, spec,
                layers_lib.inventory(module, spec.block_depth), model_id)
 
 
-def _together(step: str) -> None:
-  """With several processes, waits until every one has reached `step`; else nothing."""
+def agreed(step: str, work: Callable[[], Any]) -> Any:
+  """`work()`; with several processes, also a barrier after which all of them fail if any did:
+  the one that failed with its own message, the others saying so (no process is left waiting
+  in a collective for one that stopped)."""
+  error, result = None, None
+  try:
+    result = work()
+  except Exception as e:  # pylint: disable=broad-except  # re-raised below
+    error = e
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(step)
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is None and np.any(failed):
+      raise UserError(f'process {int(np.argmax(failed))} failed while {step}; its output says '
+                      'why')
+  if error is not None:
+    raise error
+  return result
+
+
+def _same_everywhere(state: Any, what: str) -> None:
+  """With several processes, refuses to go on unless all of them computed the same `state`."""
+  if jax.process_count() > 1:
+    digest = np.frombuffer(hashlib.sha256(json.dumps(state).encode()).digest(), np.uint8)
+    if np.any(multihost_utils.process_allgather(digest) != digest):
+      raise UserError(f'the processes read different {what}; WORKDIR must be one folder that '
+                      'every host sees, up to date (a shared filesystem)')
 
 
 def _default_id(checkpoint: str) -> str:
@@ -183,15 +212,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                                        **({'checkpoint_sha256': sha256} if sha256 else {})})
     model = prepare_model(config, workdir, sha256)
     targets = select_targets(config, model)
-    images, labels, info = data.load(config.data, cache_dir=config.get('cache_dir') or None,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count(), progress=show)
-    if info.num_images == 0:
-      raise UserError('the image set is empty')
-    num_classes = int(model.card['num_classes'])
-    if labels is not None and labels.size and int(labels.max()) >= num_classes:
-      raise UserError(f'the images have labels up to {int(labels.max())} but the model has '
-                      f'{num_classes} classes; point data.path at a matching image set')
+    def load_images():  # each host its own part of every batch
+      images, labels, info = data.load(
+          config.data, cache_dir=config.get('cache_dir') or None,
+          process_index=jax.process_index(), process_count=jax.process_count(), progress=show)
+      if info.num_images == 0:
+        raise UserError('the image set is empty')
+      num_classes = int(model.card['num_classes'])
+      if labels is not None and labels.size and int(labels.max()) >= num_classes:
+        raise UserError(f'the images have labels up to {int(labels.max())} but the model has '
+                        f'{num_classes} classes; point data.path at a matching image set')
+      return images, labels, info
+    images, labels, info = agreed('loading the images', load_images)
     trials = config.trials if config.reset.mode in RANDOM_MODES else 1
     run_info = {
         'config': measured_config(config), 'checkpoint_sha256': model.card['sha256'],
@@ -202,9 +234,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       run_info['processes'] = jax.process_count()
     # The writer opens the workdir (and cuts a line a kill left half-written) before the others
     # read it.
-    store = results.Store(workdir, run_info) if primary else None
-    _together('results opened')
-    store = store or results.Store(workdir, run_info, writer=False)
+    writer = agreed('opening the workdir',
+                    lambda: results.Store(workdir, run_info) if primary else None)
+    reader = agreed('reading the workdir',
+                    lambda: None if primary else results.Store(workdir, run_info, writer=False))
+    store = writer if primary else reader
 
     module = evaluate.with_precision(model.module, config.get('precision', 'float32'))
     forward = evaluate.Forward(module, model.layers,
@@ -246,6 +280,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     pending = [_key(t, target) for items in todo.values() for t, target in items]
     first_batch, sums = (store.load_partial(pending, info.num_batches, metrics.SUMS)
                          if pending else (0, {}))
+    _same_everywhere([pending, first_batch], 'states of results.csv and partial.json')
     def source(trial):  # placed on the mesh once, not at every use
       tree = reset_source(config, model, trial)
       return None if tree is None else forward.replicate(tree)

@@ -303,14 +303,32 @@ def test_two_processes_give_the_single_process_results(checkpoint, tmp_path):
     probe.bind(('localhost', 0))
     port = probe.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  processes = [subprocess.Popen(
-      _run_args(checkpoint, tmp_path / 'two', cache, *args, '--num_processes=2',
-                f'--coordinator_address=localhost:{port}', f'--process_id={index}'),
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for index in range(2)]
-  outputs = [process.communicate(timeout=600) for process in processes]
-  for process, (_, err) in zip(processes, outputs):
-    assert process.returncode == 0, err
+
+  def two(workdir, *extra):  # each host decodes its own part: a cache of their own
+    processes = [subprocess.Popen(
+        _run_args(checkpoint, workdir, tmp_path / 'cache_two', *args, *extra,
+                  '--num_processes=2', f'--coordinator_address=localhost:{port}',
+                  f'--process_id={index}'),
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    return [process.returncode for process in processes], outputs
+
+  # A checkpoint that does not fit fails on the process that converts it; the other one is
+  # told so and stops too (no process is left waiting).
+  codes, outputs = two(tmp_path / 'bad', '--config.model.arch=resnet50')
+  assert codes == [1, 1]
+  assert outputs[0][1].strip().splitlines()[-1].endswith('holds resnet18 weights, not resnet50; '
+                                                         'convert it as resnet18 or leave the '
+                                                         'architecture out')
+  assert outputs[1][1].strip().splitlines()[-1] == (
+      'error: process 0 failed while converting the checkpoint; its output says why')
+
+  codes, outputs = two(tmp_path / 'two')
+  assert codes == [0, 0], outputs
+  assert sorted(os.listdir(tmp_path / 'cache_two')) == [
+      f'{name}-host{index}of2-batch4.{ext}' for index in range(2) for ext in ('json', 'npy')
+      for name in [os.listdir(tmp_path / 'cache')[0].rsplit('.', 1)[0]]]
   assert 'most critical' in outputs[0][0] and 'criticality' not in outputs[1][0]
   assert '[   4/4] trial 0 fc' in outputs[0][1] and 'trial 0' not in outputs[1][1]
   with open(tmp_path / 'two' / 'run.json') as f:
@@ -321,6 +339,14 @@ def test_two_processes_give_the_single_process_results(checkpoint, tmp_path):
                    for k in want)
   print(f'2 processes x 2 devices vs 1 process: largest metric difference {difference:.2g}')
   assert difference <= 1e-6
+
+
+def test_process_flags_need_a_coordinator(tmp_path):
+  result = _run(sys.executable, 'run.py', '--num_processes=2', f'--workdir={tmp_path / "out"}')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      '--num_processes and --process_id need --coordinator_address or --distributed')
+  assert not (tmp_path / 'out').exists()
 
 
 def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, monkeypatch,
