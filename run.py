@@ -26,7 +26,7 @@ def _one_malloc_arena() -> None:
 
   XLA's CPU runtime allocates and frees its buffers on several threads; with glibc's default of
   an arena per thread, memory freed in one arena stays resident while another grows. One arena
-  lowers the peak resident memory of a ResNet-50 run at batch 32 from 1428 to 1113 MiB at the
+  lowers the peak resident memory of a ResNet-50 run at batch 32 from 1395 to 1117 MiB at the
   same speed (README, speed and devices). Linux only; a no-op where malloc is not glibc's.
   """
   if not sys.platform.startswith('linux') or 'MALLOC_ARENA_MAX' in os.environ:
