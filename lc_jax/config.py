@@ -17,7 +17,7 @@ Fields:
   float32, activations and matmuls run in bfloat16);
 - reuse_prefix: a reset of a layer re-runs the network only from the block that contains it, on
   the original model's activations there (results are identical; False re-runs it all);
-- spread_resets: split the local devices into this many groups, each evaluating other resets
+- spread_resets: split the devices (one process's) into this many groups, each evaluating other resets
   on the whole batch (for batches small next to the device count); 1: every device takes a
   slice of every batch;
 - chunk_size: run each batch through the model in chunks of at most this many images (0: whole

@@ -13,7 +13,7 @@ chains the compiled segments k, k+1, ... on the device without a host round trip
 handed only its own variables (the layers the inventory assigns to its block), so a reset
 elsewhere does not even reach it.
 
-Devices: the local devices form a `Mesh` with axes ('resets', 'batch'). Images are sharded
+Devices: all devices (every process's, with several) form a `Mesh` with axes ('resets', 'batch'). Images are sharded
 along 'batch' (a batch is padded to a multiple of its size; the caller masks the padding rows
 out) and variables are replicated. By default 'resets' has size 1: every device holds a slice of
 every batch. When batches are small next to the device count, `resets=R` splits the devices

@@ -299,12 +299,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             file=sys.stderr)
     progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks,
                          show)
+    starts = list(todo)  # segments with resets, in order
     for b, batch in enumerate(data.batches(images, labels, info)):
       if b < first_batch or not todo:
         continue
       for c, (x, y, mask) in enumerate(chunks(batch)):
         final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
-        starts = list(todo)
         h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
         for k, next_k in zip(starts, starts[1:] + [None]):
           items = todo[k]
