@@ -43,13 +43,15 @@ _one_malloc_arena()
 from absl import app
 from absl import flags
 import jax
-from ml_collections import config_flags
 
 from lc_jax import errors
 from lc_jax import experiment
 from lc_jax import report
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Experiment config file.')
+# The demo by default, found from any folder.
+_CONFIG = errors.define_config_file(
+    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.py'),
+    'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'out/demo', 'Folder for the model and the results.')
 _QUIET = flags.DEFINE_bool('quiet', False, 'No progress lines.')
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -90,4 +92,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

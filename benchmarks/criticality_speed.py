@@ -167,7 +167,7 @@ def make_checkpoint(path: str) -> None:
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from tests import torch_models  # pylint: disable=g-import-not-at-top
+  from lc_jax import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(SEED)
   model = timm.create_model(ARCH, pretrained=False)
@@ -177,7 +177,7 @@ def make_checkpoint(path: str) -> None:
   mean = torch.tensor(model.pretrained_cfg['mean']).view(1, 3, 1, 1)
   std = torch.tensor(model.pretrained_cfg['std']).view(1, 3, 1, 1)
   images = ((noise.clamp(0, 1) - mean) / std).permute(0, 2, 3, 1)
-  torch_models.calibrated(model, images, seed=SEED)
+  torch_reference.calibrated(model, images, seed=SEED)
   # timm's random head gives logits of std ~0.3 (softmax ~uniform, every reset looks harmless);
   # scale it to a trained ResNet-50's logit spread (std ~3 over the classes).
   with torch.no_grad():

@@ -255,7 +255,8 @@ def _read_torch(path: str, trust_pickle: bool) -> Any:
       raise ConversionError(f'cannot unpickle {path}: {_first_line(e)}') from None
     raise ConversionError(
         f'{path} holds Python objects besides tensors, and unpickling them can run code from '
-        'the file; if you trust it, pass --trust_pickle (trust_pickle=True in Python)') from None
+        'the file; if you trust it, allow it: --config.model.trust_pickle=true for run.py, '
+        '--trust_pickle for python -m converters, trust_pickle=True in Python') from None
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     raise ConversionError(f'cannot read {path}: truncated or not a PyTorch checkpoint '
                           f'({_first_line(e)})') from None

@@ -1,25 +1,27 @@
-"""The run configuration every config file starts from: the paper's protocol.
+"""The run configuration: the defaults every config file starts from (the paper's protocol), and
+the check that turns a config into typed, validated fields before anything is written.
 
     config = lc_jax.config.default()
     config.model.checkpoint = '/ckpt/resnet50.pth'
+    settings = lc_jax.config.check(config)      # a RunConfig, or one UserError naming the problem
 
-Fields:
+Fields (RunConfig):
 - model: checkpoint (a file, or bundled:NAME), arch (empty: inferred), id (the row label in
   results; empty: the checkpoint's file name), trust_pickle;
 - data: see lc_jax.data.config (source, path, num_images, batch_size, seed, order, sizes, ...);
 - reset: mode (fresh, zero, checkpoint, interpolate, skip), layer_types ('conv,linear'; add
   batchnorm for the reference code's default), layers (a pattern; empty: all), granularity
   (layer, block, stage), init_scheme (empty: the architecture's), init_checkpoint (for mode
-  checkpoint), alpha (the trained weights' share for mode interpolate);
+  checkpoint), alpha (the trained weights' share for mode interpolate, in [0, 1]);
 - trials, seed: trial t of a random mode draws its fresh model from fold_in(key(seed), t);
 - matmul_precision: 'highest' keeps float32 exact on GPU/TPU too;
 - precision: 'float32' (exact, the default) or 'bfloat16' (faster on accelerators; weights stay
   float32, activations and matmuls run in bfloat16);
 - reuse_prefix: a reset of a layer re-runs the network only from the block that contains it, on
   the original model's activations there (results are identical; False re-runs it all);
-- spread_resets: split the devices (one process's) into this many groups, each evaluating other resets
-  on the whole batch (for batches small next to the device count); 1: every device takes a
-  slice of every batch;
+- spread_resets: split the devices into this many groups, each evaluating other resets on the
+  whole batch (for batches small next to the device count); 1: every device takes a slice of
+  every batch;
 - chunk_size: run each batch through the model in chunks of at most this many images (0: whole
   batches). Bounds the activation the walk keeps and each segment's temporaries for a large
   data.batch_size; the numbers are the same within float32 rounding (a batch is only the unit
@@ -27,27 +29,215 @@ Fields:
 - progress: print progress lines; cache_dir: where decoded images are cached (empty: default).
 """
 
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Mapping
+
 import ml_collections
 
-from lc_jax import data
+from lc_jax.data.config import DataConfig
+from lc_jax.errors import UserError
+
+GRANULARITIES = ('layer', 'block', 'stage')
+MATMUL_PRECISIONS = ('highest', 'high', 'default', 'float32', 'tensorfloat32', 'bfloat16')
+PRECISIONS = ('float32', 'bfloat16')
+RANDOM_MODES = ('fresh', 'interpolate')
+# Fields that change how a run is shown or how fast it goes, not what it measures: a workdir
+# may be resumed with other values.
+NOT_MEASURED = ('progress', 'cache_dir', 'reuse_prefix', 'spread_resets', 'chunk_size',
+                'data.workers')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Which checkpoint, as which architecture, under which name."""
+
+  checkpoint: str = ''
+  arch: str = ''
+  id: str = ''
+  trust_pickle: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ResetConfig:
+  """What is reset, and how."""
+
+  mode: str = 'fresh'
+  layer_types: str = 'conv,linear'
+  layers: str = ''
+  granularity: str = 'layer'
+  init_scheme: str = ''
+  init_checkpoint: str = ''
+  alpha: float = 0.0
+
+  @property
+  def types(self) -> list[str]:
+    """layer_types as a list; skip brings in the BatchNorm layers it zeroes."""
+    types = [t.strip() for t in self.layer_types.split(',') if t.strip()]
+    if self.mode == 'skip' and 'batchnorm' not in types:
+      types.append('batchnorm')
+    return types
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A checked run configuration (see the module docstring)."""
+
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  reset: ResetConfig = ResetConfig()
+  trials: int = 3
+  seed: int = 0
+  matmul_precision: str = 'highest'
+  precision: str = 'float32'
+  reuse_prefix: bool = True
+  spread_resets: int = 1
+  chunk_size: int = 0
+  progress: bool = True
+  cache_dir: str = ''
+
+  @property
+  def num_trials(self) -> int:
+    """Trials run: the deterministic modes give the same numbers every time, so one."""
+    return self.trials if self.reset.mode in RANDOM_MODES else 1
+
+  def measured(self) -> dict[str, Any]:
+    """The fields that change the numbers (all but NOT_MEASURED), as a plain dict."""
+    fields = dataclasses.asdict(self)
+    for name in NOT_MEASURED:
+      *parents, last = name.split('.')
+      holder = fields
+      for parent in parents:
+        holder = holder[parent]
+      holder.pop(last)
+    return fields
 
 
 def default() -> ml_collections.ConfigDict:
   """The paper's protocol: 10,000 ImageNet val images, conv + linear layers, fresh, 3 trials."""
-  config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict({
-      'checkpoint': '', 'arch': '', 'id': '', 'trust_pickle': False})
-  config.data = data.default_config()
-  config.reset = ml_collections.ConfigDict({
-      'mode': 'fresh', 'layer_types': 'conv,linear', 'layers': '', 'granularity': 'layer',
-      'init_scheme': '', 'init_checkpoint': '', 'alpha': 0.0})
-  config.trials = 3
-  config.seed = 0
-  config.matmul_precision = 'highest'
-  config.precision = 'float32'
-  config.reuse_prefix = True
-  config.spread_resets = 1
-  config.chunk_size = 0
-  config.progress = True
-  config.cache_dir = ''
-  return config
+  return ml_collections.ConfigDict(dataclasses.asdict(RunConfig()))
+
+
+def check(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig) -> RunConfig:
+  """`config` as a RunConfig, every value checked that can be without heavy work: names, types,
+  ranges, the files it names. Raises one UserError naming the first problem (an unknown key
+  with the closest known one)."""
+  if isinstance(config, RunConfig):
+    return config
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  _refuse_unknown(values, RunConfig, '')
+  model = ModelConfig(**_typed(values.get('model', {}), ModelConfig, 'model'))
+  reset_ = ResetConfig(**_typed(values.get('reset', {}), ResetConfig, 'reset'))
+  data = DataConfig.from_config(values.get('data', {}))
+  top = {k: v for k, v in values.items() if k not in ('model', 'reset', 'data')}
+  run = RunConfig(model=model, data=data, reset=reset_, **_typed(top, RunConfig, ''))
+  _check_values(run)
+  return run
+
+
+def _refuse_unknown(values: Mapping[str, Any], cls, prefix: str) -> None:
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  for key, value in values.items():
+    if key not in fields:
+      close = difflib.get_close_matches(key, list(fields), n=1)
+      hint = f'; did you mean {prefix}{close[0]}?' if close else ''
+      raise UserError(f'unknown config key {prefix}{key}{hint}')
+    default = fields[key].default
+    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+      _refuse_unknown(value, type(default), f'{prefix}{key}.')
+
+
+def _typed(values: Mapping[str, Any], cls, prefix: str) -> dict[str, Any]:
+  """The scalar fields of `values`, each of its dataclass field's type (an int is a float)."""
+  typed = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in values or dataclasses.is_dataclass(field.default):
+      continue
+    value, kind = values[field.name], type(field.default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+      raise UserError(f'config {prefix and prefix + "."}{field.name} must be a {kind.__name__}, '
+                      f'got {value!r}')
+    typed[field.name] = value
+  return typed
+
+
+def _check_values(run: RunConfig) -> None:
+  # Imported here: these modules import JAX, the dataclasses above do not need it.
+  from lc_jax import init  # pylint: disable=g-import-not-at-top
+  from lc_jax import layers  # pylint: disable=g-import-not-at-top
+  from lc_jax import models  # pylint: disable=g-import-not-at-top
+  from lc_jax import reset  # pylint: disable=g-import-not-at-top
+
+  model, reset_ = run.model, run.reset
+  if not model.checkpoint:
+    raise UserError('no checkpoint is set: give --config.model.checkpoint=PATH (a .pth, .pt, '
+                    '.pth.tar, .ckpt or .safetensors file, or bundled:NAME)')
+  _check_checkpoint(model.checkpoint, 'model.checkpoint')
+  if model.arch and model.arch not in models.names():
+    close = difflib.get_close_matches(model.arch, models.names(), n=3)
+    raise UserError(f'unknown architecture model.arch={model.arch!r}'
+                    + (f'; did you mean {", ".join(close)}?' if close else '')
+                    + f' (known: {", ".join(models.names())})')
+  reset.check_mode(reset_.mode)
+  if not reset_.types:
+    raise UserError(f'reset.layer_types is empty: give one or more of '
+                    f'{", ".join(layers.TYPES)}, comma-separated (the paper: conv,linear)')
+  unknown = [t for t in reset_.types if t not in layers.TYPES]
+  if unknown:
+    raise UserError(f'unknown layer type {unknown[0]!r} in reset.layer_types; choose from '
+                    f'{", ".join(layers.TYPES)}')
+  if reset_.granularity not in GRANULARITIES:
+    raise UserError(f'unknown reset.granularity {reset_.granularity!r}; choose from '
+                    f'{", ".join(GRANULARITIES)}')
+  if reset_.mode == 'skip' and reset_.granularity != 'block':
+    raise UserError('reset.mode=skip removes whole residual blocks: set reset.granularity=block')
+  if reset_.init_scheme:
+    init.scheme(reset_.init_scheme)
+  if reset_.mode == 'checkpoint':
+    if not reset_.init_checkpoint:
+      raise UserError('reset.mode=checkpoint needs reset.init_checkpoint=PATH')
+    _check_checkpoint(reset_.init_checkpoint, 'reset.init_checkpoint')
+  if not 0.0 <= reset_.alpha <= 1.0:
+    raise UserError(f'reset.alpha={reset_.alpha} must lie in [0, 1] (the trained weights\' '
+                    'share: 0 is the reset, 1 the trained layer)')
+  if run.trials <= 0:
+    raise UserError(f'trials={run.trials}: give a positive number of trials')
+  if not 0 <= run.seed < 2**32:
+    raise UserError(f'seed={run.seed} must lie in [0, 2^32)')
+  if run.matmul_precision not in MATMUL_PRECISIONS:
+    raise UserError(f'unknown matmul_precision {run.matmul_precision!r}; choose from '
+                    f'{", ".join(MATMUL_PRECISIONS)}')
+  if run.precision not in PRECISIONS:
+    raise UserError(f'unknown precision {run.precision!r}; choose from {", ".join(PRECISIONS)}')
+  if run.spread_resets < 1:
+    raise UserError(f'spread_resets={run.spread_resets}: give a positive number of groups')
+  if run.chunk_size < 0:
+    raise UserError(f'chunk_size={run.chunk_size!r}: give a number of images, or 0 for whole '
+                    'batches')
+  if run.cache_dir:
+    _check_folder(run.cache_dir, 'cache_dir')
+
+
+def _check_checkpoint(source: str, field: str) -> None:
+  if source.startswith('bundled:'):
+    return  # resolved (and an unknown name refused) by the converter
+  path = os.path.abspath(os.path.expanduser(source))
+  if not os.path.exists(path):
+    raise UserError(f'{field}: checkpoint not found: {path}')
+  if not os.path.isfile(path):
+    raise UserError(f'{field}: {path} is a folder, not a checkpoint file')
+
+
+def _check_folder(folder: str, field: str) -> None:
+  """Refuses a folder path that is, or lies under, a file. (A read-only folder may be fine: a
+  cache that holds every entry needed is only read; writing fails in one line if it is not.)"""
+  path = os.path.abspath(os.path.expanduser(folder))
+  while not os.path.exists(path):  # the nearest existing ancestor decides
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise UserError(f'{field}: {path} is a file, not a folder')

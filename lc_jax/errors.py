@@ -1,10 +1,21 @@
-"""The one error type a user can cause and fix; entry points print it on one line and exit 1."""
+"""The one error type a user can cause and fix; entry points print it on one line and exit 1.
+
+    if __name__ == '__main__':
+      app.run(main, flags_parser=errors.parse_flags)   # main wrapped in @errors.exits_cleanly
+
+Bad flags (an unknown config key, a value of the wrong type, a config file that does not load)
+end the same way, and Ctrl-C ends in one line and exit status 130.
+"""
 
 import functools
+import re
 import sys
+from typing import Sequence
 
 from absl import flags
 from absl import logging
+
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
 class UserError(Exception):
@@ -15,8 +26,15 @@ class UserError(Exception):
   """
 
 
+def fail(message: str, status: int = 1):
+  """Prints `error: message` on stderr and exits with `status`."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
 def exits_cleanly(main):
-  """Wraps an absl `main` so a UserError ends in one line on stderr and exit status 1."""
+  """Wraps an absl `main` so a UserError ends in one line on stderr and exit status 1, and
+  Ctrl-C in one line and status 130 (what was written durably stays; the run resumes)."""
 
   @functools.wraps(main)
   def wrapper(*args, **kwargs):
@@ -27,7 +45,78 @@ def exits_cleanly(main):
     try:
       return main(*args, **kwargs)
     except UserError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(1)
+      fail(str(e))
+    except KeyboardInterrupt:
+      fail('interrupted; run the same command to resume', INTERRUPTED)
 
   return wrapper
+
+
+_CONFIG_FLAGS: list[str] = []
+
+
+def define_config_file(name: str, default: str, help_text: str):
+  """ml_collections' DEFINE_config_file, with a misspelt override (`--config.reset.mdoe=zero`,
+  seen as the flag is defined) ending in one line that names the closest known key."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    holder = config_flags.DEFINE_config_file(name, default, help_text)
+  except (AttributeError, KeyError) as e:
+    fail(_unknown_key(str(e), sys.argv))
+  _CONFIG_FLAGS.append(name)
+  return holder
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing (pass as `app.run(..., flags_parser=parse_flags)`), with every error
+  as one line: a misspelt config key with the closest known one, a wrong value, a config file
+  that is missing or fails to load."""
+  try:
+    remaining = flags.FLAGS(argv)
+  except KeyboardInterrupt:
+    fail('interrupted', INTERRUPTED)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
+    fail(_unknown_key(str(e), argv))
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # A config file that raised: its traceback ends with the exception's own line.
+    fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}')
+  except Exception as e:  # pylint: disable=broad-except  # a config file that does not compile
+    fail(f'the config file failed to load: {type(e).__name__}: {str(e).splitlines()[0]}')
+  # Config files load lazily: load them now, so a missing one fails here, in one line.
+  for name in _CONFIG_FLAGS:
+    try:
+      flags.FLAGS[name].value.keys()
+    except OSError as e:
+      fail(_config_file_error(str(e), argv))
+    except Exception as e:  # pylint: disable=broad-except  # the config file itself raised
+      fail(f'the config file failed to load: {type(e).__name__}: {str(e).splitlines()[0]}')
+  return remaining
+
+
+def _unknown_key(message: str, argv: Sequence[str]) -> str:
+  text = message.encode().decode('unicode_escape') if '\\n' in message else message
+  key = re.search(r"'([^'\\]+)", text)
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  name = key.group(1) if key else '?'
+  for arg in argv:
+    match = re.match(r'--(\w+)\.([\w.]+)', arg)
+    if match and name in match.group(2).split('.'):
+      path = match.group(2).split('.')
+      shown = '.'.join(path[:path.index(name) + 1])
+      suggestion = ''
+      if hint:
+        path[path.index(name)] = hint.group(1)
+        suggestion = f'; did you mean {".".join(path[:path.index(hint.group(1)) + 1])}?'
+      return f'unknown config key {shown}{suggestion}'
+  return f'unknown config key {name}' + (f'; did you mean {hint.group(1)}?' if hint else '')
+
+
+def _config_file_error(message: str, argv: Sequence[str]) -> str:
+  given = next((a.split('=', 1)[1] for a in argv if re.match(r'--\w+=', a)
+                and a.split('=', 1)[0] in ('--config',)), None)
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  if 'No such file' in message:
+    where = (given or 'the default config file').split(':')[0]
+    return f'config file not found: {where} (give a path relative to the current folder, or absolute)'
+  return f'the config file {given or ""} failed to load: {lines[-1] if lines else message}'

@@ -20,6 +20,7 @@ runs T + 1 full forwards and decodes the images T + 1 times.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -29,6 +30,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -36,6 +38,7 @@ import ml_collections
 import numpy as np
 
 import converters
+from lc_jax import config as lc_config
 from lc_jax import data
 from lc_jax import evaluate
 from lc_jax import init
@@ -44,13 +47,10 @@ from lc_jax import metrics
 from lc_jax import models
 from lc_jax import reset
 from lc_jax import results
+from lc_jax import schema
+from lc_jax import workdir as workdir_lib
+from lc_jax.config import RunConfig
 from lc_jax.errors import UserError
-
-# Config fields that change how a run is shown or how fast it goes, not what it measures: a
-# workdir may be resumed with other values.
-NOT_MEASURED = {'progress': None, 'cache_dir': None, 'reuse_prefix': None,
-                'spread_resets': None, 'chunk_size': None, 'data': ('workers',)}
-RANDOM_MODES = ('fresh', 'interpolate')
 
 
 @dataclasses.dataclass
@@ -60,40 +60,51 @@ class Model:
   module: Any
   variables: dict
   card: dict
-  arch: models.Architecture
+  spec: models.Architecture
   layers: list[layers_lib.Layer]
   model_id: str
 
 
-def prepare_model(config: ml_collections.ConfigDict, workdir: str,
+def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
                   source_sha256: str | None = None) -> Model:
   """Converts `config.model.checkpoint` into WORKDIR/model, or reuses an earlier conversion of
-  the same file (same sha256, computed here unless given), and returns the model with its layer
-  inventory. With several processes the first converts and the others wait, then all read it."""
+  the same file (same sha256, computed here unless given; same lc-jax version; variables that
+  match their recorded digest), and returns the model with its layer inventory. A damaged
+  conversion is made again. With several processes the first converts and the others wait,
+  then read it."""
+  settings = lc_config.check(config)
   model_dir = os.path.join(workdir, 'model')
 
   def convert():
     if jax.process_index() != 0:
-      return
-    card = models.store.read_card(model_dir)
-    source = converters.reader.resolve(config.model.checkpoint)
-    sha256 = source_sha256
-    if sha256 is None and os.path.isfile(source):
-      sha256 = converters.reader.sha256(source)
-    reusable = (card and card['arch'] == (config.model.arch or card['arch'])
-                and card['sha256'] == sha256)
-    if not reusable:
-      arch, variables, card = converters.convert(
-          config.model.checkpoint, config.model.arch or None,
-          trust_pickle=config.model.trust_pickle)
-      converters.save(model_dir, arch, variables, card, overwrite=True)
-  agreed('converting the checkpoint', convert)
+      return None
+    source = converters.reader.resolve(settings.model.checkpoint)
+    sha256 = source_sha256 or converters.reader.sha256(source)
+    try:
+      card = models.store.read_card(model_dir)
+      if (card and card.get('arch') == (settings.model.arch or card.get('arch'))
+          and card.get('sha256') == sha256 and card.get('lc_jax_version') == _version()):
+        return models.load(model_dir)
+    except UserError as e:  # its source is known: make it again
+      logging.warning('%s; converting it again', e)
+      print(f'{model_dir} was damaged; converting the checkpoint again', file=sys.stderr)
+    arch, variables, card = converters.convert(
+        settings.model.checkpoint, settings.model.arch or None,
+        trust_pickle=settings.model.trust_pickle)
+    converters.save(model_dir, arch, variables, card, overwrite=True)
+    return models.load(model_dir)
+  loaded = agreed('converting the checkpoint', convert)
   module, variables, card = agreed('reading the converted model',
-                                   lambda: models.load(model_dir))
+                                   lambda: loaded or models.load(model_dir))
   spec = models.get(card['arch'])
-  model_id = config.model.id or _default_id(config.model.checkpoint)
+  model_id = settings.model.id or _default_id(settings.model.checkpoint)
   return Model(module, jax.tree.map(jnp.asarray, variables), card, spec,
                layers_lib.inventory(module, spec.block_depth), model_id)
+
+
+def _version() -> str:
+  import lc_jax  # pylint: disable=g-import-not-at-top
+  return lc_jax.__version__
 
 
 def agreed(step: str, work: Callable[[], Any]) -> Any:
@@ -124,6 +135,14 @@ def _same_everywhere(state: Any, what: str) -> None:
                       'every host sees, up to date (a shared filesystem)')
 
 
+def _content(info: data.DataInfo) -> str:
+  """The digest of every host's images' bytes (each host hashed its own part)."""
+  if jax.process_count() == 1 or not info.content:
+    return info.content
+  parts = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(info.content), np.uint8))
+  return data.loader.combine_content(parts)
+
+
 def _default_id(checkpoint: str) -> str:
   name = os.path.basename(checkpoint.split('bundled:')[-1])
   for suffix in ('.safetensors', '.pth.tar', '.pth', '.pt', '.ckpt', '.tar'):
@@ -132,59 +151,34 @@ def _default_id(checkpoint: str) -> str:
   return name
 
 
-def reset_source(config: ml_collections.ConfigDict, model: Model, trial: int) -> dict | None:
-  """The weights a reset of trial `trial` draws from: a fresh model, a checkpoint, or none
-  (for a config that passed `check`)."""
-  mode = config.reset.mode
-  if mode in RANDOM_MODES:
-    scheme = config.reset.init_scheme or model.arch.init_scheme
-    key = jax.random.fold_in(jax.random.key(config.seed), trial)
+def reset_source(settings: RunConfig, model: Model, trial: int) -> dict | None:
+  """The weights a reset of trial `trial` draws from: a fresh model, a checkpoint, or none."""
+  mode = settings.reset.mode
+  if mode in lc_config.RANDOM_MODES:
+    scheme = settings.reset.init_scheme or model.spec.init_scheme
+    key = jax.random.fold_in(jax.random.key(settings.seed), trial)
     return init.fresh_variables(model.layers, scheme, key)
   if mode == 'checkpoint':
-    _, variables, _ = converters.convert(config.reset.init_checkpoint, model.card['arch'],
-                                         trust_pickle=config.model.trust_pickle)
+    _, variables, _ = converters.convert(settings.reset.init_checkpoint, model.card['arch'],
+                                         trust_pickle=settings.model.trust_pickle)
     return variables
   return None
 
 
-def select_targets(config: ml_collections.ConfigDict, model: Model) -> list[layers_lib.Target]:
+def select_targets(settings: RunConfig, model: Model) -> list[layers_lib.Target]:
   """The reset targets of the run, in forward order."""
-  granularity = config.reset.granularity
-  if config.reset.mode == 'skip' and granularity != 'block':
-    raise UserError('reset.mode=skip removes whole residual blocks: set reset.granularity=block')
-  types = [t for t in str(config.reset.layer_types).split(',') if t.strip()]
-  if config.reset.mode == 'skip' and 'batchnorm' not in types:
-    types.append('batchnorm')  # skipping zeroes the branch's last BatchNorm
-  targets = layers_lib.select(model.layers, types, config.reset.layers, granularity)
-  if config.reset.mode == 'skip':  # the stem and head have no shortcut to return
+  targets = layers_lib.select(model.layers, settings.reset.types, settings.reset.layers,
+                              settings.reset.granularity)
+  if settings.reset.mode == 'skip':  # the stem and head have no shortcut to return
     targets = [t for t in targets if any(layer.residual for layer in t.layers)]
   return targets
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-  """Refuses settings that cannot run, before anything is written to the workdir."""
-  evaluate.compute_dtype(config.get('precision', 'float32'))
-  reset.check_mode(config.reset.mode)
-  if config.reset.mode == 'checkpoint' and not config.reset.init_checkpoint:
-    raise UserError('reset.mode=checkpoint needs reset.init_checkpoint=PATH')
-  if config.reset.init_scheme:
-    init.scheme(config.reset.init_scheme)
-  evaluate.local_mesh(config.get('spread_resets', 1))  # the groups must divide the devices
-  chunk_size = config.get('chunk_size', 0)
-  if not isinstance(chunk_size, int) or chunk_size < 0:
-    raise UserError(f'chunk_size={chunk_size!r}: give a number of images, or 0 for whole batches')
-
-
-def measured_config(config: ml_collections.ConfigDict) -> dict:
-  """The config without the fields that do not change the numbers (see NOT_MEASURED)."""
-  measured = config.to_dict()
-  for key, subkeys in NOT_MEASURED.items():
-    if subkeys is None:
-      measured.pop(key, None)
-    else:
-      for subkey in subkeys:
-        measured.get(key, {}).pop(subkey, None)
-  return measured
+def check(config: ml_collections.ConfigDict | RunConfig) -> RunConfig:
+  """The checked settings of `config` (lc_jax.config.check), and a device layout that fits."""
+  settings = lc_config.check(config)
+  evaluate.local_mesh(settings.spread_resets)  # the groups must divide the devices
+  return settings
 
 
 def _versions() -> dict[str, str]:
@@ -197,139 +191,155 @@ def _versions() -> dict[str, str]:
   return found
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-  """Runs (or resumes) the experiment of `config` in `workdir`; returns all result rows."""
+def run(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> list[dict[str, Any]]:
+  """Runs (or resumes) the experiment of `config` in `workdir`; returns all result rows.
+
+  Every setting is checked before the workdir is touched; the first process then holds the
+  workdir's lock for the whole run (a second run on it is refused at once)."""
+  settings = check(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   primary = jax.process_index() == 0  # with several processes (hosts), the one that writes
-  show = config.get('progress', True) and primary
-  check(config)
-  with jax.default_matmul_precision(config.get('matmul_precision', 'highest')):
-    # ---------------------------------------------------------------- model and images --------
-    # Refuse another run's workdir before the conversion overwrites its model.
-    source = converters.reader.resolve(config.model.checkpoint)
-    sha256 = converters.reader.sha256(source) if os.path.isfile(source) else None
-    results.refuse_other_run(workdir, {'config': measured_config(config),
-                                       **({'checkpoint_sha256': sha256} if sha256 else {})})
-    model = prepare_model(config, workdir, sha256)
-    targets = select_targets(config, model)
-    def load_images():  # each host its own part of every batch
-      images, labels, info = data.load(
-          config.data, cache_dir=config.get('cache_dir') or None,
-          process_index=jax.process_index(), process_count=jax.process_count(), progress=show)
-      if info.num_images == 0:
-        raise UserError('the image set is empty')
-      num_classes = int(model.card['num_classes'])
-      if labels is not None and labels.size and int(labels.max()) >= num_classes:
-        raise UserError(f'the images have labels up to {int(labels.max())} but the model has '
-                        f'{num_classes} classes; point data.path at a matching image set')
-      return images, labels, info
-    images, labels, info = agreed('loading the images', load_images)
-    trials = config.trials if config.reset.mode in RANDOM_MODES else 1
-    run_info = {
-        'config': measured_config(config), 'checkpoint_sha256': model.card['sha256'],
-        'images': info.fingerprint, 'targets': [t.name for t in targets],
-        'arch': model.card['arch'], 'model_id': model.model_id, 'num_images': info.num_images,
-        'image_cache': info.cache_path, 'versions': _versions()}
-    if jax.process_count() > 1:
-      run_info['processes'] = jax.process_count()
-    # The writer opens the workdir (and cuts a line a kill left half-written) before the others
-    # read it.
-    writer = agreed('opening the workdir',
-                    lambda: results.Store(workdir, run_info) if primary else None)
-    reader = agreed('reading the workdir',
-                    lambda: None if primary else results.Store(workdir, run_info, writer=False))
-    store = writer if primary else reader
-
-    module = evaluate.with_precision(model.module, config.get('precision', 'float32'))
-    forward = evaluate.Forward(module, model.layers,
-                               evaluate.local_mesh(config.get('spread_resets', 1)))
-    model.variables = variables = forward.replicate(model.variables)  # one copy, not two
-    has_labels = labels is not None
-
-    # A batch runs through the model in chunks of at most config.chunk_size images.
-    rows = chunk_rows(info.local_batch_size, config.get('chunk_size', 0), forward.local_devices)
-
-    def chunks(batch):
-      return [tuple(forward.put(part) for part in chunk) for chunk in split(batch, rows)]
-
-    # ---------------------------------------------------------------- the original ------------
-    # Its logits on every chunk are the reference of every reset (kept on the device).
-    reference, total = [], None
-    for batch in data.batches(images, labels, info):
-      reference.append([])
-      for x, y, mask in chunks(batch):
-        reference[-1].append(forward(variables, x))
-        logits = reference[-1][-1]
-        total = metrics.accumulate(total, metrics.per_image(logits, logits, y, mask))
-    original = metrics.finalize(total, has_labels)
-    original['recovered_acc'] = 1.0 if has_labels else float('nan')
-    if not store.done(0, results.ORIGINAL):
-      store.append(_row(model, info, results.ORIGINAL, 0, 'none', None, original))
-
-    # ---------------------------------------------------------------- resets ------------------
-    # Batch by batch, the original model runs segment by segment; a reset of a layer in segment
-    # k re-runs the network from k on that segment's input (or from the images without prefix
-    # reuse). Rows are in the order of the targets, trials within a target.
-    reuse = config.get('reuse_prefix', True)
-    todo: dict[int, list[tuple[int, layers_lib.Target]]] = {}
-    for target in targets:
-      start = forward.start(target) if reuse else 0
-      todo.setdefault(start, []).extend(
-          (trial, target) for trial in range(trials) if not store.done(trial, target.name))
-    todo = {k: items for k, items in sorted(todo.items()) if items}
-    pending = [_key(t, target) for items in todo.values() for t, target in items]
-    first_batch, sums = (store.load_partial(pending, info.num_batches, metrics.SUMS)
-                         if pending else (0, {}))
-    _same_everywhere([pending, first_batch], 'states of results.csv and partial.json')
-    def source(trial):  # placed on the mesh once, not at every use
-      tree = reset_source(config, model, trial)
-      return None if tree is None else forward.replicate(tree)
-    resets = {trial: reset.make(config.reset.mode, model.layers, source=source(trial),
-                                alpha=config.reset.alpha)
-              for trial in sorted({t for items in todo.values() for t, _ in items})}
-    num_chunks = len(reference[0])
-    if show and todo:
-      shape = (rows + -rows % forward.local_devices, *images.shape[1:])
-      kept = forward.input_bytes(variables, jax.ShapeDtypeStruct(shape, jnp.uint8))
-      what = (f'a batch of {shape[0]}' if num_chunks == 1 else
-              f'a chunk of {shape[0]} ({num_chunks} per batch of {info.local_batch_size})')
-      print((f'prefix reuse: {len(forward.names)} segments; the walk keeps one activation, '
-             if reuse else 'no prefix reuse: every reset runs from the images; the largest '
-             'segment input is ') + f'at most {max(kept) / 2**20:.0f} MiB for {what}',
-            file=sys.stderr)
-    progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks,
-                         show)
-    starts = list(todo)  # segments with resets, in order
-    for b, batch in enumerate(data.batches(images, labels, info)):
-      if b < first_batch or not todo:
-        continue
-      for c, (x, y, mask) in enumerate(chunks(batch)):
-        final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
-        h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
-        for k, next_k in zip(starts, starts[1:] + [None]):
-          items = todo[k]
-          logits = forward.many([resets[t](variables, target) for t, target in items], h, k)
-          values = [metrics.per_image(reference[b][c], z, y, mask) for z in logits]
-          if next_k is not None:  # dispatched before the values are read: the device keeps busy
-            h = forward(variables, h, k, next_k)
-          for (trial, target), new in zip(items, values):
-            key = _key(trial, target)
-            sums[key] = metrics.accumulate(sums.get(key), new)
-            if final:
-              measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
-              store.append(_row(model, info, target.name, trial, config.reset.mode, target,
-                                measured))
-              progress.row(f'trial {trial} {target.name}', measured['criticality'])
-          if not final:
-            progress.segment(b, c, forward.names[k], len(items))
-      if b < info.num_batches - 1:
-        store.save_partial(b + 1, sums)
-    missing = [key for key in pending if not store.done(*_unkey(key))]
-    if missing:
-      raise RuntimeError(f'{len(missing)} resets were not written, e.g. {missing[0]}')
-    store.clear_partial()
-  store.close()
+  lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
+  with lock, jax.default_matmul_precision(settings.matmul_precision):
+    store = None
+    try:
+      store, model, images, labels, info, targets = _open(settings, workdir, primary)
+      _evaluate(settings, store, model, images, labels, info, targets, primary)
+    finally:
+      if store is not None:
+        store.close()
   return store.rows
+
+
+def _open(settings: RunConfig, workdir: str, primary: bool):
+  """The run's store, model, images and targets; refuses another run's workdir before its
+  model is converted into it."""
+  show = settings.progress and primary
+  source = converters.reader.resolve(settings.model.checkpoint)
+  sha256 = converters.reader.sha256(source)
+  results.refuse_other_run(workdir, {'config': settings.measured(), 'checkpoint_sha256': sha256})
+  model = prepare_model(settings, workdir, sha256)
+  targets = select_targets(settings, model)
+
+  def load_images():  # each host its own part of every batch
+    images, labels, info = data.load(
+        settings.data, cache_dir=settings.cache_dir or None,
+        process_index=jax.process_index(), process_count=jax.process_count(), progress=show)
+    if info.num_images == 0:
+      raise UserError('the image set is empty')
+    num_classes = int(model.card['num_classes'])
+    if labels is not None and labels.size and int(labels.max()) >= num_classes:
+      raise UserError(f'the images have labels up to {int(labels.max())} but the model has '
+                      f'{num_classes} classes; point data.path at a matching image set')
+    return images, labels, info
+  images, labels, info = agreed('loading the images', load_images)
+  run_info = {
+      'config': settings.measured(), 'checkpoint_sha256': model.card['sha256'],
+      'images': {'fingerprint': info.fingerprint, 'content': _content(info)},
+      'targets': [t.name for t in targets],
+      'arch': model.card['arch'], 'model_id': model.model_id, 'num_images': info.num_images,
+      'skipped_images': info.skipped, 'image_cache': info.cache_path, 'versions': _versions()}
+  if jax.process_count() > 1:
+    run_info['processes'] = jax.process_count()
+  # The writer opens the workdir (and cuts a line a kill left half-written) before the others
+  # read it.
+  writer = agreed('opening the workdir',
+                  lambda: results.Store(workdir, run_info) if primary else None)
+  reader = agreed('reading the workdir',
+                  lambda: None if primary else results.Store(workdir, run_info, writer=False))
+  return writer or reader, model, images, labels, info, targets
+
+
+def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, labels, info,
+              targets: list[layers_lib.Target], primary: bool) -> None:
+  """The original's row, then every (trial, target) row not yet in the store."""
+  show = settings.progress and primary
+  module = evaluate.with_precision(model.module, settings.precision)
+  forward = evaluate.Forward(module, model.layers, evaluate.local_mesh(settings.spread_resets))
+  model.variables = variables = forward.replicate(model.variables)  # one copy, not two
+  has_labels = labels is not None
+  trials = settings.num_trials
+
+  # A batch runs through the model in chunks of at most settings.chunk_size images.
+  chunk = chunk_rows(info.local_batch_size, settings.chunk_size, forward.local_devices)
+
+  def chunks(batch):
+    return [tuple(forward.put(part) for part in piece) for piece in split(batch, chunk)]
+
+  # ---------------------------------------------------------------- the original --------------
+  # Its logits on every chunk are the reference of every reset (kept on the device).
+  reference, total = [], None
+  for batch in data.batches(images, labels, info):
+    reference.append([])
+    for x, y, mask in chunks(batch):
+      reference[-1].append(forward(variables, x))
+      total = metrics.accumulate(total, metrics.per_image(reference[-1][-1], None, y, mask))
+  original = metrics.finalize(total, has_labels)
+  original['recovered_acc'] = 1.0 if has_labels else float('nan')
+  evaluated = int(total['count'])  # the images that decoded
+  if not store.done(0, schema.ORIGINAL):
+    store.append(_row(model, evaluated, schema.ORIGINAL, 0, 'none', None, original))
+
+  # ---------------------------------------------------------------- resets --------------------
+  # Batch by batch, the original model runs segment by segment; a reset of a layer in segment
+  # k re-runs the network from k on that segment's input (or from the images without prefix
+  # reuse). Rows are in the order of the targets, trials within a target.
+  todo: dict[int, list[tuple[int, layers_lib.Target]]] = {}
+  for target in targets:
+    start = forward.start(target) if settings.reuse_prefix else 0
+    todo.setdefault(start, []).extend(
+        (trial, target) for trial in range(trials) if not store.done(trial, target.name))
+  todo = {k: items for k, items in sorted(todo.items()) if items}
+  pending = [_key(t, target) for items in todo.values() for t, target in items]
+  first_batch, sums = (store.load_partial(pending, info.num_batches, metrics.SUMS)
+                       if pending else (0, {}))
+  _same_everywhere([pending, first_batch], 'states of results.csv and partial.json')
+  def source(trial):  # placed on the mesh once, not at every use
+    tree = reset_source(settings, model, trial)
+    return None if tree is None else forward.replicate(tree)
+  resets = {trial: reset.make(settings.reset.mode, model.layers, source=source(trial),
+                              alpha=settings.reset.alpha)
+            for trial in sorted({t for items in todo.values() for t, _ in items})}
+  num_chunks = len(reference[0])
+  if show and todo:
+    shape = (chunk + -chunk % forward.local_devices, *images.shape[1:])
+    kept = forward.input_bytes(variables, jax.ShapeDtypeStruct(shape, jnp.uint8))
+    what = (f'a batch of {shape[0]}' if num_chunks == 1 else
+            f'a chunk of {shape[0]} ({num_chunks} per batch of {info.local_batch_size})')
+    print((f'prefix reuse: {len(forward.names)} segments; the walk keeps one activation, '
+           if settings.reuse_prefix else 'no prefix reuse: every reset runs from the images; '
+           'the largest segment input is ') + f'at most {max(kept) / 2**20:.0f} MiB for {what}',
+          file=sys.stderr)
+  progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks, show)
+  starts = list(todo)  # segments with resets, in order
+  for b, batch in enumerate(data.batches(images, labels, info)):
+    if b < first_batch or not todo:
+      continue
+    for c, (x, y, mask) in enumerate(chunks(batch)):
+      final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
+      h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
+      for k, next_k in zip(starts, starts[1:] + [None]):
+        items = todo[k]
+        logits = forward.many([resets[t](variables, target) for t, target in items], h, k)
+        values = [metrics.per_image(reference[b][c], z, y, mask) for z in logits]
+        if next_k is not None:  # dispatched before the values are read: the device keeps busy
+          h = forward(variables, h, k, next_k)
+        for (trial, target), new in zip(items, values):
+          key = _key(trial, target)
+          sums[key] = metrics.accumulate(sums.get(key), new)
+          if final:
+            measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
+            store.append(_row(model, evaluated, target.name, trial, settings.reset.mode,
+                              target, measured))
+            progress.row(f'trial {trial} {target.name}', measured['criticality'])
+        if not final:
+          progress.segment(b, c, forward.names[k], len(items))
+    if b < info.num_batches - 1:
+      store.save_partial(b + 1, sums)
+  missing = [key for key in pending if not store.done(*_unkey(key))]
+  if missing:
+    raise RuntimeError(f'{len(missing)} resets were not written, e.g. {missing[0]}')
+  store.clear_partial()
 
 
 def chunk_rows(batch_size: int, limit: int, devices: int = 1) -> int:
@@ -366,7 +376,7 @@ def _unkey(key: str) -> tuple[int, str]:
   return int(trial), name
 
 
-def _row(model: Model, info, layer: str, trial: int, mode: str,
+def _row(model: Model, num_images: int, layer: str, trial: int, mode: str,
          target: layers_lib.Target | None, measured: dict) -> dict[str, Any]:
   members = target.layers if target else ()
   kinds = sorted({l.kind for l in members})
@@ -374,7 +384,7 @@ def _row(model: Model, info, layer: str, trial: int, mode: str,
   return {'model_id': model.model_id, 'layer': layer, 'trial': trial, 'mode': mode,
           'kind': '+'.join(kinds) if kinds else 'none',
           'stage': stages[0] if len(stages) == 1 else ('+'.join(stages) or 'none'),
-          'num_params': sum(l.num_params for l in members), 'num_images': info.num_images,
+          'num_params': sum(l.num_params for l in members), 'num_images': num_images,
           **measured}
 
 

@@ -133,6 +133,8 @@ def select(layers: Sequence[Layer], types: Iterable[str] = DEFAULT_TYPES, patter
   per block or stage.
   """
   types = [t.strip() for t in types if t.strip()]
+  if not types:
+    raise UserError(f'no layer type selected: give one or more of {", ".join(TYPES)}')
   unknown = [t for t in types if t not in TYPES]
   if unknown:
     raise UserError(f'unknown layer type {unknown[0]!r}; choose from {", ".join(TYPES)}')
@@ -164,10 +166,15 @@ def _match(typed: list[Layer], every: Sequence[Layer], pattern: str) -> list[Lay
     return typed[start:stop]
   names = [layer.name for layer in typed]
   chosen: set[str] = set()
-  for item in _split(pattern):
+  items = _split(pattern)
+  for item in items:
     hits = {layer.name for layer in typed if _item_matches(item, layer)}
     if not hits and _is_plain_name(item):
       raise UserError(_unknown_layer(item, names, every))
+    if not hits and len(items) > 1:  # a typo in a list would otherwise pass unnoticed
+      span = f', {names[0]} to {names[-1]}' if names else ''
+      raise UserError(f'layer pattern item {item!r} (of {pattern!r}) matches no layer of '
+                      f'the selected types (the model has {len(names)} such layers{span})')
     chosen |= hits
   return [layer for layer in typed if layer.name in chosen]
 

@@ -13,26 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from typing import Any, Iterable, Mapping
 
 from absl import logging
 
-from lc_jax import metrics
+from lc_jax import schema
+from lc_jax import workdir as workdir_lib
 from lc_jax.errors import UserError
-
-RESULTS = 'results.csv'
-RUN = 'run.json'
-# Metric sums of the rows not yet finished, over the batches done so far (see `save_partial`).
-PARTIAL = 'partial.json'
-# No timings: a resumed run must end with the very file an uninterrupted run writes.
-COLUMNS = ('model_id', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params', 'num_images'
-          ) + metrics.COLUMNS
-ORIGINAL = 'original'  # the layer name of the row holding the original model's own metrics
-# run.json entries that must match for a workdir to be resumed.
-IDENTITY = ('config', 'checkpoint_sha256', 'images', 'targets')
-
 
 class Store:
   """Rows of one workdir; `append` makes a row durable before it returns.
@@ -42,22 +30,26 @@ class Store:
   """
 
   def __init__(self, workdir: str, run_info: Mapping[str, Any], writer: bool = True):
-    """Opens (or starts) the workdir; refuses one whose run.json differs in what it measured."""
+    """Opens (or starts) the workdir; refuses one whose run.json or rows differ in what they
+    measured. Nothing is written before both are checked."""
     self.workdir = os.path.abspath(workdir)
     self.writer = writer
     run_info = json.loads(json.dumps(run_info, default=str))  # as it will read back
-    self.path = os.path.join(self.workdir, RESULTS)
+    self.run_id = schema.run_id(run_info)
+    self.path = os.path.join(self.workdir, schema.RESULTS)
     refuse_other_run(self.workdir, run_info)
     self._file = None
-    if writer:
-      os.makedirs(self.workdir, exist_ok=True)
-      _write_atomically(os.path.join(self.workdir, RUN),
-                        json.dumps(run_info, indent=2, sort_keys=True) + '\n')
     self.rows = self._read()
     if writer:
-      self._file = open(self.path, 'a', newline='', encoding='utf-8')
+      workdir_lib.write_atomically(
+          os.path.join(self.workdir, schema.RUN),
+          json.dumps({**run_info, 'run_id': self.run_id}, indent=2, sort_keys=True) + '\n')
+      try:
+        self._file = open(self.path, 'a', newline='', encoding='utf-8')
+      except OSError as e:
+        raise UserError(f'cannot write {self.path}: {e.strerror}') from None
       if self._file.tell() == 0:
-        self._file.write(','.join(COLUMNS) + '\n')
+        self._file.write(schema.header())
         self._sync()
 
   def done(self, trial: int, layer: str) -> bool:
@@ -65,16 +57,12 @@ class Store:
     return (trial, layer) in self._keys
 
   def append(self, row: Mapping[str, Any]) -> None:
-    """Writes one row and makes it durable (flush + fsync)."""
-    missing = [c for c in COLUMNS if c not in row]
-    if missing:
-      raise ValueError(f'result row lacks {missing}')
+    """Writes one row (tagged with this run's run_id) and makes it durable (flush + fsync)."""
+    line = schema.format_row({**row, 'run_id': self.run_id})
     if self.writer:
-      buffer = io.StringIO()
-      csv.writer(buffer, lineterminator='\n').writerow([_format(row[c]) for c in COLUMNS])
-      self._file.write(buffer.getvalue())
+      self._file.write(line)
       self._sync()
-    self.rows.append(_parse({c: _format(row[c]) for c in COLUMNS}))
+    self.rows.extend(_parse(io.StringIO(schema.header() + line), self.path))
     self._keys.add((int(row['trial']), str(row['layer'])))
 
   def save_partial(self, batches_done: int, sums: Mapping[str, Mapping[str, float]]) -> None:
@@ -83,17 +71,18 @@ class Store:
     leaves the previous state or this one."""
     if not self.writer:
       return
-    _write_atomically(os.path.join(self.workdir, PARTIAL),
-                      json.dumps({'batches_done': batches_done, 'sums': sums}) + '\n')
+    workdir_lib.write_atomically(
+        os.path.join(self.workdir, schema.PARTIAL),
+        json.dumps({'run_id': self.run_id, 'batches_done': batches_done, 'sums': sums}) + '\n')
 
   def load_partial(self, keys: Iterable[str], num_batches: int, fields: Iterable[str]
                    ) -> tuple[int, dict[str, dict[str, float]]]:
     """(batches done, sums per key) saved for every one of `keys`, or (0, {}) to start over.
 
     Floats are written with repr and read back exactly, so a resumed run adds up the very
-    numbers the interrupted one had. A state that does not fit this run (another batch count,
-    missing keys or sums, an unreadable file) is ignored: the unfinished rows start over."""
-    path = os.path.join(self.workdir, PARTIAL)
+    numbers the interrupted one had. A state that does not fit this run (another run_id or batch
+    count, missing keys or sums, an unreadable file) is ignored: the unfinished rows start over."""
+    path = os.path.join(self.workdir, schema.PARTIAL)
     if not os.path.exists(path):
       return 0, {}
     try:
@@ -101,26 +90,29 @@ class Store:
         state = json.load(f)
       done, saved = int(state['batches_done']), state['sums']
       keys = list(keys)
-      if (0 < done < num_batches and all(key in saved for key in keys)
+      if (state.get('run_id') == self.run_id and 0 < done < num_batches
+          and all(key in saved for key in keys)
           and all(field in saved[key] for key in keys for field in fields)):
         return done, {key: {f: float(saved[key][f]) for f in fields} for key in keys}
     except (ValueError, KeyError, TypeError, AttributeError):
       pass
-    logging.warning('%s does not fit this run (another batch count, other resets, or sums of an '
-                    'older version): its unfinished rows start over from the first batch', path)
+    logging.warning('%s does not fit this run (another run, batch count or set of resets, or '
+                    'sums of an older version): its unfinished rows start over from the first '
+                    'batch', path)
     return 0, {}
 
   def clear_partial(self) -> None:
     """Drops the partial sums once every row they fed is written."""
     if not self.writer:
       return
-    partial = os.path.join(self.workdir, PARTIAL)
+    partial = os.path.join(self.workdir, schema.PARTIAL)
     if os.path.exists(partial):
       os.remove(partial)
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
+      self._file = None
 
   def _sync(self) -> None:
     self._file.flush()
@@ -130,69 +122,73 @@ class Store:
     self._keys: set[tuple[int, str]] = set()
     if not os.path.exists(self.path):
       return []
-    with open(self.path, newline='', encoding='utf-8') as f:
-      text = f.read()
+    try:
+      with open(self.path, newline='', encoding='utf-8') as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f'cannot read {self.path} ({e}); move it away to start the run over'
+                      ) from None
     # A run killed mid-write can leave a partial last line: cut it off in place (never rewrite
     # the file, so the whole rows are not at risk), keep every whole row.
     complete = text[:text.rfind('\n') + 1]
+    rows = _parse(io.StringIO(complete), self.path)
+    others = sorted({r['run_id'] for r in rows} - {self.run_id})
+    if others:
+      raise UserError(f'{self.path} holds rows of another run (run_id {others[0]}, this run '
+                      f'{self.run_id}): another configuration, checkpoint or image set; use a '
+                      'new --workdir, or the same settings to resume it')
     if complete != text and self.writer:
       with open(self.path, 'r+b') as f:
         f.truncate(len(complete.encode('utf-8')))
         os.fsync(f.fileno())
-    reader = csv.DictReader(io.StringIO(complete))
-    if complete and tuple(reader.fieldnames or ()) != COLUMNS:
-      raise UserError(f'{self.path} has columns {reader.fieldnames}, not those of this version '
-                      f'({", ".join(COLUMNS)}); use a new --workdir')
-    rows = [_parse(r) for r in reader]
     self._keys = {(r['trial'], r['layer']) for r in rows}
     return rows
+
+
+def _parse(lines: io.StringIO, path: str) -> list[dict[str, Any]]:
+  """The typed rows of a results.csv's text; one line names a header or row that does not fit."""
+  reader = csv.DictReader(lines)
+  if reader.fieldnames is not None and tuple(reader.fieldnames) != schema.COLUMNS:
+    raise UserError(f'{path} has columns {",".join(reader.fieldnames)}, not those of this '
+                    f'version ({",".join(schema.COLUMNS)}); use a new --workdir')
+  rows = []
+  for row in reader:
+    if None in row or None in row.values():
+      raise UserError(f'{path}, line {reader.line_num}: not the {len(schema.COLUMNS)} cells of a '
+                      'row; the file was edited or damaged: repair or remove that line (the run '
+                      'redoes it), or use a new --workdir')
+    try:
+      rows.append(schema.parse_row(row))
+    except ValueError as e:
+      raise UserError(f'{path}, line {reader.line_num}: {e}; the file was edited or damaged: '
+                      'repair or remove that line (the run redoes it), or use a new --workdir'
+                      ) from None
+  return rows
 
 
 def refuse_other_run(workdir: str, run_info: Mapping[str, Any]) -> None:
   """Raises if `workdir` holds a run that differs in one of the entries of `run_info` given.
 
   Called before anything is written to the workdir (the model conversion included), with what
-  is known at that point; `Store` checks every identity entry again once all are known.
+  is known at that point; `Store` checks every identity entry again once all are known, and the
+  rows' run_id too (which holds when run.json is gone).
   """
-  path = os.path.join(os.path.abspath(workdir), RUN)
+  path = os.path.join(os.path.abspath(workdir), schema.RUN)
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    previous = json.load(f)
+  try:
+    with open(path) as f:
+      previous = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot read {path} ({e}); if it was damaged, delete it: the rows of '
+                    'results.csv still tell which run they belong to') from None
   run_info = json.loads(json.dumps(run_info, default=str))
-  differences = [line for key in IDENTITY if key in run_info
+  differences = [line for key in schema.RUN_IDENTITY if key in run_info
                  for line in _differences(previous.get(key), run_info[key], key)]
   if differences:
     shown = '; '.join(differences[:6]) + ('; ...' if len(differences) > 6 else '')
     raise UserError(f'{os.path.abspath(workdir)} holds a run of another configuration ({shown}); '
                     'use a new --workdir, or the same settings to resume it')
-
-
-def read(workdir: str) -> list[dict[str, Any]]:
-  """The rows of OUT/results.csv, numbers parsed, in file order."""
-  path = os.path.join(workdir, RESULTS)
-  if not os.path.isfile(path):
-    raise UserError(f'no {RESULTS} in {workdir}')
-  with open(path, newline='') as f:
-    return [_parse(r) for r in csv.DictReader(f)]
-
-
-def _format(value: Any) -> str:
-  if isinstance(value, float):
-    return '' if math.isnan(value) else repr(value)
-  return str(value)
-
-
-def _parse(row: Mapping[str, str]) -> dict[str, Any]:
-  parsed: dict[str, Any] = {}
-  for key, value in row.items():
-    if key in ('model_id', 'layer', 'mode', 'kind', 'stage'):
-      parsed[key] = value
-    elif key in ('trial', 'num_params', 'num_images'):
-      parsed[key] = int(value)
-    else:
-      parsed[key] = float(value) if value != '' else float('nan')
-  return parsed
 
 
 def _differences(old: Any, new: Any, prefix: str) -> Iterable[str]:
@@ -206,12 +202,3 @@ def _differences(old: Any, new: Any, prefix: str) -> Iterable[str]:
 def _short(value: Any) -> str:
   text = json.dumps(value, default=str)
   return text if len(text) <= 60 else text[:57] + '...'
-
-
-def _write_atomically(path: str, text: str) -> None:
-  partial = path + '.partial'
-  with open(partial, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(partial, path)

@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 
 from lc_jax import metrics
+from lc_jax import schema
 from lc_jax.errors import UserError
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
-import torch_models  # pylint: disable=g-import-not-at-top
+import numpy_metrics  # pylint: disable=g-import-not-at-top
+from lc_jax import torch_reference as torch_models  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +105,7 @@ def test_metrics_match_numpy_and_ignore_masked_rows():
   junk = logits.copy()
   junk[9:] = 1e4  # padding rows must not count
   got = _metrics(ref, junk, labels, mask)
-  want = metrics.numpy_reference(ref[:9], logits[:9], labels[:9])
+  want = numpy_metrics.numpy_reference(ref[:9], logits[:9], labels[:9])
   for key, value in want.items():
     assert got[key] == pytest.approx(value, abs=1e-5), key
   assert _metrics(ref, ref)['pred_kl_div'] == pytest.approx(0, abs=1e-6)
@@ -118,7 +120,7 @@ def test_tiny_criticality_keeps_its_precision():
   assert _metrics(ref, ref)['criticality'] == 0.0
   assert _metrics(ref, ref)['criticality_ci_images'] == 0.0
   nudged = ref + rng.randn(16, 1000).astype(np.float32) * 2e-4
-  want = metrics.numpy_reference(ref, nudged, None)['criticality']
+  want = numpy_metrics.numpy_reference(ref, nudged, None)['criticality']
   got = _metrics(ref, nudged)['criticality']
   p, q = jax.nn.softmax(jnp.asarray(ref)), jax.nn.softmax(jnp.asarray(nudged))
   cos = jnp.sum(p * q, -1) / (jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(q, axis=-1))
@@ -258,7 +260,7 @@ def test_every_reset_mode_runs(checkpoint, tmp_path, mode, extra, rows, moved):
 
 
 def _numbers(workdir):
-  return {(r['layer'], r['trial']): np.array([float(r[c] or 'nan') for c in metrics.COLUMNS])
+  return {(r['layer'], r['trial']): np.array([float(r[c] or 'nan') for c in schema.METRICS])
           for r in _rows(workdir)}
 
 

@@ -18,7 +18,7 @@ from lc_jax import data
 from lc_jax import experiment
 from lc_jax import init
 from lc_jax import torch_reference
-import torch_models
+from lc_jax import torch_reference as torch_models
 
 METRIC_TOLERANCE = 1e-4  # cosine, L1, L2, KL
 
@@ -57,7 +57,7 @@ def test_run_equals_the_torch_protocol(setup):
   model = experiment.prepare_model(config, str(root / 'run'))
   images, labels, _ = data.load(config.data, cache_dir=config.cache_dir, progress=False)
   fresh = [{k: torch.from_numpy(np.array(v)) for k, v in mapping.to_state_dict(
-      init.fresh_variables(model.layers, model.arch.init_scheme,
+      init.fresh_variables(model.layers, model.spec.init_scheme,
                            jax.random.fold_in(jax.random.key(config.seed), trial))).items()}
            for trial in range(config.trials)]
   names = config.reset.layers.split(',')

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 from lc_jax import report
+from lc_jax import schema
 
-COLUMNS = ('model_id', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params', 'num_images',
-           'top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_l2_err',
-           'pred_kl_div', 'pred_agreement', 'recovered_acc', 'criticality',
-           'criticality_ci_images', 'seconds')
+COLUMNS = schema.COLUMNS  # the runner's results.csv
+RUN_ID = '0123456789abcdef'
 # The header of the paper's raw-results/results.csv (github.com/paulgavrikov/layer_criticality).
 PAPER_COLUMNS = ('top1_acc', 'top5_acc', 'loss', 'batch_acc', 'layer', 'pred_cos_sim',
                  'pred_l1_err', 'pred_l2_err', 'pred_ce_loss', 'trial', 'recovered_acc',
@@ -52,21 +51,41 @@ def write_results(workdir, model_id, criticality, layers=LAYERS, original_top1=8
     writer = csv.writer(f)
     writer.writerow(COLUMNS)
     writer.writerow([model_id, 'original', 0, 'none', '', '', 0, 100, label(original_top1),
-                     label(95.0), label(1.0), 1.0, 0, 0, 0, 1.0, label(1.0), 0.0, 0.0, 1.0])
+                     label(95.0), label(1.0), 1.0, 0, 0, 0, 1.0, label(1.0), 0.0, 0.0, RUN_ID])
     for trial, values in enumerate(criticality):
       for (layer, kind, stage), c in zip(layers, values):
         top1 = original_top1 * (1 - c) if labelled else None
         writer.writerow([model_id, layer, trial, 'fresh', kind, stage, 1000, 100, label(top1),
                          label(top1), label(2.0), 1 - c, c, c / 2, 2 * c, 1 - c,
-                         label(1 - c), c, ci_images, 0.5])
+                         label(1 - c), c, ci_images, RUN_ID])
   return str(workdir)
 
 
-def test_t_quantile_matches_scipy():
-  stats = pytest.importorskip('scipy.stats')
-  for dof in list(range(1, 45)) + [60, 100, 1000]:
-    assert report.t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=2e-6)
-  assert report.t_quantile_975(2) == pytest.approx(T_975_2)
+def test_interval_is_student_t():
+  # Half-width t_{0.975, n-1} * sd / sqrt(n); the t quantile against a printed table's value.
+  values = [0.1, 0.2, 0.3]
+  mean, half = report.interval(values)
+  assert mean == pytest.approx(0.2)
+  assert half == pytest.approx(T_975_2 * 0.1 / math.sqrt(3), rel=1e-6)
+  rng = np.random.default_rng(0)
+  # t_{0.975, n-1} from printed tables (n - 1 = 999: nearly the normal's 1.959964).
+  for n, t in ((2, 12.706205), (5, 2.776445), (31, 2.042272), (45, 2.015368), (1000, 1.962341)):
+    values = rng.normal(size=n)
+    mean, half = report.interval(list(values) + [math.nan])  # non-finite values are left out
+    assert mean == pytest.approx(values.mean())
+    assert half == pytest.approx(t * values.std(ddof=1) / math.sqrt(n), rel=1e-6)
+  assert math.isnan(report.interval([0.4])[1]) and report.interval([0.4])[0] == 0.4
+  assert all(math.isnan(v) for v in report.interval([]))
+
+
+def test_spearman_averages_ties():
+  # Average ranks: x -> 1, 2.5, 2.5, 4; y -> 1, 2, 3, 4.
+  rx, ry = np.array([1, 2.5, 2.5, 4]), np.array([1, 2, 3, 4])
+  expected = np.corrcoef(rx, ry)[0, 1]
+  assert report.spearman([0.1, 0.5, 0.5, 0.9], [10, 20, 30, 40]) == pytest.approx(expected)
+  assert report.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
+  assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+  assert math.isnan(report.spearman([1, 1, 1], [1, 2, 3]))  # constant: no correlation
 
 
 def test_summary_mean_and_intervals_by_hand(tmp_path):
@@ -154,6 +173,24 @@ def test_paper_format_reads_to_the_same_layers(tmp_path):
   assert tv[0].trials == 2
 
 
+def test_run_id_column_is_optional(tmp_path):
+  # results.csv ends in run_id; a file without it (an older run, or the paper's) reads the same.
+  workdir = write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]] * 2)
+  rows = report.load(workdir)
+  assert {r['run_id'] for r in rows} == {RUN_ID}
+  with open(os.path.join(workdir, 'results.csv'), newline='') as f:
+    records = list(csv.reader(f))
+  assert records[0][-1] == 'run_id'
+  older = tmp_path / 'older.csv'
+  with open(older, 'w', newline='') as f:
+    csv.writer(f).writerows(r[:-1] for r in records)
+  older_rows = report.load(str(older))
+  assert {r['run_id'] for r in older_rows} == {''}
+  assert 'seconds' not in older_rows[0]
+  for a, b in zip(report.summarize(rows), report.summarize(older_rows)):
+    assert (a.layer, a.criticality, a.ci_trials) == (b.layer, b.criticality, b.ci_trials)
+
+
 def test_layer_name_prefixes_are_stripped():
   assert report.clean_layer_name('model.layer1.0.conv1') == 'layer1.0.conv1'
   assert report.clean_layer_name('module.model.fc') == 'fc'
@@ -166,7 +203,7 @@ def test_repeated_rows_count_once(tmp_path):
   workdir = write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]])
   with open(os.path.join(workdir, 'results.csv'), 'a', newline='') as f:
     csv.writer(f).writerow(['m', 'conv1', 0, 'fresh', 'conv', 'stem', 1000, 100, 1, 1, 1,
-                            0.7, 0, 0, 0, 0.7, 0.7, 0.3, 0.01, 0.5])
+                            0.7, 0, 0, 0, 0.7, 0.7, 0.3, 0.01, RUN_ID])
   summaries = report.summarize(report.load(workdir))
   assert len(summaries) == 5 and summaries[0].trials == 1
   assert summaries[0].criticality == pytest.approx(0.3)
@@ -287,3 +324,49 @@ def test_cli_bad_input_is_one_line(tmp_path, case):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
   assert not (tmp_path / 'heatmap.png').exists()
+
+
+def _assert_one_error_line(result, *words):
+  assert result.returncode == 1, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  assert 'Traceback' not in result.stderr
+  for word in words:
+    assert word in lines[0], lines[0]
+
+
+def test_cli_out_that_is_a_file_is_one_line(tmp_path):
+  workdir = write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]] * 3)
+  taken = tmp_path / 'taken'
+  taken.write_text('keep me')
+  result = _cli([workdir, '--out', str(taken)], cwd=tmp_path)
+  _assert_one_error_line(result, 'is a file, not a folder')
+  assert result.stdout == ''  # refused before any table is printed
+  assert taken.read_text() == 'keep me'
+  # A folder that cannot be created: its parent is that file.
+  result = _cli([workdir, '--out', str(taken / 'figures')], cwd=tmp_path)
+  _assert_one_error_line(result, 'cannot create')
+  assert result.stdout == '' and taken.read_text() == 'keep me'
+  assert not list(tmp_path.rglob('*.png'))
+
+
+@pytest.mark.parametrize('case', ['png', 'binary', 'nul', 'text', 'quoted_newline'])
+def test_cli_input_that_is_not_a_csv_is_one_line(tmp_path, case):
+  path = tmp_path / f'input.{case}'
+  if case == 'png':
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(256)) * 4)
+  elif case == 'binary':
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+  elif case == 'nul':
+    path.write_bytes(b'layer,criticality\nconv1,\x00\x00\n')
+  elif case == 'text':
+    path.write_text('Some notes about the run.\nNothing tabular here.\n')
+  else:  # a column name with a line break must not break the one-line message
+    path.write_text('"a\nb",c\n1,2\n')
+  with pytest.raises(report.UserError, match='not a CSV results file'):
+    report.load(str(path))
+  out = tmp_path / 'figures'
+  result = _cli([str(path), '--out', str(out)], cwd=tmp_path)
+  _assert_one_error_line(result, 'not a CSV results file')
+  assert result.stdout == ''
+  assert not out.exists() and not list(tmp_path.rglob('heatmap.png'))

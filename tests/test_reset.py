@@ -16,7 +16,7 @@ from lc_jax import layers as layers_lib
 from lc_jax import models
 from lc_jax import reset
 from lc_jax.errors import UserError
-import torch_models
+from lc_jax import torch_reference as torch_models
 
 
 def _inventory(arch):

@@ -11,7 +11,7 @@ torchvision = pytest.importorskip('torchvision')
 import converters  # pylint: disable=g-import-not-at-top
 from converters import parity
 from lc_jax import models
-import torch_models
+from lc_jax import torch_reference as torch_models
 
 LOGIT_TOLERANCE = 1e-4  # max abs difference of the logits, float32
 # Activations of random nets grow to ~1e2 in deep stages; they are held to a relative bound.

@@ -17,8 +17,9 @@ from lc_jax import init
 from lc_jax import layers as layers_lib
 from lc_jax import metrics as jax_metrics
 from lc_jax import models
+from lc_jax import schema
 from lc_jax import torch_reference as ref
-import torch_models
+import numpy_metrics
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -46,7 +47,7 @@ def trained_state(images):
   torch.manual_seed(0)
   model = timm.create_model('resnet18')
   normalised = (images / 255.0 - np.array(MEAN)) / np.array(STD)
-  torch_models.calibrated(model, normalised.astype(np.float32))
+  ref.calibrated(model, normalised.astype(np.float32))
   return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -109,7 +110,7 @@ def test_metrics_match_numpy_reference(num_classes):
   labels[:20] = ref_logits[:20].argmax(-1)  # some hits, so that accuracies are not all 0
   got = ref.metrics(torch.from_numpy(ref_logits), torch.from_numpy(logits), labels,
                     original_top1=50.0)
-  want = jax_metrics.numpy_reference(ref_logits, logits, labels)
+  want = numpy_metrics.numpy_reference(ref_logits, logits, labels)
   for key, value in want.items():
     assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
   assert got['recovered_acc'] == pytest.approx(want['top1_acc'] / 50.0)
@@ -126,8 +127,8 @@ def test_metrics_match_the_jax_metrics_column_for_column():
                                 jnp.asarray(labels, jnp.int32), jnp.ones(48, bool))
   want = jax_metrics.finalize(jax_metrics.accumulate(None, sums), True, original_top1=40.0)
   got = ref.metrics(ref_logits, logits, labels, original_top1=40.0)
-  assert set(got) == set(jax_metrics.COLUMNS)
-  for key in jax_metrics.COLUMNS:
+  assert set(got) == set(schema.METRICS)
+  for key in schema.METRICS:
     assert got[key] == pytest.approx(want[key], abs=1e-5, rel=1e-5), key
 
 
@@ -212,7 +213,7 @@ def test_trained_weights_are_bit_identical_after_the_run(model, trained_state, i
   assert [(r['layer'], r['trial']) for r in rows[1:]] == [
       (name, t) for t in range(len(fresh_dicts)) for name in LAYERS]
   for row in rows[1:]:
-    assert set(row) == {'layer', 'trial', *jax_metrics.COLUMNS}
+    assert set(row) == {'layer', 'trial', *schema.METRICS}
     assert row['recovered_acc'] == pytest.approx(row['top1_acc'] / 75.0)
     assert row['criticality'] > 1e-4, f'resetting {row["layer"]} moved nothing'
 

@@ -23,7 +23,7 @@ import numpy as np
 from lc_jax.errors import UserError
 
 # Bump when the layout of an entry changes, so old entries are not misread.
-FORMAT = 1
+FORMAT = 2  # 2: entries record the sha256 of every image's bytes
 
 
 def default_dir() -> str:
@@ -70,7 +70,8 @@ def write(cache_dir: str, name: str, shape: tuple[int, ...]
   try:
     os.makedirs(cache_dir, exist_ok=True)
   except OSError as e:
-    raise UserError(f'cannot create the image cache folder {cache_dir}: {e.strerror}') from None
+    raise UserError(f'cannot create the image cache folder {cache_dir}: {e.strerror}; set '
+                    'cache_dir (or LC_JAX_CACHE_DIR) to a folder you can write') from None
   base = os.path.join(cache_dir, name)
   # Unique per writer: hosts sharing a file system may write the same entry at once; each rename
   # installs a complete, identical file.
@@ -78,7 +79,12 @@ def write(cache_dir: str, name: str, shape: tuple[int, ...]
                                 f'{uuid.uuid4().hex[:8]}')
   meta: dict[str, Any] = {}
   try:
-    images = np.lib.format.open_memmap(tmp + '.npy.tmp', mode='w+', dtype=np.uint8, shape=shape)
+    try:
+      images = np.lib.format.open_memmap(tmp + '.npy.tmp', mode='w+', dtype=np.uint8,
+                                         shape=shape)
+    except OSError as e:
+      raise UserError(f'cannot write to the image cache folder {cache_dir}: {e.strerror}; set '
+                      'cache_dir (or LC_JAX_CACHE_DIR) to a folder you can write') from None
     _reserve(tmp + '.npy.tmp', cache_dir)
     yield images, meta
     images.flush()

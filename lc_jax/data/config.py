@@ -46,12 +46,13 @@ class DataConfig:
       if getattr(self, field) not in choices:
         raise UserError(f'data.{field} must be one of {", ".join(choices)}, '
                         f'got {getattr(self, field)!r}')
-    for field in ('num_images', 'batch_size', 'seed', 'workers'):
+    for field in ('num_images', 'batch_size', 'seed', 'workers', 'resize_size', 'crop_size'):
       value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise UserError(f'data.{field} must be a non-negative integer, got {value!r}')
-    if self.batch_size == 0:
-      raise UserError('data.batch_size must be positive')
+      positive = field in ('batch_size', 'resize_size', 'crop_size')
+      if (isinstance(value, bool) or not isinstance(value, int) or value < 0
+          or (positive and value == 0)):
+        raise UserError(f'data.{field} must be a {"positive" if positive else "non-negative"} '
+                        f'integer, got {value!r}')
 
   @classmethod
   def from_config(cls, config: DataConfig | Mapping[str, Any] | ml_collections.ConfigDict

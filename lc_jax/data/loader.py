@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -43,7 +44,8 @@ class DataInfo:
   """What `load` gave this host, and how.
 
   Row i of the images is subset image `positions[i]`, `keys[i]` in the source. `fingerprint`
-  names the images and their pixels: runs with equal fingerprints saw identical inputs.
+  names the images (source listing, subset, transform) and `content` their bytes: runs with
+  equal fingerprints and contents saw identical inputs.
   """
 
   source: str
@@ -61,8 +63,10 @@ class DataInfo:
   num_batches: int
   cache_path: str
   cache_hit: bool
-  # Decoding time on a miss, opening time on a hit.
+  # Decoding time on a miss, opening (and checking) time on a hit.
   seconds: float
+  # The images' bytes, in one digest (loader.content_digest); '' for a versioned source (tfds).
+  content: str = ''
 
 
 def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
@@ -92,16 +96,28 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
   name = whole if process_count == 1 else (
       f'{whole}-host{process_index}of{process_count}-batch{config.batch_size}')
 
+  indices = subset.select(source.size(), config.num_images, config.seed, config.order)[positions]
+  digests = source.digests(indices.tolist(), config.workers)
   hit = True
+  images = meta = None
   if cache.exists(cache_dir, name):
     images, meta = cache.read(cache_dir, name)
   elif process_count > 1 and cache.exists(cache_dir, whole):
     name = whole
     images, meta = cache.read(cache_dir, whole)
-    images = np.asarray(images[positions])
-  else:
+  if meta is not None:
+    changed = _changed(meta, positions, digests)
+    if changed:
+      print(f'{changed}; decoding the images again', file=sys.stderr)
+      images = meta = None
+      name = whole if process_count == 1 else (
+          f'{whole}-host{process_index}of{process_count}-batch{config.batch_size}')
+    elif name == whole and process_count > 1:
+      images = np.asarray(images[positions])
+  if meta is None:
     hit = False
-    _build(source, transform, config, positions, cache_dir, name, fingerprint, progress)
+    _build(source, transform, config, positions, indices, digests, cache_dir, name,
+           fingerprint, progress)
     images, meta = cache.read(cache_dir, name)
   seconds = time.perf_counter() - start if hit else meta['decode_seconds']
 
@@ -122,10 +138,11 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
       ignored_files=meta['ignored_files'], class_names=meta['class_names'],
       batch_size=config.batch_size, local_batch_size=config.batch_size // process_count,
       num_batches=subset.num_batches(num_images, config.batch_size),
-      cache_path=os.path.join(cache_dir, name + '.npy'), cache_hit=hit, seconds=seconds)
+      cache_path=os.path.join(cache_dir, name + '.npy'), cache_hit=hit, seconds=seconds,
+      content=content_digest(positions, digests))
   if progress and hit:
-    print(f'loaded {len(positions)} images from {info.cache_path} in {seconds:.2f} s',
-          file=sys.stderr)
+    print(f'loaded {len(positions)} images from {info.cache_path} in {seconds:.2f} s'
+          + (' (their bytes checked)' if digests is not None else ''), file=sys.stderr)
   return images, labels, info
 
 
@@ -151,11 +168,40 @@ def batches(images: np.ndarray, labels: np.ndarray | None, info: DataInfo
     yield batch, batch_labels, mask
 
 
+def _changed(meta: Mapping[str, Any], positions: np.ndarray, digests: list[str] | None
+             ) -> str | None:
+  """What changed in the images of a cache entry since it was made (None: nothing)."""
+  if digests is None:
+    return None
+  stored = meta.get('digests')
+  rows = np.searchsorted(meta['positions'], positions)
+  for row, digest in zip(rows.tolist(), digests):
+    if stored is None or stored[row] != digest:
+      return f'{meta["keys"][row]} changed since the image cache entry was made'
+  return None
+
+
+def content_digest(positions: np.ndarray, digests: list[str] | None) -> str:
+  """One digest of the images' bytes at their subset positions ('' without digests): the XOR of
+  sha256(position, digest) over the images, so the hosts' digests of their parts combine
+  (`combine_content`) into the digest of the whole, however the images are split."""
+  if digests is None:
+    return ''
+  total = np.zeros(32, np.uint8)
+  for position, digest in zip(positions.tolist(), digests):
+    total ^= np.frombuffer(hashlib.sha256(f'{position}:{digest}'.encode()).digest(), np.uint8)
+  return total.tobytes().hex()
+
+
+def combine_content(parts: np.ndarray) -> str:
+  """The content digest of the whole from the hosts' digests (rows of 32 uint8)."""
+  return np.bitwise_xor.reduce(np.asarray(parts, np.uint8).reshape(-1, 32), axis=0).tobytes().hex()
+
+
 def _build(source: Source, transform: Transform, config: DataConfig, positions: np.ndarray,
-           cache_dir: str, name: str, fingerprint: str, progress: bool) -> None:
+           indices: np.ndarray, digests: list[str] | None, cache_dir: str, name: str,
+           fingerprint: str, progress: bool) -> None:
   listing = source.listing
-  indices = subset.select(len(listing.keys), config.num_images, config.seed,
-                          config.order)[positions]
   if listing.ignored:
     logging.warning('left out %d file(s) of %s that are not images (extensions %s), e.g. %s',
                     len(listing.ignored), source.describe(), ' '.join(IMG_EXTENSIONS),
@@ -176,7 +222,7 @@ def _build(source: Source, transform: Transform, config: DataConfig, positions: 
         labels=None if listing.labels is None else listing.labels[indices].tolist(),
         class_names=listing.class_names, ignored_files=len(listing.ignored),
         skipped_positions=[int(positions[row]) for row, _ in failures],
-        skipped_errors=[error for _, error in failures],
+        skipped_errors=[error for _, error in failures], digests=digests,
         decode_seconds=time.perf_counter() - start)
 
 

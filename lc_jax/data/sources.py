@@ -10,12 +10,14 @@ A source lists its images once, in a fixed order, and opens any of them for deco
 The order is torchvision's ImageFolder order (class folders sorted, then files sorted), and a tfds
 dataset with file names (ImageNet's has them) is put in the same order by (class name, file name),
 so both select the same images for the same indices. `fingerprint()` identifies the images for
-cache keys without reading any image, and for tfds without a pass over the data.
+cache keys without reading any image, and for tfds without a pass over the data; `digests()`
+hashes the images' bytes, so that a cache entry notices changed content without a decode.
 """
 
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -64,6 +66,16 @@ class Source(abc.ABC):
   @abc.abstractmethod
   def fingerprint(self) -> dict[str, Any]:
     """What identifies these images, for cache keys."""
+
+  def digests(self, indices: Sequence[int], workers: int = 0) -> list[str] | None:
+    """The sha256 of each image's stored bytes (hex), in the order of `indices`: what tells a
+    cache entry that its images changed, without decoding them. None for a source versioned
+    as a whole (tfds)."""
+    files: list[Any] = [None] * len(indices)
+    for j, _, file in self.read(indices):
+      files[j] = file
+    with concurrent.futures.ThreadPoolExecutor(workers or len(os.sched_getaffinity(0))) as pool:
+      return list(pool.map(_file_sha256, files))
 
   @abc.abstractmethod
   def read(self, indices: Sequence[int]) -> Iterator[tuple[int, str, str | BinaryIO]]:
@@ -196,6 +208,11 @@ class Tfds(Source):
     return {'kind': self.kind, 'dataset': self._builder.info.full_name, 'split': self.split,
             'images': self._num_examples()}
 
+  def digests(self, indices, workers=0):
+    # A prepared tfds dataset is immutable and versioned (full_name carries the version);
+    # hashing its examples would mean a pass over the records.
+    return None
+
   def _examples(self, keys: Sequence[str]) -> Iterator[dict[str, Any]]:
     decoders = {self._image_key: self._tfds.decode.SkipDecoding()}
     try:
@@ -268,6 +285,17 @@ class Photos(Source):
   def read(self, indices):
     for j, i in enumerate(indices):
       yield j, self._paths[i], self._paths[i]
+
+
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  try:
+    with open(path, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 20), b''):
+        digest.update(chunk)
+  except OSError as e:
+    raise UserError(f'cannot read {path}: {e.strerror}') from None
+  return digest.hexdigest()
 
 
 def open_source(config: DataConfig) -> Source:

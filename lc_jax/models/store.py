@@ -1,14 +1,17 @@
 """Converted models on disk: an orbax checkpoint of the variables beside a small JSON card.
 
     DIR/variables/   orbax-checkpoint of {'params': ..., 'batch_stats': ...}
-    DIR/model.json   architecture, num_classes, mean/std, source path and sha256, dropped keys
+    DIR/model.json   architecture, num_classes, mean/std, source path and sha256, dropped keys,
+                     and the sha256 of the variables themselves (`digest`), checked on loading
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import uuid
 from typing import Any
 
 import flax.linen as nn
@@ -36,19 +39,46 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
       raise UserError(f'{directory} already holds a converted model; choose another output '
                       'folder or allow overwriting it')
     os.remove(os.path.join(directory, CARD))
-  os.makedirs(directory, exist_ok=True)
-  staging = os.path.join(directory, f'.{VARIABLES}.partial')
-  shutil.rmtree(staging, ignore_errors=True)
-  with _checkpointer() as checkpointer:
-    checkpointer.save(staging, variables)
-  # Without a card, variables/ left here is from an interrupted save: never a model to keep.
-  shutil.rmtree(os.path.join(directory, VARIABLES), ignore_errors=True)
-  os.replace(staging, os.path.join(directory, VARIABLES))
-  card = dict(metadata or {}, arch=arch)
-  with open(os.path.join(directory, CARD + '.partial'), 'w') as f:
-    json.dump(card, f, indent=2, sort_keys=True)
-  os.replace(os.path.join(directory, CARD + '.partial'), os.path.join(directory, CARD))
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create the model folder {directory}: {e.strerror}') from None
+  # Names of this writer's own: a second writer never shares them.
+  unique = f'{os.getpid()}.{uuid.uuid4().hex[:8]}.partial'
+  staging = os.path.join(directory, f'.{VARIABLES}.{unique}')
+  try:
+    with _checkpointer() as checkpointer:
+      checkpointer.save(staging, variables)
+    # Without a card, variables/ left here is from an interrupted save: never a model to keep.
+    shutil.rmtree(os.path.join(directory, VARIABLES), ignore_errors=True)
+    os.replace(staging, os.path.join(directory, VARIABLES))
+    card = dict(metadata or {}, arch=arch, variables_sha256=digest(variables))
+    with open(os.path.join(directory, f'{CARD}.{unique}'), 'w') as f:
+      json.dump(card, f, indent=2, sort_keys=True)
+    os.replace(os.path.join(directory, f'{CARD}.{unique}'), os.path.join(directory, CARD))
+  except PermissionError as e:
+    raise UserError(f'cannot write the model to {directory}: {e.strerror}') from None
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return directory
+
+
+def digest(variables: dict) -> str:
+  """sha256 over every variable's path, dtype, shape and bytes: equal digests, equal models."""
+  hasher = hashlib.sha256()
+  for path, leaf in sorted(_flat(variables)):
+    leaf = np.ascontiguousarray(np.asarray(leaf))
+    hasher.update(f'{path}\0{leaf.dtype.str}\0{leaf.shape}\n'.encode())
+    hasher.update(leaf.tobytes())
+  return hasher.hexdigest()
+
+
+def _flat(tree, prefix: str = ''):
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _flat(value, f'{prefix}/{key}')
+  else:
+    yield prefix, tree
 
 
 def read_card(directory: str) -> dict[str, Any] | None:
@@ -56,15 +86,20 @@ def read_card(directory: str) -> dict[str, Any] | None:
   path = os.path.join(directory, CARD)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'{directory} holds a damaged model card ({e}); convert the checkpoint '
+                    'again') from None
 
 
 def load(directory: str) -> tuple[nn.Module, dict, dict[str, Any]]:
   """Reads a model written by `save`: (module, variables, metadata).
 
   The module is built with the card's num_classes, mean and std, so `module.apply(variables,
-  images)` reproduces the converted checkpoint.
+  images)` reproduces the converted checkpoint. A folder whose variables are unreadable or do
+  not match the card's digest is refused as damaged.
   """
   directory = os.path.abspath(directory)
   metadata = read_card(directory)
@@ -72,9 +107,18 @@ def load(directory: str) -> tuple[nn.Module, dict, dict[str, Any]]:
     raise UserError(f'{directory} is not a converted model (no {CARD}); convert a checkpoint '
                     'first with `python -m converters SRC --out DIR`')
   module = create_from_card(metadata)
-  with _checkpointer() as checkpointer:
-    variables = checkpointer.restore(os.path.join(directory, VARIABLES))
+  try:
+    with _checkpointer() as checkpointer:
+      variables = checkpointer.restore(os.path.join(directory, VARIABLES))
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many kinds
+    raise UserError(f'{directory} holds a damaged model: its variables do not load '
+                    f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                    'convert the checkpoint again') from None
   variables = {k: _as_numpy(v) for k, v in variables.items()}
+  expected = metadata.get('variables_sha256')
+  if expected is not None and digest(variables) != expected:
+    raise UserError(f'{directory} holds a damaged model: its variables differ from those its '
+                    'card recorded; convert the checkpoint again')
   return module, variables, metadata
 
 

@@ -1,0 +1,46 @@
+r"""Tables and figures of layer criticality, from the runner's results.csv or the paper's.
+
+    python -m lc_jax.report OUT1 OUT2 ... [--out DIR] [--top 10]
+
+Each argument is a workdir holding results.csv, or a results CSV itself: the runner's, or the
+paper's released raw-results/results.csv (github.com/paulgavrikov/layer_criticality), which holds
+many models in one file. Writes DIR/heatmap.png (models x layers, the paper's Figure 1) and
+DIR/scatter.png (original top-1 against mean criticality), and prints a table per model.
+
+In a notebook or the runner:
+
+    rows = report.load('OUT')                 # one dict per (trial, layer), file order kept
+    summaries = report.summarize(rows)        # one LayerSummary per (model, layer)
+    print(report.table(summaries))
+    report.plot_criticality(summaries, 'OUT/criticality.png')
+
+Intervals are 95%. Across trials: mean +- t_{0.975, n-1} * sd / sqrt(n) (Student t, sample sd),
+none with one trial. Across images: the runner's criticality_ci_images (a normal interval of one
+trial's mean over the images), averaged over the trials.
+
+Modules: read (CSVs in), stats (summaries, intervals), text (tables), figures (matplotlib),
+cli (the command and run.py's per-workdir report).
+"""
+
+from lc_jax.errors import UserError
+from lc_jax.report.cli import write_workdir_report
+from lc_jax.report.figures import KIND_COLORS
+from lc_jax.report.figures import layer_union
+from lc_jax.report.figures import plot_criticality
+from lc_jax.report.figures import plot_heatmap
+from lc_jax.report.figures import plot_scatter
+from lc_jax.report.read import ALIASES
+from lc_jax.report.read import clean_layer_name
+from lc_jax.report.read import guess_kind
+from lc_jax.report.read import load
+from lc_jax.report.read import resolve
+from lc_jax.report.read import STAGE_PATTERN
+from lc_jax.report.read import WRAPPER_PREFIXES
+from lc_jax.report.stats import by_model
+from lc_jax.report.stats import interval
+from lc_jax.report.stats import LayerSummary
+from lc_jax.report.stats import model_points
+from lc_jax.report.stats import spearman
+from lc_jax.report.stats import summarize
+from lc_jax.report.text import model_table
+from lc_jax.report.text import table

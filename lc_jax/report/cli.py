@@ -1,0 +1,90 @@
+"""The command `python -m lc_jax.report OUT... [--out DIR] [--top N]`, and the per-workdir report
+that run.py prints at the end of a run."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+from lc_jax import errors
+from lc_jax.errors import UserError
+from lc_jax.report.figures import plot_criticality, plot_heatmap, plot_scatter
+from lc_jax.report.read import load, resolve
+from lc_jax.report.stats import by_model, summarize
+from lc_jax.report.text import model_table, table
+
+
+def write_workdir_report(workdir: str, top: int = 10) -> str:
+  """Writes WORKDIR/criticality.png for the run in `workdir` and returns its table as text."""
+  csv_path = resolve(workdir)
+  summaries = summarize(load(csv_path))
+  if not summaries:
+    raise UserError(f'{csv_path} has no reset layer yet, only the original model')
+  grouped = by_model(summaries)
+  for model, layers in grouped.items():
+    name = ('criticality.png' if len(grouped) == 1 else
+            f"criticality_{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.png")
+    plot_criticality(layers, os.path.join(os.path.dirname(csv_path), name))
+  return table(summaries, top)
+
+
+def _out_folder(out: str) -> str:
+  """Creates the --out folder if needed; refuses a file, or a folder it cannot create or write."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f'--out {out} is a file, not a folder; give a folder for heatmap.png and '
+                    'scatter.png')
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create the --out folder {out}: {e.strerror}') from None
+  if not os.access(out, os.W_OK | os.X_OK):
+    raise UserError(f'cannot write to the --out folder {out} (permission denied); give a folder '
+                    'you can write to')
+  return out
+
+
+@errors.exits_cleanly
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  paths = argv[1:]
+  if not paths:
+    raise UserError('give at least one workdir or results CSV: '
+                    'python -m lc_jax.report OUT1 OUT2 ... [--out DIR]')
+  out, top = flags.FLAGS.out, flags.FLAGS.top
+  rows = []
+  for path in paths:
+    rows += load(path)
+  summaries = summarize(rows)
+  if not summaries:
+    raise UserError(f'no reset layer in {", ".join(paths)}: only original-model rows')
+  out = _out_folder(out)  # checked before anything is printed or drawn
+
+  if top > 0:
+    print(table(summaries, top), end='\n\n')
+  print(model_table(summaries))
+  heatmap = os.path.join(out, 'heatmap.png')
+  scatter = os.path.join(out, 'scatter.png')
+  try:
+    plot_heatmap(summaries, heatmap)
+    print(f'\nwrote {heatmap}')
+    skipped = plot_scatter(summaries, scatter)
+  except OSError as e:
+    raise UserError(f'cannot write into the --out folder {out}: {e.strerror or e}') from None
+  if len(skipped) == len(by_model(summaries)):
+    print('no scatter plot: no model has labelled images (original top-1 unknown)')
+  else:
+    print(f'wrote {scatter}')
+    if skipped:
+      print(f'  left out for lack of labels: {", ".join(skipped)}')
+
+
+def run() -> None:
+  """Defines the flags and runs `main` (python -m lc_jax.report)."""
+  # Flags are defined only when run as a program: the runner imports this package as a library
+  # and may define flags of the same names.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('out', '.', 'Folder for heatmap.png and scatter.png.')
+  flags.DEFINE_integer('top', 10, 'Most and least critical layers listed per model; 0: none.')
+  app.run(main, flags_parser=errors.parse_flags)

@@ -1,0 +1,90 @@
+"""Plain-text tables of LayerSummary lists: the most and least critical layers of each model, and
+one line per model."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from lc_jax.report.stats import LayerSummary, by_model, finite_mean
+
+
+def _pct(value: float, width: int, digits: int = 1, sign: str = '') -> str:
+  if not np.isfinite(value):
+    return f'{"-":>{width}s}'
+  return f'{sign}{100 * value:.{digits}f}'.rjust(width)
+
+
+def _layer_lines(layers: Sequence[LayerSummary], name_width: int) -> list[str]:
+  lines = [f'  {"layer":{name_width}s} {"kind":14s} {"stage":8s} {"crit %":>7s} {"±trials":>8s} '
+           f'{"±images":>8s} {"recov %":>8s} {"agree %":>8s}']
+  for s in layers:
+    lines.append(f'  {s.layer:{name_width}s} {s.kind:14s} {s.stage:8s} '
+                 f'{_pct(s.criticality, 7)} {_pct(s.ci_trials, 8, sign="±")} '
+                 f'{_pct(s.ci_images, 8, 2, sign="±")} {_pct(s.recovered_acc, 8)} '
+                 f'{_pct(s.pred_agreement, 8)}')
+  return lines
+
+
+def _trials_note(layers: Sequence[LayerSummary]) -> str | None:
+  both = [s for s in layers if np.isfinite(s.ci_trials) and np.isfinite(s.ci_images)]
+  wider = sum(s.ci_trials > s.ci_images for s in both)
+  if both and wider > len(both) / 2:
+    trials = max(s.trials for s in layers)
+    return (f'note: the interval over trials is wider than the one over images for {wider} of '
+            f'{len(both)} layers: the draw of the fresh weights dominates, and {trials} trials '
+            'may not be enough (raise --config.trials).')
+  return None
+
+
+def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
+  """The `top` most and least critical layers of each model, as printable text.
+
+  Columns: criticality (%), its 95% intervals over trials and over images, recovered top-1
+  (% of the original's) and top-1 agreement with the original (%).
+  """
+  out = []
+  for model, layers in by_model(summaries).items():
+    trials = max(s.trials for s in layers)
+    mode = f'{layers[0].mode}, ' if layers[0].mode else ''
+    top1 = layers[0].original_top1
+    labelled = f'original top-1 {top1:.2f}%' if np.isfinite(top1) else 'no labels'
+    out.append(f'{model}: {mode}{len(layers)} layers, {trials} trial{"s" * (trials != 1)}, '
+               f'{labelled}; mean criticality '
+               f'{_pct(finite_mean(s.criticality for s in layers), 0)}%')
+    ranked = sorted((s for s in layers if np.isfinite(s.criticality)),
+                    key=lambda s: -s.criticality)
+    shown = ranked if len(ranked) <= 2 * top else ranked[:top] + ranked[-top:]
+    width = max([12] + [len(s.layer) for s in shown])
+    if len(ranked) <= 2 * top:
+      out.append(f' all {len(ranked)} layers, most critical first:')
+      out += _layer_lines(ranked, width)
+    else:
+      out.append(f' most critical {top}:')
+      out += _layer_lines(ranked[:top], width)
+      out.append(f' least critical {top}:')
+      out += _layer_lines(ranked[-top:], width)
+    interval_text = (f'Student t over {trials} trials' if trials >= 2 else
+                     'none with one trial')
+    out.append(f' 95% intervals: ±trials {interval_text}; ±images over the images, '
+               'mean over trials.')
+    note = _trials_note(layers)
+    if note:
+      out.append(' ' + note)
+    out.append('')
+  return '\n'.join(out).rstrip('\n')
+
+
+def model_table(summaries: Sequence[LayerSummary]) -> str:
+  """One line per model: layers, trials, mean criticality over layers (%), original top-1."""
+  grouped = by_model(summaries)
+  width = max(5, *(len(m) for m in grouped))
+  lines = [f'{"model":{width}s} {"layers":>6s} {"trials":>6s} {"mean crit %":>11s} '
+           f'{"top-1 %":>8s}']
+  for model, layers in grouped.items():
+    top1 = layers[0].original_top1
+    lines.append(f'{model:{width}s} {len(layers):6d} {max(s.trials for s in layers):6d} '
+                 f'{_pct(finite_mean(s.criticality for s in layers), 11)} '
+                 f'{f"{top1:.2f}" if np.isfinite(top1) else "-":>8s}')
+  return '\n'.join(lines)

@@ -1,0 +1,82 @@
+"""The results format, in one place: file names, columns, and how a row is written and read.
+
+Imports nothing heavy (no JAX), so readers of results (`lc_jax.report`, scripts, tests) share it
+with the runner that writes them.
+
+    WORKDIR/results.csv   one row per (trial, layer), plus the `original` row; COLUMNS in order
+    WORKDIR/run.json      what the run measured (config, checkpoint, images, targets)
+    WORKDIR/partial.json  running sums of the unfinished rows (removed when the run ends)
+
+Every row carries `run_id`, a digest of the run's identity (RUN_IDENTITY entries of run.json),
+so rows of another configuration are told apart even when run.json is gone.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from typing import Any, Mapping
+
+RESULTS = 'results.csv'
+RUN = 'run.json'
+PARTIAL = 'partial.json'
+LOCK = '.lock'  # held by the run that writes the workdir (lc_jax.workdir)
+ORIGINAL = 'original'  # the layer of the row holding the original model's own metrics
+
+# The metrics of a row (see lc_jax.metrics), in column order.
+METRICS = ('top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_l2_err',
+           'pred_kl_div', 'pred_agreement', 'recovered_acc', 'criticality',
+           'criticality_ci_images')
+TEXT = ('model_id', 'layer', 'mode', 'kind', 'stage', 'run_id')
+INTEGER = ('trial', 'num_params', 'num_images')
+# No timings: a resumed run must end with the very file an uninterrupted run writes.
+COLUMNS = ('model_id', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params', 'num_images'
+          ) + METRICS + ('run_id',)
+# run.json entries that make a run what it is: a workdir is resumed only with all of them equal.
+RUN_IDENTITY = ('config', 'checkpoint_sha256', 'images', 'targets')
+
+
+def run_id(run_info: Mapping[str, Any]) -> str:
+  """A short digest of the RUN_IDENTITY entries of `run_info` (as JSON reads them back)."""
+  identity = {key: run_info.get(key) for key in RUN_IDENTITY}
+  text = json.dumps(identity, sort_keys=True, separators=(',', ':'), default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+  """One CSV line (with its newline) of `row`'s COLUMNS; floats round-trip exactly (repr)."""
+  missing = [c for c in COLUMNS if c not in row]
+  if missing:
+    raise ValueError(f'result row lacks {missing}')
+  buffer = io.StringIO()
+  csv.writer(buffer, lineterminator='\n').writerow([_format(row[c]) for c in COLUMNS])
+  return buffer.getvalue()
+
+
+def header() -> str:
+  """The first line of a results.csv."""
+  return ','.join(COLUMNS) + '\n'
+
+
+def parse_row(row: Mapping[str, str]) -> dict[str, Any]:
+  """A row as read by csv.DictReader, typed: text, int, or float (NaN for an empty cell).
+
+  Raises ValueError for a cell that is not a number where one is due."""
+  parsed: dict[str, Any] = {}
+  for key, value in row.items():
+    if key in TEXT:
+      parsed[key] = value
+    elif key in INTEGER:
+      parsed[key] = int(value)
+    else:
+      parsed[key] = float(value) if value != '' else float('nan')
+  return parsed
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, float):
+    return '' if math.isnan(value) else repr(value)
+  return str(value)

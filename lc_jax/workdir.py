@@ -1,0 +1,102 @@
+"""The workdir of a run: one writer at a time, and files replaced atomically under unique names.
+
+    with workdir.Lock(path):      # refuses at once if another run holds it
+      ...                         # everything that writes to the workdir
+
+The lock is `flock` on WORKDIR/.lock: the kernel drops it when its process ends, however it ends
+(kill -9 included), so there is never a stale lock to clean up. The file holds the holder's pid,
+host and start time, which a refused run names.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import uuid
+
+from lc_jax import schema
+from lc_jax.errors import UserError
+
+
+def ensure(workdir: str) -> str:
+  """Creates `workdir` if needed; refuses a path that is a file or a folder it cannot write."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir {workdir} is a file, not a folder; give a folder for the results')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create the workdir {workdir}: {e.strerror}') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f'cannot write to the workdir {workdir} (permission denied); give a folder '
+                    'you can write to')
+  return workdir
+
+
+class Lock:
+  """An exclusive lock on a workdir for as long as the `with` block runs (see module doc).
+
+  On a shared filesystem the lock holds between hosts only where the filesystem supports
+  `flock` across clients (NFSv4 and Lustre with -o flock do; some FUSE mounts do not, and
+  then each host sees only its own lock).
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = ensure(workdir)
+    self.path = os.path.join(self.workdir, schema.LOCK)
+    self._fd: int | None = None
+
+  def __enter__(self) -> Lock:
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise UserError(f'cannot write to the workdir {self.workdir}: {e.strerror}') from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise UserError(f'{self.workdir} is in use by another run ({_holder(self.path)}); wait '
+                        'for it to finish, or use another --workdir') from None
+      raise UserError(f'cannot lock the workdir {self.workdir} ({e.strerror}): its filesystem '
+                      'does not support flock; use a local folder') from None
+    holder = {'pid': os.getpid(), 'host': socket.gethostname(),
+              'started': datetime.datetime.now().astimezone().isoformat(timespec='seconds')}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + '\n').encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # releases the lock; the file stays (removing it would race a waiter)
+      self._fd = None
+
+
+def _holder(path: str) -> str:
+  try:
+    with open(path, encoding='utf-8') as f:
+      holder = json.loads(f.read() or '{}')
+    return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+  except (OSError, ValueError, KeyError, TypeError):
+    return 'holder unknown'
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Replaces `path` with `text` in one step (fsynced), through a temporary file of its own, so
+  a kill leaves the old file or the new one and two writers never share a temporary file."""
+  partial = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial'
+  try:
+    with open(partial, 'w', encoding='utf-8') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(partial, path)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise UserError(f'cannot write {path}: {e.strerror}') from None
