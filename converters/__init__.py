@@ -9,4 +9,6 @@ from converters.convert import convert
 from converters.mapping import Mismatch, MismatchError
 from converters.reader import DROP_RULES, ConversionError, DropRule, read
 from lc_jax.models.store import save
+# Importing a family's converter registers its recipe.
+from converters import resnet  # noqa: F401  pylint: disable=g-bad-import-order
 from converters import efficientnet  # noqa: F401  pylint: disable=g-bad-import-order

@@ -1,15 +1,15 @@
-"""Per-family conversion recipes: how to recognise a family's checkpoint and name its keys."""
+"""Per-family conversion recipes: how to recognise a family's checkpoint and name its keys.
+
+Each family registers its recipe from its own converter file (converters/resnet.py,
+converters/efficientnet.py).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Callable, Mapping
 
 import numpy as np
-
-from converters.reader import ConversionError
-from lc_jax import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,29 +49,3 @@ def detect(tensors: Mapping[str, np.ndarray]) -> tuple[Recipe, str] | None:
     if arch is not None:
       return recipe, arch
   return None
-
-
-# ---------------------------------------------------------------------------------------------
-# ResNet (torchvision and timm share the key names)
-# ---------------------------------------------------------------------------------------------
-
-def _detect_resnet(tensors: Mapping[str, np.ndarray]) -> str | None:
-  blocks: dict[int, set[int]] = {}
-  for key in tensors:
-    match = re.match(r'layer([1-4])\.(\d+)\.', key)
-    if match:
-      blocks.setdefault(int(match[1]), set()).add(int(match[2]))
-  if 'conv1.weight' not in tensors or not blocks:
-    return None
-  depths = tuple(max(blocks.get(stage, {-1})) + 1 for stage in (1, 2, 3, 4))
-  block = 'bottleneck' if 'layer1.0.conv3.weight' in tensors else 'basic'
-  for name in models.names('resnet'):
-    kwargs = models.get(name).kwargs
-    if kwargs['block'] == block and tuple(kwargs['layers']) == depths:
-      return name
-  raise ConversionError(f'the checkpoint is a ResNet with {block} blocks and stage depths '
-                        f'{"-".join(map(str, depths))}, which matches no registered ResNet '
-                        f'({", ".join(models.names("resnet"))})')
-
-
-register(Recipe(family='resnet', detect=_detect_resnet, classifier='fc.weight'))

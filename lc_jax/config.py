@@ -41,9 +41,7 @@ import ml_collections
 from lc_jax.data.config import DataConfig
 from lc_jax.errors import UserError
 
-GRANULARITIES = ('layer', 'block', 'stage')
 MATMUL_PRECISIONS = ('highest', 'high', 'default', 'float32', 'tensorfloat32', 'bfloat16')
-PRECISIONS = ('float32', 'bfloat16')
 RANDOM_MODES = ('fresh', 'interpolate')
 # Fields that change how a run is shown or how fast it goes, not what it measures: a workdir
 # may be resumed with other values.
@@ -168,6 +166,7 @@ def _typed(values: Mapping[str, Any], cls, prefix: str) -> dict[str, Any]:
 
 def _check_values(run: RunConfig) -> None:
   # Imported here: these modules import JAX, the dataclasses above do not need it.
+  from lc_jax import evaluate  # pylint: disable=g-import-not-at-top
   from lc_jax import init  # pylint: disable=g-import-not-at-top
   from lc_jax import layers  # pylint: disable=g-import-not-at-top
   from lc_jax import models  # pylint: disable=g-import-not-at-top
@@ -191,9 +190,9 @@ def _check_values(run: RunConfig) -> None:
   if unknown:
     raise UserError(f'unknown layer type {unknown[0]!r} in reset.layer_types; choose from '
                     f'{", ".join(layers.TYPES)}')
-  if reset_.granularity not in GRANULARITIES:
+  if reset_.granularity not in layers.GRANULARITIES:
     raise UserError(f'unknown reset.granularity {reset_.granularity!r}; choose from '
-                    f'{", ".join(GRANULARITIES)}')
+                    f'{", ".join(layers.GRANULARITIES)}')
   if reset_.mode == 'skip' and reset_.granularity != 'block':
     raise UserError('reset.mode=skip removes whole residual blocks: set reset.granularity=block')
   if reset_.init_scheme:
@@ -212,8 +211,7 @@ def _check_values(run: RunConfig) -> None:
   if run.matmul_precision not in MATMUL_PRECISIONS:
     raise UserError(f'unknown matmul_precision {run.matmul_precision!r}; choose from '
                     f'{", ".join(MATMUL_PRECISIONS)}')
-  if run.precision not in PRECISIONS:
-    raise UserError(f'unknown precision {run.precision!r}; choose from {", ".join(PRECISIONS)}')
+  evaluate.compute_dtype(run.precision)  # refuses an unknown precision
   if run.spread_resets < 1:
     raise UserError(f'spread_resets={run.spread_resets}: give a positive number of groups')
   if run.chunk_size < 0:

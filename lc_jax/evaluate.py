@@ -1,7 +1,7 @@
 """The model's forward split at block boundaries, compiled once per segment, over a device mesh.
 
     forward = Forward(module, layers)            # layers: lc_jax.layers.inventory(module, ...)
-    x, mask = forward.put(images), forward.put(mask)   # sharded over the mesh's 'batch' axis
+    x = forward.put(images)                      # sharded over the mesh's 'batch' axis
     logits = forward(variables, x)               # the whole network
     h = forward(variables, x, 0, 3)              # the input of segment 3 ...
     logits = forward(reset_variables, h, 3)      # ... and the rest of the network from there
@@ -13,9 +13,9 @@ chains the compiled segments k, k+1, ... on the device without a host round trip
 handed only its own variables (the layers the inventory assigns to its block), so a reset
 elsewhere does not even reach it.
 
-Devices: all devices (every process's, with several) form a `Mesh` with axes ('resets', 'batch'). Images are sharded
-along 'batch' (a batch is padded to a multiple of its size; the caller masks the padding rows
-out) and variables are replicated. By default 'resets' has size 1: every device holds a slice of
+Devices (lc_jax.sharding): all devices (every process's, with several) form a `Mesh` with axes
+('resets', 'batch'). Images are sharded along 'batch' (a batch comes padded to a multiple of its
+size, the padding masked out, from lc_jax.data.chunks) and variables are replicated. By default 'resets' has size 1: every device holds a slice of
 every batch. When batches are small next to the device count, `resets=R` splits the devices
 into R groups and `many` evaluates R resets at once, one per group, each on the whole batch
 (sharded within its group). On one device all of this is plain jit.
@@ -23,7 +23,6 @@ into R groups and `many` evaluates R resets at once, one per group, each on the 
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -35,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lc_jax import layers as layers_lib
+from lc_jax import sharding
 from lc_jax.errors import UserError
 
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -52,19 +52,6 @@ def with_precision(module: nn.Module, precision: str) -> nn.Module:
   return module.clone(dtype=compute_dtype(precision))
 
 
-def local_mesh(resets: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh ('resets', 'batch') over `devices` (default: every device of every process, which
-  is this process's on one host), `resets` rows."""
-  devices = jax.devices() if devices is None else list(devices)
-  if resets < 1 or len(devices) % resets:
-    raise UserError(f'{len(devices)} devices cannot be split into {resets} groups for resets; '
-                    'choose a divisor of the device count')
-  if resets > 1 and jax.process_count() > 1:
-    raise UserError('spread_resets works within one process; with several processes (hosts) '
-                    'leave it at 1: every device takes a slice of every batch')
-  return Mesh(np.array(devices).reshape(resets, -1), ('resets', 'batch'))
-
-
 class Forward:
   """`module`'s forward by segments; see the module docstring."""
 
@@ -73,73 +60,39 @@ class Forward:
     self.module = module
     self.names: tuple[str, ...] = tuple(module.segments())
     self.index = {name: k for k, name in enumerate(self.names)}
-    self.mesh = mesh or local_mesh()
-    self._replicated = NamedSharding(self.mesh, P())
-    self._sharded = NamedSharding(self.mesh, P('batch'))
-    paths = collections.defaultdict(list)
-    for layer in layers:
-      if layer.block not in self.index:
-        raise ValueError(f'layer {layer.name} lies in {layer.block!r}, which is not a segment of '
-                         f'{type(module).__name__} ({", ".join(self.names)})')
-      paths[self.index[layer.block]].append(layer.path)
-    self._paths = [paths[k] for k in range(len(self.names))]
+    self.mesh = mesh or sharding.make_mesh()
+    self._paths = segment_paths(self.names, layers)
+    sharded = NamedSharding(self.mesh, P('batch'))
     self._segment = jax.jit(self._apply_segment, static_argnums=(2,),
-                            in_shardings=(self._replicated, self._sharded),
-                            out_shardings=self._sharded)
+                            in_shardings=(NamedSharding(self.mesh, P()), sharded),
+                            out_shardings=sharded)
     self._spread = {}  # (segment, kind) -> jitted segment over the resets' device groups
 
   @property
-  def num_devices(self) -> int:
-    """Devices a batch is sharded over (the 'batch' axis)."""
-    return self.mesh.shape['batch']
-
-  @property
-  def local_devices(self) -> int:
-    """Devices of this process on the 'batch' axis: its rows of a batch are padded to a multiple
-    of this (with several processes, each holds the same number)."""
-    return self.num_devices // jax.process_count()
+  def rows_multiple(self) -> int:
+    """What this process's rows of a batch must be a multiple of (sharding.rows_multiple)."""
+    return sharding.rows_multiple(self.mesh)
 
   def start(self, target: layers_lib.Target) -> int:
     """The first segment a reset of `target` changes: where its re-run has to begin."""
     return min(self.index[layer.block] for layer in target.layers)
 
   def put(self, batch: np.ndarray) -> jax.Array:
-    """A host batch (images, labels or mask) sharded over the mesh, padded to a multiple of the
-    device count with zeros (which read as False in a mask). With several processes, `batch` is
-    this process's part and the result the global batch of all the parts."""
-    batch = np.asarray(batch)
-    pad = -len(batch) % self.local_devices
-    if pad:
-      batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-    if jax.process_count() == 1:
-      return jax.device_put(batch, self._sharded)
-    return jax.make_array_from_process_local_data(self._sharded, batch)
+    """A host batch (images, labels or mask), already a multiple of `rows_multiple` rows
+    (lc_jax.data.chunks pads it once, with a mask), sharded over the mesh."""
+    return sharding.shard_batch(self.mesh, batch)
 
   def replicate(self, variables: dict) -> dict:
     """`variables` placed on every device of the mesh (done once for the trained weights)."""
-    return self._placed(variables)
+    return sharding.replicate(self.mesh, variables)
 
   def __call__(self, variables: dict, x: jax.Array, start: int = 0,
                stop: int | None = None) -> jax.Array:
     """Segments [start, stop) of the model on `x`, the input of segment `start` (uint8 images
     for 0). Dispatches one compiled segment after the other; nothing waits for the device."""
     for k in range(start, len(self.names) if stop is None else stop):
-      x = self._segment(self._placed(self._variables_of(variables, k)), x, k)
+      x = self._segment(self.replicate(self._variables_of(variables, k)), x, k)
     return x
-
-  def _placed(self, tree: dict) -> dict:
-    """`tree` replicated over the mesh. Leaves a reset made may sit uncommitted on one device;
-    placing every leaf alike keeps one compiled program per segment (jit specialises on it).
-    With several processes, a leaf of this process only goes through the host (every process
-    holds the same value) to become a global array."""
-    if jax.process_count() == 1:
-      return jax.device_put(tree, self._replicated)
-    def place(leaf):
-      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        return leaf  # made from replicated arrays by all processes alike
-      return jax.make_array_from_callback(np.shape(leaf), self._replicated,
-                                          lambda index, leaf=np.asarray(leaf): leaf[index])
-    return jax.tree.map(place, tree)
 
   def input_bytes(self, variables: dict, images: jax.ShapeDtypeStruct) -> list[int]:
     """Bytes of each segment's input for a batch of `images` (traced, nothing is computed):
@@ -171,12 +124,12 @@ class Forward:
         own = [self._variables_of(tree, k) for tree in chunk]
         if _same_leaves(own):
           if stacked:
-            h = self._spread_segment(k, 'one variables')(self._placed(own[0]), h)
+            h = self._spread_segment(k, 'one variables')(self.replicate(own[0]), h)
           else:
-            h = self._segment(self._placed(own[0]), h, k)
+            h = self._segment(self.replicate(own[0]), h, k)
         else:
           trees = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                               *[self._placed(tree) for tree in own])
+                               *[self.replicate(tree) for tree in own])
           h = self._spread_segment(k, 'stacked' if stacked else 'one input')(trees, h)
           stacked = True
       logits += [h[i] for i in range(count)] if stacked else [h] * count
@@ -223,6 +176,20 @@ class Forward:
     if k == 0:
       x = x.astype(jnp.float32) / 255.0
     return self.module.apply(variables, x, k, k + 1)
+
+
+def segment_paths(names: Sequence[str], layers: Sequence[layers_lib.Layer]
+                  ) -> list[list[tuple[str, ...]]]:
+  """For each segment (`names`, in order), the variable paths of the layers in it: computed once
+  from the model's segments and its inventory, so the two cannot disagree unnoticed."""
+  index = {name: k for k, name in enumerate(names)}
+  paths: list[list[tuple[str, ...]]] = [[] for _ in names]
+  for layer in layers:
+    if layer.block not in index:
+      raise ValueError(f'layer {layer.name} lies in {layer.block!r}, which is not a segment '
+                       f'({", ".join(names)})')
+    paths[index[layer.block]].append(layer.path)
+  return paths
 
 
 def _same_leaves(trees: Sequence[dict]) -> bool:

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.metadata
-import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax
@@ -48,6 +46,7 @@ from lc_jax import models
 from lc_jax import reset
 from lc_jax import results
 from lc_jax import schema
+from lc_jax import sharding
 from lc_jax import workdir as workdir_lib
 from lc_jax.config import RunConfig
 from lc_jax.errors import UserError
@@ -93,8 +92,8 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
         trust_pickle=settings.model.trust_pickle)
     converters.save(model_dir, arch, variables, card, overwrite=True)
     return models.load(model_dir)
-  loaded = agreed('converting the checkpoint', convert)
-  module, variables, card = agreed('reading the converted model',
+  loaded = sharding.agreed('converting the checkpoint', convert)
+  module, variables, card = sharding.agreed('reading the converted model',
                                    lambda: loaded or models.load(model_dir))
   spec = models.get(card['arch'])
   model_id = settings.model.id or _default_id(settings.model.checkpoint)
@@ -105,34 +104,6 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
 def _version() -> str:
   import lc_jax  # pylint: disable=g-import-not-at-top
   return lc_jax.__version__
-
-
-def agreed(step: str, work: Callable[[], Any]) -> Any:
-  """`work()`; with several processes, also a barrier after which all of them fail if any did:
-  the one that failed with its own message, the others saying so (no process is left waiting
-  in a collective for one that stopped)."""
-  error, result = None, None
-  try:
-    result = work()
-  except Exception as e:  # pylint: disable=broad-except  # re-raised below
-    error = e
-  if jax.process_count() > 1:
-    failed = multihost_utils.process_allgather(np.int32(error is not None))
-    if error is None and np.any(failed):
-      raise UserError(f'process {int(np.argmax(failed))} failed while {step}; its output says '
-                      'why')
-  if error is not None:
-    raise error
-  return result
-
-
-def _same_everywhere(state: Any, what: str) -> None:
-  """With several processes, refuses to go on unless all of them computed the same `state`."""
-  if jax.process_count() > 1:
-    digest = np.frombuffer(hashlib.sha256(json.dumps(state).encode()).digest(), np.uint8)
-    if np.any(multihost_utils.process_allgather(digest) != digest):
-      raise UserError(f'the processes read different {what}; WORKDIR must be one folder that '
-                      'every host sees, up to date (a shared filesystem)')
 
 
 def _content(info: data.DataInfo) -> str:
@@ -177,7 +148,7 @@ def select_targets(settings: RunConfig, model: Model) -> list[layers_lib.Target]
 def check(config: ml_collections.ConfigDict | RunConfig) -> RunConfig:
   """The checked settings of `config` (lc_jax.config.check), and a device layout that fits."""
   settings = lc_config.check(config)
-  evaluate.local_mesh(settings.spread_resets)  # the groups must divide the devices
+  sharding.make_mesh(settings.spread_resets)  # the groups must divide the devices
   return settings
 
 
@@ -232,7 +203,7 @@ def _open(settings: RunConfig, workdir: str, primary: bool):
       raise UserError(f'the images have labels up to {int(labels.max())} but the model has '
                       f'{num_classes} classes; point data.path at a matching image set')
     return images, labels, info
-  images, labels, info = agreed('loading the images', load_images)
+  images, labels, info = sharding.agreed('loading the images', load_images)
   run_info = {
       'config': settings.measured(), 'checkpoint_sha256': model.card['sha256'],
       'images': {'fingerprint': info.fingerprint, 'content': _content(info)},
@@ -243,9 +214,9 @@ def _open(settings: RunConfig, workdir: str, primary: bool):
     run_info['processes'] = jax.process_count()
   # The writer opens the workdir (and cuts a line a kill left half-written) before the others
   # read it.
-  writer = agreed('opening the workdir',
+  writer = sharding.agreed('opening the workdir',
                   lambda: results.Store(workdir, run_info) if primary else None)
-  reader = agreed('reading the workdir',
+  reader = sharding.agreed('reading the workdir',
                   lambda: None if primary else results.Store(workdir, run_info, writer=False))
   return writer or reader, model, images, labels, info, targets
 
@@ -255,23 +226,25 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   """The original's row, then every (trial, target) row not yet in the store."""
   show = settings.progress and primary
   module = evaluate.with_precision(model.module, settings.precision)
-  forward = evaluate.Forward(module, model.layers, evaluate.local_mesh(settings.spread_resets))
+  forward = evaluate.Forward(module, model.layers, sharding.make_mesh(settings.spread_resets))
   model.variables = variables = forward.replicate(model.variables)  # one copy, not two
   has_labels = labels is not None
   trials = settings.num_trials
 
-  # A batch runs through the model in chunks of at most settings.chunk_size images.
-  chunk = chunk_rows(info.local_batch_size, settings.chunk_size, forward.local_devices)
+  # A batch runs through the model in chunks of at most settings.chunk_size images, each a
+  # multiple of this process's devices (padded and masked once, by the data layer).
+  chunk = data.chunk_rows(info.local_batch_size, settings.chunk_size, forward.rows_multiple)
 
-  def chunks(batch):
-    return [tuple(forward.put(part) for part in piece) for piece in split(batch, chunk)]
+  def chunks():
+    for pieces in data.chunks(images, labels, info, chunk):
+      yield [tuple(forward.put(part) for part in piece) for piece in pieces]
 
   # ---------------------------------------------------------------- the original --------------
   # Its logits on every chunk are the reference of every reset (kept on the device).
   reference, total = [], None
-  for batch in data.batches(images, labels, info):
+  for pieces in chunks():
     reference.append([])
-    for x, y, mask in chunks(batch):
+    for x, y, mask in pieces:
       reference[-1].append(forward(variables, x))
       total = metrics.accumulate(total, metrics.per_image(reference[-1][-1], None, y, mask))
   original = metrics.finalize(total, has_labels)
@@ -293,7 +266,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   pending = [_key(t, target) for items in todo.values() for t, target in items]
   first_batch, sums = (store.load_partial(pending, info.num_batches, metrics.SUMS)
                        if pending else (0, {}))
-  _same_everywhere([pending, first_batch], 'states of results.csv and partial.json')
+  sharding.same_everywhere([pending, first_batch], 'states of results.csv and partial.json')
   def source(trial):  # placed on the mesh once, not at every use
     tree = reset_source(settings, model, trial)
     return None if tree is None else forward.replicate(tree)
@@ -302,7 +275,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
             for trial in sorted({t for items in todo.values() for t, _ in items})}
   num_chunks = len(reference[0])
   if show and todo:
-    shape = (chunk + -chunk % forward.local_devices, *images.shape[1:])
+    shape = (chunk, *images.shape[1:])
     kept = forward.input_bytes(variables, jax.ShapeDtypeStruct(shape, jnp.uint8))
     what = (f'a batch of {shape[0]}' if num_chunks == 1 else
             f'a chunk of {shape[0]} ({num_chunks} per batch of {info.local_batch_size})')
@@ -312,10 +285,10 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
           file=sys.stderr)
   progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks, show)
   starts = list(todo)  # segments with resets, in order
-  for b, batch in enumerate(data.batches(images, labels, info)):
+  for b, pieces in enumerate(chunks()):
     if b < first_batch or not todo:
       continue
-    for c, (x, y, mask) in enumerate(chunks(batch)):
+    for c, (x, y, mask) in enumerate(pieces):
       final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
       h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
       for k, next_k in zip(starts, starts[1:] + [None]):
@@ -340,31 +313,6 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   if missing:
     raise RuntimeError(f'{len(missing)} resets were not written, e.g. {missing[0]}')
   store.clear_partial()
-
-
-def chunk_rows(batch_size: int, limit: int, devices: int = 1) -> int:
-  """Rows per chunk when a batch of `batch_size` runs in chunks of at most `limit` images (0: no
-  limit) sharded over `devices`: the fewest chunks, each a multiple of the device count (at
-  least one row per device) and as even as that allows, so the padding stays small."""
-  if not limit or limit >= batch_size:
-    return batch_size
-  most = max(devices, limit // devices * devices)
-  count = -(-batch_size // most)
-  rows = -(-batch_size // count)
-  return -(-rows // devices) * devices
-
-
-def split(batch: tuple, rows: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """A host batch (images, labels or None, mask) as chunks of `rows` rows, every chunk the same
-  shape (one compiled program): the last is padded with zero images, label -1, mask False."""
-  x, y, mask = batch
-  y = np.full(mask.shape, -1, np.int32) if y is None else y
-  pad = -len(mask) % rows
-  if pad:
-    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = np.concatenate([y, np.full(pad, -1, y.dtype)])
-    mask = np.concatenate([mask, np.zeros(pad, bool)])
-  return [(x[i:i + rows], y[i:i + rows], mask[i:i + rows]) for i in range(0, len(mask), rows)]
 
 
 def _key(trial: int, target: layers_lib.Target) -> str:

@@ -42,6 +42,8 @@ class Layer:
   index: int  # position in forward order among all layers
   groups: int = 1  # a conv's feature groups (its output channels for a depthwise conv)
   residual: bool = False  # its block adds a shortcut (identity or projection) to its branch
+  shortcut: bool = False  # it lies on the block's projection shortcut, not on the branch
+  branch_end: bool = False  # the last BatchNorm of its block's residual branch
 
   @property
   def num_params(self) -> int:
@@ -62,7 +64,8 @@ def inventory(module: nn.Module, block_depth: int, input_size: int = 64) -> list
 
   The order is recorded by intercepting module calls while the model is traced abstractly
   (no weights are allocated); a layer is a module with variables of its own. `block_depth` is
-  how many path components name a block.
+  how many path components name a block. Which layers form a projection shortcut the family
+  says (`module.on_shortcut(path)`; none without the method).
   """
   calls: dict[tuple[str, ...], nn.Module] = {}
   same_shape: dict[str, bool] = {}  # block -> its output has its input's shape
@@ -99,10 +102,18 @@ def inventory(module: nn.Module, block_depth: int, input_size: int = 64) -> list
                         shapes=leaves, block=block, stage=stage, index=len(layers),
                         groups=getattr(layer_module, 'feature_group_count', 1)))
   # A block has a shortcut if it keeps its input's shape (the identity can be added) or has a
-  # projection ('downsample' in torch ResNets); blocks that change shape without one have none.
-  projected = {layer.block for layer in layers if 'downsample' in layer.path}
+  # projection; blocks that change shape without one have none.
+  on_shortcut = getattr(module, 'on_shortcut', lambda path: False)
+  layers = [dataclasses.replace(layer, shortcut=bool(on_shortcut(layer.path))) for layer in layers]
+  projected = {layer.block for layer in layers if layer.shortcut}
+  branch_end = {}  # block -> the name of the last BatchNorm on its branch
+  for layer in layers:
+    if layer.kind == 'batchnorm' and layer.block not in ('stem', 'head') and not layer.shortcut:
+      branch_end[layer.block] = layer.name
   return [dataclasses.replace(layer, residual=same_shape.get(layer.block, False)
-                              or layer.block in projected) for layer in layers]
+                              or layer.block in projected,
+                              branch_end=branch_end.get(layer.block) == layer.name)
+          for layer in layers]
 
 
 def _kind(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str:

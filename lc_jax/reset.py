@@ -23,7 +23,6 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from lc_jax import init
 from lc_jax.errors import UserError
 from lc_jax.layers import Layer, Target
 
@@ -90,15 +89,14 @@ def interpolate(variables: dict, layers: Iterable[Layer], source: dict, alpha: f
       value))
 
 
-def skip(variables: dict, block: Target, all_layers: Iterable[Layer]) -> dict:
+def skip(variables: dict, block: Target) -> dict:
   """The block returns its shortcut: its residual branch's last BatchNorm outputs 0.
 
   With scale and bias 0 that BatchNorm outputs exactly 0 whatever its input, so the block
   computes act(0 + shortcut); a ResNet's shortcut is non-negative, so relu leaves it as is.
   Blocks without a shortcut (an EfficientNet block that strides or changes width) are refused.
   """
-  last = init.last_batchnorm_of_branches(all_layers)
-  ends = [layer for layer in block.layers if layer.name in last and layer.residual]
+  ends = [layer for layer in block.layers if layer.branch_end and layer.residual]
   if len(ends) != 1:
     raise UserError(f'{block.name!r} is not a residual block with a shortcut to return; skip '
                     'resets whole residual blocks (granularity block, batchnorm included)')
@@ -128,4 +126,4 @@ def make(mode: str, all_layers: list[Layer], *, source: dict | None = None,
     return lambda variables, target: interpolate(variables, target.layers, source, alpha)
   if mode == 'zero':
     return lambda variables, target: zero(variables, target.layers)
-  return lambda variables, target: skip(variables, target, all_layers)
+  return lambda variables, target: skip(variables, target)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lc_jax import data
 from lc_jax import metrics
 from lc_jax import schema
 from lc_jax.errors import UserError
@@ -36,12 +37,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (500, 128, 1, 125), (500, 0, 1, 500), (4, 3, 1, 2), (7, 3, 1, 3), (4, 9, 1, 4), (5, 1, 1, 1),
     (500, 100, 8, 88), (500, 128, 8, 128), (4, 3, 8, 8), (12, 5, 2, 4)])
 def test_chunks_are_even_and_padded_like_a_batch(batch_size, limit, devices, rows):
-  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
-  assert experiment.chunk_rows(batch_size, limit, devices) == rows
+  assert data.chunk_rows(batch_size, limit, devices) == rows
   x = np.arange(batch_size, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
   mask = np.arange(batch_size) < batch_size - 1  # the batch's last row is padding already
   for labels in (None, np.arange(batch_size, dtype=np.int32)):
-    chunks = experiment.split((x, labels, mask), rows)
+    chunks = data.loader.split((x, labels, mask), rows)
     assert len(chunks) == -(-batch_size // rows)
     assert {tuple(part.shape[0] for part in chunk) for chunk in chunks} == {(rows, rows, rows)}
     xs, ys, masks = (np.concatenate(parts) for parts in zip(*chunks))
@@ -56,6 +56,7 @@ def test_a_negative_chunk_size_is_refused_before_the_run():
   from lc_jax import config as lc_config  # pylint: disable=g-import-not-at-top
   from lc_jax import experiment  # pylint: disable=g-import-not-at-top
   config = lc_config.default()
+  config.model.checkpoint = 'bundled:efficientnet_lite0'
   config.chunk_size = -2
   with pytest.raises(UserError, match=r'chunk_size=-2: give a number of images, or 0'):
     experiment.check(config)

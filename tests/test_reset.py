@@ -148,7 +148,7 @@ def test_pytorch_default_scheme_matches_torch_modules():
                                                      'params/bias': (128,)}, 'stem', 'stem', 0)),
       (linear, layers_lib.Layer('l', ('l',), 'linear', {'params/kernel': (512, 300),
                                                          'params/bias': (300,)}, 'head', 'head', 1))]:
-    leaves = init.scheme('pytorch_default')(layer, jax.random.key(1), set())
+    leaves = init.scheme('pytorch_default')(layer, jax.random.key(1))
     for torch_leaf, leaf in (('weight', 'params/kernel'), ('bias', 'params/bias')):
       want = getattr(module, torch_leaf).detach().numpy().ravel()
       got = np.asarray(leaves[leaf]).ravel()

@@ -17,6 +17,8 @@ from lc_jax.data.cache import default_dir as default_cache_dir
 from lc_jax.data.config import DataConfig
 from lc_jax.data.config import default_config
 from lc_jax.data.loader import batches
+from lc_jax.data.loader import chunk_rows
+from lc_jax.data.loader import chunks
 from lc_jax.data.loader import DataInfo
 from lc_jax.data.loader import load
 from lc_jax.data.preprocess import load_rgb

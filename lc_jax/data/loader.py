@@ -168,6 +168,44 @@ def batches(images: np.ndarray, labels: np.ndarray | None, info: DataInfo
     yield batch, batch_labels, mask
 
 
+def chunk_rows(batch_size: int, limit: int, multiple: int = 1) -> int:
+  """Rows per chunk when a batch of `batch_size` runs in chunks of at most `limit` images (0: no
+  limit), each a multiple of `multiple` (a process's devices): the fewest chunks, as even as
+  that allows, so the padding stays small."""
+  if not limit or limit >= batch_size:
+    return -(-batch_size // multiple) * multiple
+  most = max(multiple, limit // multiple * multiple)
+  count = -(-batch_size // most)
+  rows = -(-batch_size // count)
+  return -(-rows // multiple) * multiple
+
+
+def chunks(images: np.ndarray, labels: np.ndarray | None, info: DataInfo, rows: int
+           ) -> Iterator[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+  """For each batch of `batches`, its chunks of `rows` rows (see `chunk_rows`): (images, labels,
+  mask), every chunk the same shape (one compiled program). This is where a batch is padded,
+  once: padding rows are zeros with label -1 (also for a source without labels) and mask
+  False."""
+  for batch in batches(images, labels, info):
+    yield split(batch, rows)
+
+
+def split(batch: tuple, rows: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """A host batch (images, labels or None, mask) as chunks of `rows` rows, the last padded."""
+  x, y, mask = batch
+  y = np.full(mask.shape, -1, np.int32) if y is None else y
+  x, y, mask = pad(x, rows), pad(y, rows, -1), pad(mask, rows, False)
+  return [(x[i:i + rows], y[i:i + rows], mask[i:i + rows]) for i in range(0, len(mask), rows)]
+
+
+def pad(batch: np.ndarray, multiple: int, fill: Any = 0) -> np.ndarray:
+  """`batch` with rows of `fill` appended up to a multiple of `multiple`."""
+  missing = -len(batch) % multiple
+  if not missing:
+    return batch
+  return np.concatenate([batch, np.full((missing, *batch.shape[1:]), fill, batch.dtype)])
+
+
 def _changed(meta: Mapping[str, Any], positions: np.ndarray, digests: list[str] | None
              ) -> str | None:
   """What changed in the images of a cache entry since it was made (None: nothing)."""

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lc_jax import init
+from lc_jax import layers
 from lc_jax.models import common
 from lc_jax.models import registry
 
@@ -239,6 +241,25 @@ _VARIANTS = {
     'efficientnet_lite3': (1.2, 1.4, 300),
     'efficientnet_lite4': (1.4, 1.8, 380),
 }
+
+
+
+# ------------------------------------------------------------------------ initialisation -------
+# timm initialises EfficientNets as TF did ('goog'): conv weight ~ N(0, 2 / fan_out) with
+# fan_out = kh * kw * out_ch / groups; BatchNorm 1/0; Linear weight ~ U(+-1/sqrt(out_features)),
+# bias 0.
+
+def _goog(layer: layers.Layer, key) -> init.Leaves:
+  if layer.kind == 'batchnorm':
+    return init.batchnorm(layer)
+  if layer.kind == 'linear':
+    bound = 1 / math.sqrt(layer.shapes['params/kernel'][1])
+    return {'params/kernel': init.uniform(key, layer.shapes['params/kernel'], bound),
+            'params/bias': jnp.zeros(layer.shapes['params/bias'], jnp.float32)}
+  return init.kaiming_normal_fan_out(layer, key, divide_by_groups=True)
+
+
+init.register_scheme('goog', _goog)
 
 for _name, (_width_mult, _depth_mult, _size) in _VARIANTS.items():
   registry.register(registry.Architecture(

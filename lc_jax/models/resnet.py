@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lc_jax import init
+from lc_jax import layers
 from lc_jax.models import common
 from lc_jax.models import registry
 
@@ -111,16 +113,20 @@ class ResNet(nn.Module):
   """ResNet classifier on NHWC images in [0, 1]; normalisation is part of the model."""
 
   block: str  # 'basic' or 'bottleneck'
-  layers: Sequence[int]
+  stage_depths: Sequence[int]  # blocks per stage (torch's `layers` argument)
   num_classes: int = 1000
   mean: Sequence[float] = common.IMAGENET_MEAN
   std: Sequence[float] = common.IMAGENET_STD
   dtype: Any = jnp.float32
 
+  def on_shortcut(self, path: Sequence[str]) -> bool:
+    """Whether the layer at `path` lies on a block's projection shortcut, not its branch."""
+    return 'downsample' in path
+
   def segments(self) -> tuple[str, ...]:
     """The forward's segments in order: 'stem', every block ('layer1.0', ...), 'head'."""
     return common.segment_names([f'layer{stage + 1}.{index}'
-                                 for stage, depth in enumerate(self.layers)
+                                 for stage, depth in enumerate(self.stage_depths)
                                  for index in range(depth)])
 
   @nn.compact
@@ -142,10 +148,10 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
       self.sow('intermediates', 'maxpool', x)
 
-    for stage, lo, hi in common.stage_ranges(self.layers, start, stop):
+    for stage, lo, hi in common.stage_ranges(self.stage_depths, start, stop):
       planes = 64 * 2**stage
       in_features = 64 if stage == 0 else planes // 2 * block_cls.expansion
-      x = Stage(block_cls, planes, self.layers[stage], 1 if stage == 0 else 2, in_features,
+      x = Stage(block_cls, planes, self.stage_depths[stage], 1 if stage == 0 else 2, in_features,
                 self.dtype, name=f'layer{stage + 1}')(x, lo, hi)
 
     if start <= head < stop:
@@ -164,9 +170,28 @@ _DEPTHS = {
     'resnet152': ('bottleneck', (3, 8, 36, 3)),
 }
 
-for _name, (_block, _layers) in _DEPTHS.items():
+# ------------------------------------------------------------------------ initialisation -------
+# As timm and torchvision draw a fresh ResNet: conv weight ~ N(0, 2 / fan_out), fan_out = out_ch
+# * kh * kw (kaiming_normal, mode='fan_out', untruncated); BatchNorm 1/0/0/1, except that timm
+# zeroes the weight of the last BatchNorm of each residual branch (zero_init_last); Linear:
+# PyTorch's default.
+
+def _scheme(zero_init_last: bool) -> init.Scheme:
+  def scheme(layer: layers.Layer, key) -> init.Leaves:
+    if layer.kind == 'batchnorm':
+      return init.batchnorm(layer, 0.0 if zero_init_last and layer.branch_end else 1.0)
+    if layer.kind == 'linear':
+      return init.pytorch_default(layer, key)
+    return init.kaiming_normal_fan_out(layer, key, divide_by_groups=False)
+  return scheme
+
+
+init.register_scheme('timm_resnet', _scheme(zero_init_last=True))
+init.register_scheme('torchvision_resnet', _scheme(zero_init_last=False))
+
+for _name, (_block, _depths) in _DEPTHS.items():
   registry.register(registry.Architecture(
       name=_name, family='resnet', build=ResNet,
-      kwargs={'block': _block, 'layers': _layers},
+      kwargs={'block': _block, 'stage_depths': _depths},
       mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, timm_name=_name,
       init_scheme='timm_resnet', block_depth=2))

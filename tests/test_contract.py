@@ -1,0 +1,105 @@
+"""The contract every registered architecture keeps, checked for each of `models.names()`.
+
+A new family is a model file and a converter file; this test covers it without being edited:
+its segments chain to the whole forward, every variable belongs to exactly one segment, the
+inventory's layers cover every variable, a checkpoint of its torch names converts back to the
+same variables (and is recognised as this architecture), and a fresh reset keeps shapes and
+dtypes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import converters
+from converters import mapping
+from lc_jax import evaluate
+from lc_jax import init
+from lc_jax import layers as layers_lib
+from lc_jax import models
+from lc_jax import reset
+
+SIZE = 64  # small inputs: the contract does not depend on the resolution
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(path): leaf for path, leaf in
+          jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope='module', params=models.names())
+def built(request):
+  spec = models.get(request.param)
+  module = spec.create()
+  variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+  variables = {k: variables[k] for k in ('params', 'batch_stats')}
+  # BatchNorm statistics away from 0/1, so a mix-up of mean and var would show.
+  rng = np.random.RandomState(0)
+  variables['batch_stats'] = jax.tree.map(
+      lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype), variables['batch_stats'])
+  return request.param, spec, module, variables, layers_lib.inventory(module, spec.block_depth)
+
+
+def test_segments_chain_to_the_whole_forward(built):
+  arch, _, module, variables, layers = built
+  forward = evaluate.Forward(module, layers)
+  images = (np.random.RandomState(1).rand(2, SIZE, SIZE, 3) * 255).astype(np.uint8)
+  whole = np.asarray(jax.jit(module.apply)(variables, images.astype(np.float32) / 255))
+  x = forward.put(images)
+  chained = np.asarray(forward(variables, x))
+  difference = np.abs(chained - whole).max()
+  print(f'{arch}: {len(forward.names)} segments; chained vs one program: max abs diff '
+        f'{difference:.2g} (largest logit {np.abs(whole).max():.3g})')
+  assert difference <= 1e-5 * max(1.0, np.abs(whole).max())
+  # From a segment on, given the original's activation there: the chain's logits bit for bit.
+  starts = sorted({1, len(forward.names) // 2, len(forward.names) - 1})
+  for k in starts:
+    h = forward(variables, x, 0, k)
+    assert np.array_equal(np.asarray(forward(variables, h, k)), chained), forward.names[k]
+
+
+def test_every_variable_belongs_to_exactly_one_segment(built):
+  _, _, module, variables, layers = built
+  forward = evaluate.Forward(module, layers)
+  seen = []
+  for k in range(len(forward.names)):
+    seen += list(_leaves(forward._variables_of(variables, k)))  # pylint: disable=protected-access
+  assert sorted(seen) == sorted(_leaves(variables))
+
+
+def test_the_inventory_covers_every_variable(built):
+  _, _, _, variables, layers = built
+  covered = [''.join(f"['{part}']" for part in (name.split('/')[0], *layer.path,
+                                                 name.split('/')[1]))
+             for layer in layers for name in layer.shapes]
+  assert sorted(covered) == sorted(_leaves(variables))
+  assert [layer.index for layer in layers] == list(range(len(layers)))
+  assert {layer.kind for layer in layers} <= set(layers_lib.KINDS)
+
+
+def test_a_checkpoint_of_its_torch_names_converts_back(built, tmp_path):
+  arch, _, _, variables, _ = built
+  path = str(tmp_path / f'{arch}.safetensors')
+  save_file(mapping.to_state_dict(jax.tree.map(np.asarray, variables)), path)
+  found, converted, _ = converters.convert(path)  # recognised by its family's recipe
+  assert found == arch
+  want, got = _leaves(variables), _leaves(converted)
+  assert want.keys() == got.keys()
+  for key, value in want.items():
+    assert np.array_equal(np.asarray(value), got[key]), key
+
+
+def test_a_fresh_reset_keeps_shapes_and_dtypes(built):
+  _, spec, _, variables, layers = built
+  fresh = init.fresh_variables(layers, spec.init_scheme, jax.random.key(0))
+  originals = _leaves(variables)
+  for key, value in _leaves(fresh).items():
+    assert value.shape == originals[key].shape and value.dtype == originals[key].dtype, key
+  reset_fn = reset.make('fresh', layers, source=fresh)
+  for target in layers_lib.select(layers, ['conv', 'linear', 'batchnorm'], granularity='block'):
+    after = reset_fn(variables, target)
+    assert jax.tree.structure(after) == jax.tree.structure(variables), target.name
+    for key, value in _leaves(after).items():
+      assert value.shape == originals[key].shape and value.dtype == originals[key].dtype, key
