@@ -9,7 +9,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[torch,tfds,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[torch,tfds,dev,zoo]'
 	touch $@
 
 demo: setup

@@ -24,17 +24,23 @@ from lc_jax.errors import UserError
 
 def ensure(workdir: str) -> str:
   """Creates `workdir` if needed; refuses a path that is a file or a folder it cannot write."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir {workdir} is a file, not a folder; give a folder for the results')
+  return ensure_folder(workdir, '--workdir', 'the results')
+
+
+def ensure_folder(path: str, flag: str, purpose: str) -> str:
+  """Creates the folder `path` (given as `flag`, to hold `purpose`) if needed and returns it,
+  absolute; a file there, or a folder that cannot be created or written, is one UserError."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f'{flag} {path} is a file, not a folder; give a folder for {purpose}')
   try:
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(path, exist_ok=True)
   except OSError as e:
-    raise UserError(f'cannot create the workdir {workdir}: {e.strerror}') from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise UserError(f'cannot write to the workdir {workdir} (permission denied); give a folder '
-                    'you can write to')
-  return workdir
+    raise UserError(f'cannot create the {flag} folder {path}: {e.strerror}') from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UserError(f'cannot write to the {flag} folder {path} (permission denied); give a '
+                    'folder you can write to')
+  return path
 
 
 class Lock:

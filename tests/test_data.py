@@ -35,7 +35,7 @@ def folder(tmp_path_factory):
   for name in ('rocket.jpg', 'hubble_deep_field.jpg', 'chelsea.png', 'coffee.png', 'camera.png'):
     # As shipped: camera JPEGs, RGB and grayscale PNGs; one extension in capitals, as ImageNet's.
     target = name.replace('rocket.jpg', 'rocket.JPEG')
-    shutil.copy(os.path.join(skimage.data.data_dir, name), os.path.join(photos, target))
+    shutil.copy(os.path.join(data.sources.photo_dir(), name), os.path.join(photos, target))
   chelsea = Image.fromarray(skimage.data.chelsea())
   astronaut = Image.fromarray(skimage.data.astronaut())
   _save(astronaut, f'{photos}/astronaut.jpg', quality=90)

@@ -238,7 +238,7 @@ BAD_INPUT = [
     ('misspelt nested key', 'new', ['--config.data.batchsize=2'],
      'unknown config key data.batchsize; did you mean data.batch_size?'),
     ('workdir is a file', 'file', [], 'is a file, not a folder'),
-    ('workdir under a file', 'under_a_file', [], 'cannot create the workdir'),
+    ('workdir under a file', 'under_a_file', [], 'cannot create the --workdir folder'),
     ('cache folder under a file', 'new', ['--config.cache_dir={tmp}/afile/cache'],
      'afile is a file, not a folder'),
     ('malformed middle row', 'malformed_row', [], 'line 2: could not convert'),
@@ -334,7 +334,7 @@ def test_folders_that_cannot_be_written_end_in_one_line(tmp_path, monkeypatch):
       pass
   assert not [n for n in os.listdir(tmp_path / 'cache')]
   monkeypatch.setattr(os, 'access', lambda *a: False)
-  with pytest.raises(UserError, match='cannot write to the workdir .*permission denied'):
+  with pytest.raises(UserError, match='cannot write to the --workdir folder .*permission denied'):
     workdir_lib.Lock(str(tmp_path / 'run'))
 
 

@@ -268,9 +268,9 @@ class Photos(Source):
   kind = 'photos'
 
   def __init__(self):
-    import skimage.data  # pylint: disable=g-import-not-at-top
-    files = {os.path.splitext(f)[0]: f for f in os.listdir(skimage.data.data_dir)}
-    self._paths = [os.path.join(skimage.data.data_dir, files[name]) for name in PHOTOS]
+    folder = photo_dir()
+    files = {os.path.splitext(f)[0]: f for f in os.listdir(folder)}
+    self._paths = [os.path.join(folder, files[name]) for name in PHOTOS]
 
   def describe(self) -> str:
     return "scikit-image's photos"
@@ -285,6 +285,13 @@ class Photos(Source):
   def read(self, indices):
     for j, i in enumerate(indices):
       yield j, self._paths[i], self._paths[i]
+
+
+def photo_dir() -> str:
+  """The folder of the photos scikit-image ships. Not `skimage.data.data_dir`: with pooch
+  installed that is a download cache, which holds a photo only after its first use."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  return os.path.dirname(os.path.abspath(skimage.data.__file__))
 
 
 def _file_sha256(path: str) -> str:

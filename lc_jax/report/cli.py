@@ -8,6 +8,7 @@ import re
 from typing import Sequence
 
 from lc_jax import errors
+from lc_jax import workdir
 from lc_jax.errors import UserError
 from lc_jax.report.figures import plot_criticality, plot_heatmap, plot_scatter
 from lc_jax.report.read import load, resolve
@@ -31,17 +32,7 @@ def write_workdir_report(workdir: str, top: int = 10) -> str:
 
 def _out_folder(out: str) -> str:
   """Creates the --out folder if needed; refuses a file, or a folder it cannot create or write."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise UserError(f'--out {out} is a file, not a folder; give a folder for heatmap.png and '
-                    'scatter.png')
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'cannot create the --out folder {out}: {e.strerror}') from None
-  if not os.access(out, os.W_OK | os.X_OK):
-    raise UserError(f'cannot write to the --out folder {out} (permission denied); give a folder '
-                    'you can write to')
-  return out
+  return workdir.ensure_folder(out, '--out', 'heatmap.png and scatter.png')
 
 
 @errors.exits_cleanly
