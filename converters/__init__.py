@@ -5,7 +5,8 @@
     module, variables, metadata = lc_jax.models.load('out/resnet50')
 """
 
-from converters.convert import convert
+from converters.convert import convert, source_sha256, ZOO
+from converters.layouts import LAYOUTS, convert_layout
 from converters.mapping import Mismatch, MismatchError
 from converters.reader import DROP_RULES, ConversionError, DropRule, read
 from lc_jax.models.store import save

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import jax
@@ -15,10 +16,18 @@ from converters.reader import ConversionError
 from lc_jax import models
 
 
+ZOO = 'zoo:'  # a checkpoint argument 'zoo:ID' names a model of the paper's zoo (lc_jax.zoo)
+
+
 def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
-            mean: Sequence[float] | None = None,
-            std: Sequence[float] | None = None) -> tuple[str, dict, dict[str, Any]]:
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+            offline: bool | None = None, mirrors: str | None = None
+            ) -> tuple[str, dict, dict[str, Any]]:
   """Converts the checkpoint at `src` into Flax variables, strictly.
+
+  `src` is a file, 'bundled:NAME', or 'zoo:ID' (a model of lc_jax.zoo: its files are fetched,
+  or taken from the cache offline, and read in its layout with its normalisation; `offline` and
+  `mirrors` are passed to lc_jax.zoo.fetch).
 
   `arch` is inferred from the checkpoint when not given; a checkpoint of another architecture
   or family is refused. Every model variable must be filled and every checkpoint key used,
@@ -28,27 +37,40 @@ def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
 
   Returns (arch, variables, metadata) with variables {'params': ..., 'batch_stats': ...}.
   """
+  if src.startswith(ZOO):
+    return _convert_zoo(src[len(ZOO):], arch, trust_pickle, mean, std, offline, mirrors)
   checkpoint = reader.read(src, trust_pickle=trust_pickle)
-  if not checkpoint.tensors:
-    raise ConversionError(f'{checkpoint.path} holds no tensors of a network')
-  found = recipes.detect(checkpoint.tensors)
+  arch, variables, metadata = build(checkpoint.tensors, arch, mean, std, checkpoint.path)
+  return arch, variables, {
+      **metadata, 'source': checkpoint.path, 'sha256': checkpoint.sha256,
+      'format': checkpoint.format, 'container': checkpoint.container,
+      'stripped_prefix': checkpoint.prefix, 'dropped': checkpoint.dropped}
+
+
+def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: str,
+          origin: dict[str, str] | None = None) -> tuple[str, dict, dict[str, Any]]:
+  """Fills an architecture's variables from torch-named `tensors` (read from `where`), strictly:
+  the architecture is inferred by the families' recipes when `arch` is None, and one of another
+  family or variant is refused; `origin` names a renamed key's name in its file, for messages.
+  Returns (arch, variables, metadata of the model: arch, classes, normalisation, sizes)."""
+  if not tensors:
+    raise ConversionError(f'{where} holds no tensors of a network')
+  found = recipes.detect(tensors)
   if arch is None:
     if found is None:
-      keys = ', '.join(list(checkpoint.tensors)[:4])
+      keys = ', '.join(list(tensors)[:4])
       families = ', '.join(sorted({models.get(n).family for n in models.names()}))
       raise ConversionError(
-          f'cannot tell the architecture of {checkpoint.path}: its keys ({keys}, ...) fit no '
+          f'cannot tell the architecture of {where}: its keys ({keys}, ...) fit no '
           f'registered family ({families}); pass the architecture explicitly')
     recipe, arch = found
   else:
-    spec = models.get(arch)
-    recipe = recipes.for_family(spec.family)
+    recipe = recipes.for_family(models.get(arch).family)
     if found is not None and found[1] != arch:
-      raise ConversionError(f'{checkpoint.path} holds {found[1]} weights, not {arch}; '
+      raise ConversionError(f'{where} holds {found[1]} weights, not {arch}; '
                             f'convert it as {found[1]} or leave the architecture out')
   spec = models.get(arch)
-  tensors = recipe.rename(dict(checkpoint.tensors))
-
+  tensors = recipe.rename(dict(tensors))
   num_classes = spec.num_classes
   if recipe.classifier in tensors:
     num_classes = int(tensors[recipe.classifier].shape[0])
@@ -58,28 +80,63 @@ def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
   if std is not None:
     overrides['std'] = tuple(float(s) for s in std)
   module = spec.create(**overrides)
-  shapes = models.variable_shapes(module, spec.input_size)
-
-  variables, mismatch = mapping.fill(shapes, tensors)
+  variables, mismatch = mapping.fill(models.variable_shapes(module, spec.input_size), tensors)
   if mismatch:
-    raise mapping.MismatchError(
-        f'{checkpoint.path} does not fit {arch}: {mismatch.summary()}', mismatch)
-
-  metadata = {
+    if origin:
+      mismatch = _with_origin(mismatch, origin)
+    raise mapping.MismatchError(f'{where} does not fit {arch}: {mismatch.summary()}', mismatch)
+  return arch, variables, {
       'arch': arch,
       'family': spec.family,
       'num_classes': num_classes,
       'mean': list(module.mean),
       'std': list(module.std),
-      'source': checkpoint.path,
-      'sha256': checkpoint.sha256,
-      'format': checkpoint.format,
-      'container': checkpoint.container,
-      'stripped_prefix': checkpoint.prefix,
-      'dropped': checkpoint.dropped,
       'num_tensors': len(tensors),
       'num_parameters': int(sum(np.size(v) for v in jax.tree.leaves(variables['params']))),
       'lc_jax_version': lc_jax.__version__,
   }
+
+
+def _with_origin(mismatch: mapping.Mismatch, origin: dict[str, str]) -> mapping.Mismatch:
+  """The misfits with each renamed key followed by its name in the file, so the user can find
+  it: 'fc.weight (module.linear.weight in head.pth)'."""
+  def label(key: str) -> str:
+    return f'{key} ({origin[key]})' if key in origin else key
+  return mapping.Mismatch(missing=mismatch.missing,
+                          unexpected=[(label(k), s) for k, s in mismatch.unexpected],
+                          shapes=[(label(k), e, f) for k, e, f in mismatch.shapes])
+
+
+def _convert_zoo(model_id: str, arch: str | None, trust_pickle: bool, mean, std,
+                 offline: bool | None, mirrors: str | None) -> tuple[str, dict, dict[str, Any]]:
+  from converters.layouts import convert_layout  # pylint: disable=g-import-not-at-top
+  from lc_jax import zoo  # pylint: disable=g-import-not-at-top
+  entry = zoo.get(model_id)
+  files = zoo.fetch(model_id, offline=offline, mirrors=mirrors or None)
+  arch, variables, metadata = convert_layout(
+      files, entry.recipe, arch or 'resnet50', trust_pickle=trust_pickle,
+      mean=entry.mean if mean is None else mean, std=entry.std if std is None else std)
+  metadata.update(source=ZOO + model_id, sha256=files_sha256(files))
   return arch, variables, metadata
 
+
+def files_sha256(files: Sequence[str]) -> str:
+  """The sha256 that identifies a checkpoint of `files` (see `digests_sha256`)."""
+  return digests_sha256([reader.sha256(f) for f in files])
+
+
+def digests_sha256(digests: Sequence[str]) -> str:
+  """One file's sha256 is its own; several files' (backbone, then head) is the sha256 of their
+  hex digests concatenated in order."""
+  if len(digests) == 1:
+    return digests[0]
+  return hashlib.sha256(''.join(digests).encode()).hexdigest()
+
+
+def source_sha256(src: str, *, offline: bool | None = None, mirrors: str | None = None) -> str:
+  """The sha256 that identifies the checkpoint argument `src` (a file, bundled:NAME or zoo:ID,
+  whose files are fetched first): what a converted model and a run's identity are keyed by."""
+  if src.startswith(ZOO):
+    from lc_jax import zoo  # pylint: disable=g-import-not-at-top
+    return files_sha256(zoo.fetch(src[len(ZOO):], offline=offline, mirrors=mirrors or None))
+  return reader.sha256(reader.resolve(src))

@@ -10,8 +10,8 @@ The format is told by the file's first bytes, not its name.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -20,10 +20,11 @@ import pickle
 import re
 import struct
 import zipfile
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from lc_jax.digest import file_sha256
 from lc_jax.errors import UserError
 
 
@@ -96,51 +97,102 @@ class Checkpoint:
 
 
 def read(path: str, trust_pickle: bool = False,
-         drop_rules: Iterable[DropRule] = DROP_RULES) -> Checkpoint:
+         drop_rules: Iterable[DropRule] = DROP_RULES, *,
+         container: Sequence[str] | None = None,
+         allowed_globals: Iterable[type] = ()) -> Checkpoint:
   """Reads `path` (a file, or 'bundled:NAME') into a flat state_dict of numpy arrays.
 
-  The state_dict is unwrapped from its container, keys matched by a `drop_rules` entry are
-  removed and reported, and DataParallel/wrapper prefixes are stripped.
+  The state_dict is unwrapped from its container (found among CONTAINER_KEYS, or exactly at
+  `container`, e.g. ('model',)), keys matched by a `drop_rules` entry are removed and reported,
+  and DataParallel/wrapper prefixes are stripped. `allowed_globals` are classes of plain data
+  (e.g. argparse.Namespace) that may be unpickled besides tensors without `trust_pickle`.
+  """
+  path, fmt, obj = load(path, trust_pickle, allowed_globals)
+  state, found = select(obj, path, container)
+  tensors, dropped, prefix = clean(as_numpy(state), drop_rules)
+  return Checkpoint(path=path, sha256=sha256(path), format=fmt, container=found,
+                    prefix=prefix, tensors=tensors, dropped=dropped)
+
+
+def load(path: str, trust_pickle: bool = False,
+         allowed_globals: Iterable[type] = ()) -> tuple[str, str, Any]:
+  """(resolved path, format, the unpickled object) of a checkpoint file, nothing unwrapped.
+
+  Besides tensors and plain containers only `allowed_globals` are unpickled, unless
+  `trust_pickle`; the format is told by the file's first bytes, not its name.
   """
   path = resolve(path)
   if not os.path.exists(path):
     raise ConversionError(f'checkpoint not found: {path}')
   if not os.path.isfile(path):
     raise ConversionError(f'checkpoint is not a file: {path}')
+  allowed = tuple(allowed_globals)
   with open(path, 'rb') as f:
     head = f.read(16)
   fmt = _sniff(head)
   if fmt == 'safetensors':
     obj = _read_safetensors(path)
   elif fmt == 'torch-zip':
-    obj = _read_torch_zip(path)
+    obj = _read_torch_zip(path, allowed)
     if obj is None:  # holds more than tensors and plain containers: torch reads it
-      obj = _read_torch(path, trust_pickle)
+      obj = _read_torch(path, trust_pickle, allowed)
   elif fmt == 'torch-legacy':
-    obj = _read_torch(path, trust_pickle)
+    obj = _read_torch(path, trust_pickle, allowed)
   else:
     raise ConversionError(f'{path} is not a checkpoint: expected a PyTorch file (.pth, .pt, '
                           '.pth.tar, .ckpt) or a .safetensors file')
-  state, container = _unwrap(obj, path)
-  tensors = {k: _to_numpy(v) for k, v in state.items()}
+  return path, fmt, obj
+
+
+def select(obj: Any, path: str,
+           container: Sequence[str] | None = None) -> tuple[Mapping[str, Any], list[str]]:
+  """(state_dict, the keys that lead to it): found among CONTAINER_KEYS when `container` is
+  None, else exactly at `container` (a missing entry, or one holding more than tensors, is an
+  error: a layout that names its container must not guess)."""
+  if container is None:
+    return _unwrap(obj, path)
+  state = obj
+  for depth, key in enumerate(container):
+    if not isinstance(state, Mapping) or not isinstance(state.get(key), Mapping):
+      where = ''.join(f"['{k}']" for k in container[:depth]) or 'top level'
+      found = (f'keys {sorted(map(str, state))[:8]}' if isinstance(state, Mapping)
+               else f'a {type(state).__name__}')
+      raise ConversionError(f"{path} has no state_dict under {key!r}: its {where} holds {found}")
+    state = state[key]
+  others = [str(k) for k, v in state.items() if not _is_tensor(v)]
+  if others:
+    at = ''.join(f"['{k}']" for k in container)
+    raise ConversionError(f'{path}{at} is not a state_dict: it holds non-tensor entries '
+                          f'{sorted(others)[:4]}')
+  return state, list(container)
+
+
+def as_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """A state_dict of torch tensors or numpy arrays as numpy arrays (float widened to float32)."""
+  return {k: _to_numpy(v) for k, v in state.items()}
+
+
+def clean(tensors: dict[str, np.ndarray], drop_rules: Iterable[DropRule] = DROP_RULES
+          ) -> tuple[dict[str, np.ndarray], dict[str, list[str]], str]:
+  """(kept tensors, {rule name: dropped keys}, stripped prefix).
+
+  Each key goes to the first rule that matches it, by its name in the file; prefixes are
+  stripped from the kept keys afterwards, while every kept key has one.
+  """
+  rules = tuple(drop_rules)
+  kept: dict[str, np.ndarray] = {}
   dropped: dict[str, list[str]] = {}
-  for key in list(tensors):
-    rule = next((r for r in drop_rules if r.matches(key)), None)
-    if rule is not None:
+  for key, value in tensors.items():
+    rule = next((r for r in rules if r.matches(key)), None)
+    if rule is None:
+      kept[key] = value
+    else:
       dropped.setdefault(rule.name, []).append(key)
-      del tensors[key]
-  tensors, prefix = _strip_prefixes(tensors)
-  return Checkpoint(path=path, sha256=sha256(path), format=fmt, container=container,
-                    prefix=prefix, tensors=tensors, dropped=dropped)
+  kept, prefix = _strip_prefixes(kept)
+  return kept, dropped, prefix
 
 
-def sha256(path: str) -> str:
-  """Hex sha256 of a file, read in chunks."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
+sha256 = file_sha256  # a checkpoint is identified by its bytes
 
 
 def _sniff(head: bytes) -> str | None:
@@ -172,14 +224,18 @@ _STORAGES = {'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStora
 
 class _TensorUnpickler(pickle.Unpickler):
   """Unpickles a torch zip checkpoint into numpy arrays without torch; knows only tensors,
-  parameters and ordered dicts, and stops at anything else (nothing of the file is run)."""
+  parameters, ordered dicts and the `allowed` classes of plain data, and stops at anything else
+  (nothing of the file is run)."""
 
-  def __init__(self, archive: zipfile.ZipFile, prefix: str):
+  def __init__(self, archive: zipfile.ZipFile, prefix: str, allowed: tuple[type, ...] = ()):
     super().__init__(io.BytesIO(archive.read(prefix + 'data.pkl')))
     self.archive, self.prefix = archive, prefix
+    self.allowed = {(c.__module__, c.__qualname__): c for c in allowed}
     self.storages: dict[str, np.ndarray] = {}
 
   def find_class(self, module: str, name: str):
+    if (module, name) in self.allowed:
+      return self.allowed[(module, name)]
     if (module, name) == ('collections', 'OrderedDict'):
       return collections.OrderedDict
     if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
@@ -224,7 +280,7 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
   return array.astype(np.float32) if array.dtype.kind == 'f' else array
 
 
-def _read_torch_zip(path: str) -> Any | None:
+def _read_torch_zip(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
   """A torch zip checkpoint of tensors in plain containers, read without torch (faster, and no
   torch in memory); None when it holds anything else, or is damaged (torch then reads it and
   explains)."""
@@ -237,19 +293,20 @@ def _read_torch_zip(path: str) -> Any | None:
       if prefix + 'byteorder' in archive.namelist() and archive.read(
           prefix + 'byteorder') != b'little':
         return None
-      return _TensorUnpickler(archive, prefix).load()
+      return _TensorUnpickler(archive, prefix, allowed).load()
   except Exception:  # pylint: disable=broad-except
     return None  # anything unusual or damaged: torch.load reads it, or says what is wrong
 
 
-def _read_torch(path: str, trust_pickle: bool) -> Any:
+def _read_torch(path: str, trust_pickle: bool, allowed: tuple[type, ...] = ()) -> Any:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ConversionError(f'reading {path} needs PyTorch: pip install "lc-jax[torch]", or '
                           'convert the checkpoint to .safetensors') from None
   try:
-    return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+    with _safe_globals(torch, allowed):
+      return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
   except torch.serialization.pickle.UnpicklingError as e:
     if trust_pickle:
       raise ConversionError(f'cannot unpickle {path}: {_first_line(e)}') from None
@@ -263,6 +320,17 @@ def _read_torch(path: str, trust_pickle: bool) -> Any:
   except Exception as e:  # pylint: disable=broad-except
     # Unpickling a trusted file runs its code: any error of that code ends up here.
     raise ConversionError(f'cannot load {path}: {type(e).__name__}: {_first_line(e)}') from None
+
+
+def _safe_globals(torch, allowed: tuple[type, ...]):
+  """A context in which torch's weights-only unpickler also accepts the `allowed` classes."""
+  if not allowed:
+    return contextlib.nullcontext()
+  scoped = getattr(torch.serialization, 'safe_globals', None)  # torch >= 2.5
+  if scoped is not None:
+    return scoped(list(allowed))
+  torch.serialization.add_safe_globals(list(allowed))  # torch 2.4: for the whole process
+  return contextlib.nullcontext()
 
 
 def _first_line(error: BaseException) -> str:

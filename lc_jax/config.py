@@ -6,8 +6,9 @@ the check that turns a config into typed, validated fields before anything is wr
     settings = lc_jax.config.check(config)      # a RunConfig, or one UserError naming the problem
 
 Fields (RunConfig):
-- model: checkpoint (a file, or bundled:NAME), arch (empty: inferred), id (the row label in
-  results; empty: the checkpoint's file name), trust_pickle;
+- model: checkpoint (a file, bundled:NAME, or zoo:ID for a model of the paper's zoo), arch
+  (empty: inferred), id (the row label in results; empty: the checkpoint's file name),
+  trust_pickle, offline and mirrors (for zoo:ID, see lc_jax.zoo);
 - data: see lc_jax.data.config (source, path, num_images, batch_size, seed, order, sizes, ...);
 - reset: mode (fresh, zero, checkpoint, interpolate, skip), layer_types ('conv,linear'; add
   batchnorm for the reference code's default), layers (a pattern; empty: all), granularity
@@ -46,7 +47,7 @@ RANDOM_MODES = ('fresh', 'interpolate')
 # Fields that change how a run is shown or how fast it goes, not what it measures: a workdir
 # may be resumed with other values.
 NOT_MEASURED = ('progress', 'cache_dir', 'reuse_prefix', 'spread_resets', 'chunk_size',
-                'data.workers')
+                'data.workers', 'model.offline', 'model.mirrors')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,8 @@ class ModelConfig:
   arch: str = ''
   id: str = ''
   trust_pickle: bool = False
+  offline: bool = False  # zoo:ID only from the zoo's cache (also LC_JAX_OFFLINE=1)
+  mirrors: str = ''  # zoo source prefixes rewritten (JSON or a .json file; LC_JAX_ZOO_MIRRORS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +178,7 @@ def _check_values(run: RunConfig) -> None:
   model, reset_ = run.model, run.reset
   if not model.checkpoint:
     raise UserError('no checkpoint is set: give --config.model.checkpoint=PATH (a .pth, .pt, '
-                    '.pth.tar, .ckpt or .safetensors file, or bundled:NAME)')
+                    '.pth.tar, .ckpt or .safetensors file, bundled:NAME, or zoo:ID)')
   _check_checkpoint(model.checkpoint, 'model.checkpoint')
   if model.arch and model.arch not in models.names():
     close = difflib.get_close_matches(model.arch, models.names(), n=3)
@@ -224,6 +227,10 @@ def _check_values(run: RunConfig) -> None:
 def _check_checkpoint(source: str, field: str) -> None:
   if source.startswith('bundled:'):
     return  # resolved (and an unknown name refused) by the converter
+  if source.startswith('zoo:'):
+    from lc_jax import zoo  # pylint: disable=g-import-not-at-top
+    zoo.get(source[len('zoo:'):])  # an unknown id is refused with the closest ones
+    return
   path = os.path.abspath(os.path.expanduser(source))
   if not os.path.exists(path):
     raise UserError(f'{field}: checkpoint not found: {path}')

@@ -74,31 +74,54 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
   settings = lc_config.check(config)
   model_dir = os.path.join(workdir, 'model')
 
+  wanted = settings.model
+  zoo_model = wanted.checkpoint.startswith(converters.ZOO)
+
   def convert():
     if jax.process_index() != 0:
       return None
-    source = converters.reader.resolve(settings.model.checkpoint)
-    sha256 = source_sha256 or converters.reader.sha256(source)
-    try:
-      card = models.store.read_card(model_dir)
-      if (card and card.get('arch') == (settings.model.arch or card.get('arch'))
-          and card.get('sha256') == sha256 and card.get('lc_jax_version') == _version()):
-        return models.load(model_dir)
-    except UserError as e:  # its source is known: make it again
-      logging.warning('%s; converting it again', e)
-      print(f'{model_dir} was damaged; converting the checkpoint again', file=sys.stderr)
+    sha256 = source_sha256 or converters.source_sha256(
+        wanted.checkpoint, offline=wanted.offline or None, mirrors=wanted.mirrors)
+    # The workdir's own conversion, or (zoo:ID) the zoo cache's, keyed by the source's sha256.
+    places = [model_dir] + ([_zoo_converted(sha256)] if zoo_model else [])
+    for place in places:
+      loaded = _reusable(place, wanted.arch, sha256)
+      if loaded is not None:
+        if place != model_dir:
+          converters.save(model_dir, loaded[2]['arch'], loaded[1], loaded[2], overwrite=True)
+        return loaded
     arch, variables, card = converters.convert(
-        settings.model.checkpoint, settings.model.arch or None,
-        trust_pickle=settings.model.trust_pickle)
-    converters.save(model_dir, arch, variables, card, overwrite=True)
+        wanted.checkpoint, wanted.arch or None, trust_pickle=wanted.trust_pickle,
+        offline=wanted.offline or None, mirrors=wanted.mirrors)
+    for place in places:
+      converters.save(place, arch, variables, card, overwrite=True)
     return models.load(model_dir)
   loaded = sharding.agreed('converting the checkpoint', convert)
   module, variables, card = sharding.agreed('reading the converted model',
-                                   lambda: loaded or models.load(model_dir))
+                                            lambda: loaded or models.load(model_dir))
   spec = models.get(card['arch'])
-  model_id = settings.model.id or _default_id(settings.model.checkpoint)
+  model_id = wanted.id or _default_id(wanted.checkpoint)
   return Model(module, jax.tree.map(jnp.asarray, variables), card, spec,
                layers_lib.inventory(module, spec.block_depth), model_id)
+
+
+def _reusable(model_dir: str, arch: str, sha256: str) -> tuple | None:
+  """`models.load(model_dir)` if it holds a conversion of the source `sha256` (as `arch`, when
+  given) by this lc-jax version, intact; None otherwise (a damaged one is reported)."""
+  try:
+    card = models.store.read_card(model_dir)
+    if (card and card.get('arch') == (arch or card.get('arch')) and card.get('sha256') == sha256
+        and card.get('lc_jax_version') == _version()):
+      return models.load(model_dir)
+  except UserError as e:  # its source is known: make it again
+    logging.warning('%s; converting it again', e)
+    print(f'{model_dir} was damaged; converting the checkpoint again', file=sys.stderr)
+  return None
+
+
+def _zoo_converted(sha256: str) -> str:
+  from lc_jax import zoo  # pylint: disable=g-import-not-at-top
+  return os.path.join(zoo.cache_dir(), 'converted', sha256)
 
 
 def _version() -> str:
@@ -115,6 +138,8 @@ def _content(info: data.DataInfo) -> str:
 
 
 def _default_id(checkpoint: str) -> str:
+  if checkpoint.startswith(converters.ZOO):
+    return checkpoint[len(converters.ZOO):]
   name = os.path.basename(checkpoint.split('bundled:')[-1])
   for suffix in ('.safetensors', '.pth.tar', '.pth', '.pt', '.ckpt', '.tar'):
     if name.endswith(suffix):
@@ -130,8 +155,10 @@ def reset_source(settings: RunConfig, model: Model, trial: int) -> dict | None:
     key = jax.random.fold_in(jax.random.key(settings.seed), trial)
     return init.fresh_variables(model.layers, scheme, key)
   if mode == 'checkpoint':
-    _, variables, _ = converters.convert(settings.reset.init_checkpoint, model.card['arch'],
-                                         trust_pickle=settings.model.trust_pickle)
+    _, variables, _ = converters.convert(
+        settings.reset.init_checkpoint, model.card['arch'],
+        trust_pickle=settings.model.trust_pickle, offline=settings.model.offline or None,
+        mirrors=settings.model.mirrors)
     return variables
   return None
 
@@ -186,8 +213,9 @@ def _open(settings: RunConfig, workdir: str, primary: bool):
   """The run's store, model, images and targets; refuses another run's workdir before its
   model is converted into it."""
   show = settings.progress and primary
-  source = converters.reader.resolve(settings.model.checkpoint)
-  sha256 = converters.reader.sha256(source)
+  sha256 = converters.source_sha256(settings.model.checkpoint,
+                                    offline=settings.model.offline or None,
+                                    mirrors=settings.model.mirrors)
   results.refuse_other_run(workdir, {'config': settings.measured(), 'checkpoint_sha256': sha256})
   model = prepare_model(settings, workdir, sha256)
   targets = select_targets(settings, model)

@@ -370,3 +370,50 @@ def test_cli_input_that_is_not_a_csv_is_one_line(tmp_path, case):
   _assert_one_error_line(result, 'not a CSV results file')
   assert result.stdout == ''
   assert not out.exists() and not list(tmp_path.rglob('heatmap.png'))
+
+
+def _paper_csv(path, models, perturb=None, shift=0.0):
+  """A results CSV in the paper's released format: 54 ResNet-50 layers x 3 trials per model,
+  criticalities drawn per (model, layer) with a small trial spread; `perturb`'s are shifted."""
+  rng = np.random.RandomState(0)
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(PAPER_COLUMNS)
+    for model, top1 in models:
+      for name, _, _ in resnet50_layers():
+        level = rng.uniform(0.05, 0.95)
+        for trial in range(3):
+          crit = level + rng.normal(0, 0.01) + (shift if model == perturb else 0.0)
+          reset_top1 = top1 * (1 - crit)
+          writer.writerow([reset_top1, reset_top1 + 10, 5.0, '', f'model.{name}', 1 - crit,
+                           0.5, 0.3, -100.0, float(trial), reset_top1 / top1, model])
+  return str(path)
+
+
+def test_compare_with_the_paper_finds_exactly_the_perturbed_model(tmp_path):
+  models = [('tv_resnet50', 76.29), ('robust_resnet50_l2_eps3', 62.89), ('resnet50_dino', 75.28)]
+  paper = _paper_csv(tmp_path / 'paper.csv', models)
+  same = _cli(['--compare', paper, paper], cwd=tmp_path)
+  assert same.returncode == 0, same.stderr
+  print(same.stdout)
+  lines = same.stdout.strip().splitlines()
+  assert lines[-1] == '3 models compared; all agree within the trial noise'
+  for line in lines[1:-1]:
+    assert ' 1.000 ' in line and 'DISAGREES' not in line  # rank correlation 1, z 0
+  # The expected top-1 comes from the zoo's registry, and agrees.
+  assert '76.29  76.29     76.29' in same.stdout
+
+  # One model's criticalities moved by 5 points in every layer (5 standard errors of ~0.8 pt):
+  # that model, and only it, is flagged.
+  moved = _paper_csv(tmp_path / 'moved.csv', models, perturb='robust_resnet50_l2_eps3',
+                     shift=0.05)
+  result = _cli(['--compare', paper, moved], cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  flagged = [line.split()[0] for line in result.stdout.splitlines() if 'DISAGREES' in line]
+  assert flagged == ['robust_resnet50_l2_eps3']
+  assert result.stdout.strip().splitlines()[-1] == (
+      '3 models compared; 1 disagree beyond the trial noise: robust_resnet50_l2_eps3')
+
+  nothing = _cli(['--compare', paper, write_results(tmp_path / 'x', 'other', [[0.1] * 5] * 3)],
+                 cwd=tmp_path)
+  _assert_one_error_line(nothing, 'no model of')

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 import numpy as np
 
 from lc_jax.data.config import DataConfig
+from lc_jax.digest import file_sha256
 from lc_jax.errors import UserError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS; other files in class folders are left out, as there.
@@ -295,14 +296,10 @@ def photo_dir() -> str:
 
 
 def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
   try:
-    with open(path, 'rb') as f:
-      for chunk in iter(lambda: f.read(1 << 20), b''):
-        digest.update(chunk)
+    return file_sha256(path)
   except OSError as e:
     raise UserError(f'cannot read {path}: {e.strerror}') from None
-  return digest.hexdigest()
 
 
 def open_source(config: DataConfig) -> Source:

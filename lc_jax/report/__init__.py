@@ -1,6 +1,7 @@
 r"""Tables and figures of layer criticality, from the runner's results.csv or the paper's.
 
     python -m lc_jax.report OUT1 OUT2 ... [--out DIR] [--top 10]
+    python -m lc_jax.report --compare PAPER_CSV OUT1 OUT2 ...   # ours against the paper's
 
 Each argument is a workdir holding results.csv, or a results CSV itself: the runner's, or the
 paper's released raw-results/results.csv (github.com/paulgavrikov/layer_criticality), which holds
@@ -19,11 +20,13 @@ none with one trial. Across images: the runner's criticality_ci_images (a normal
 trial's mean over the images), averaged over the trials.
 
 Modules: read (CSVs in), stats (summaries, intervals), text (tables), figures (matplotlib),
-cli (the command and run.py's per-workdir report).
+compare (ours against the paper's results), cli (the command and run.py's per-workdir report).
 """
 
 from lc_jax.errors import UserError
 from lc_jax.report.cli import write_workdir_report
+from lc_jax.report.compare import compare
+from lc_jax.report.compare import comparison_table
 from lc_jax.report.figures import KIND_COLORS
 from lc_jax.report.figures import layer_union
 from lc_jax.report.figures import plot_criticality

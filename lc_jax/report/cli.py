@@ -10,6 +10,7 @@ from typing import Sequence
 from lc_jax import errors
 from lc_jax import workdir
 from lc_jax.errors import UserError
+from lc_jax.report import compare
 from lc_jax.report.figures import plot_criticality, plot_heatmap, plot_scatter
 from lc_jax.report.read import load, resolve
 from lc_jax.report.stats import by_model, summarize
@@ -46,6 +47,13 @@ def main(argv: Sequence[str]) -> None:
   rows = []
   for path in paths:
     rows += load(path)
+  if flags.FLAGS.compare:
+    comparisons = compare.compare(load(flags.FLAGS.compare), rows)
+    if not comparisons:
+      raise UserError(f'no model of {", ".join(paths)} is in {flags.FLAGS.compare} (model_id '
+                      'must match: run the sweep, or set --config.model.id)')
+    print(compare.comparison_table(comparisons))
+    return
   summaries = summarize(rows)
   if not summaries:
     raise UserError(f'no reset layer in {", ".join(paths)}: only original-model rows')
@@ -78,4 +86,7 @@ def run() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('out', '.', 'Folder for heatmap.png and scatter.png.')
   flags.DEFINE_integer('top', 10, 'Most and least critical layers listed per model; 0: none.')
+  flags.DEFINE_string('compare', None, "The paper's results CSV: compare each model of OUT... "
+                      'with it (mean criticality, rank correlation, largest differences in '
+                      'trial standard errors, original top-1) instead of drawing figures.')
   app.run(main, flags_parser=errors.parse_flags)

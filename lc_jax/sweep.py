@@ -1,0 +1,185 @@
+r"""The paper's whole study as one command: zoo models, one after the other, into one folder.
+
+    python -m lc_jax.sweep --config=configs/paper.py --models=all --workdir=out/paper \
+      --config.data.path=/data/imagenet/val
+    python -m lc_jax.sweep ... --models=category:adversarial_training
+    python -m lc_jax.sweep ... --models=tv_resnet50,resnet50_dino
+
+Each model runs as `run.py` would with `--config.model.checkpoint=zoo:ID --config.model.id=ID`
+and the zoo's init scheme for its fresh resets (unless the config names one), into
+WORKDIR/<id>/; all share the decoded-image cache. WORKDIR/sweep.json records the models done
+and those that failed (a failing download is recorded with its reason and skipped; the sweep
+then exits 1). A killed sweep resumes: finished models are skipped, the current one resumes
+where it stopped. At the end, WORKDIR/heatmap.png and WORKDIR/scatter.png (the paper's Figure
+1) are drawn over every finished model. Over several processes, as run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+from lc_jax import launch
+
+if __name__ == '__main__':  # python -m lc_jax.sweep: before JAX starts its threads
+  launch.one_malloc_arena()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+
+from lc_jax import errors
+from lc_jax import experiment
+from lc_jax import report
+from lc_jax import workdir as workdir_lib
+from lc_jax import zoo
+from lc_jax.errors import UserError
+
+STATE = 'sweep.json'
+
+
+def select(models: str) -> list[str]:
+  """The zoo ids that `--models` names: 'all', 'category:C', or ids separated by commas."""
+  models = models.strip()
+  if models == 'all':
+    return zoo.ids()
+  if models.startswith('category:'):
+    category = models[len('category:'):]
+    if category not in zoo.CATEGORIES:
+      raise UserError(f'unknown category {category!r}; choose from {", ".join(zoo.CATEGORIES)}')
+    return zoo.ids(category)
+  ids = [m.strip() for m in models.split(',') if m.strip()]
+  if not ids:
+    raise UserError('--models is empty: give all, category:C or model ids separated by commas')
+  for model_id in ids:
+    zoo.get(model_id)  # an unknown id fails here, naming the closest ones
+  return list(dict.fromkeys(ids))
+
+
+def model_config(config: ml_collections.ConfigDict, model_id: str) -> ml_collections.ConfigDict:
+  """`config` for one zoo model: its checkpoint, its id, its family's init scheme."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.checkpoint = f'zoo:{model_id}'
+  config.model.id = model_id
+  if not config.reset.init_scheme:
+    config.reset.init_scheme = zoo.get(model_id).init_scheme
+  return config
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]) -> dict:
+  """Runs (or resumes) every model of `models` into WORKDIR/<id>; returns the sweep's state
+  {'models', 'done', 'failed': {id: reason}}. The root lock keeps a second sweep out."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  for model_id in models:  # every setting checked before anything is written or downloaded
+    experiment.check(model_config(config, model_id))
+  primary = jax.process_index() == 0
+  show = config.progress and primary
+  lock = workdir_lib.Lock(workdir) if primary else _NoLock()
+  with lock:
+    state = _read_state(workdir)
+    state['models'] = list(models)
+    state['failed'] = {}  # failures are tried again
+    start, finished_here = time.perf_counter(), 0
+    for k, model_id in enumerate(models):
+      if model_id in state['done']:
+        continue
+      if show:
+        print(f'=== model {k + 1}/{len(models)}: {model_id}', file=sys.stderr, flush=True)
+      try:
+        experiment.run(model_config(config, model_id), os.path.join(workdir, model_id))
+      except UserError as e:
+        state['failed'][model_id] = str(e)
+        if show:
+          print(f'{model_id}: skipped: {e}', file=sys.stderr, flush=True)
+      else:
+        state['done'].append(model_id)
+        finished_here += 1
+      if primary:
+        _write_state(workdir, state)
+      if show:
+        left = [m for m in models[k + 1:] if m not in state['done']]
+        per_model = (time.perf_counter() - start) / max(finished_here, 1)
+        print(f'=== {len(state["done"])}/{len(models)} models done, {len(state["failed"])} '
+              f'failed; about {_duration(per_model * len(left))} left', file=sys.stderr,
+              flush=True)
+    if primary and state['done']:
+      _figures(workdir, [m for m in models if m in state['done']])
+  return state
+
+
+class _NoLock:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return None
+
+
+def _read_state(workdir: str) -> dict:
+  path = os.path.join(workdir, STATE)
+  if not os.path.exists(path):
+    return {'models': [], 'done': [], 'failed': {}}
+  try:
+    with open(path, encoding='utf-8') as f:
+      state = json.load(f)
+    return {'models': list(state['models']), 'done': list(state['done']),
+            'failed': dict(state['failed'])}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f'cannot read {path} ({e}); delete it: finished models are kept in their '
+                    'folders and resume from there') from None
+
+
+def _write_state(workdir: str, state: dict) -> None:
+  workdir_lib.write_atomically(os.path.join(workdir, STATE),
+                               json.dumps(state, indent=2) + '\n')
+
+
+def _figures(workdir: str, done: Sequence[str]) -> None:
+  rows = []
+  for model_id in done:
+    rows += report.load(os.path.join(workdir, model_id))
+  summaries = report.summarize(rows)
+  report.plot_heatmap(summaries, os.path.join(workdir, 'heatmap.png'))
+  report.plot_scatter(summaries, os.path.join(workdir, 'scatter.png'))
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds + 0.5), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+
+
+_FLAGS = None
+_MODELS = None
+
+
+@errors.exits_cleanly
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = launch.config_of(_FLAGS)
+  models = select(_MODELS.value)
+  state = run(config, _FLAGS.workdir.value, models)
+  if jax.process_index() == 0:
+    print(f'{len(state["done"])} of {len(models)} models done in {_FLAGS.workdir.value}')
+    for model_id, reason in state['failed'].items():
+      print(f'  failed: {model_id}: {reason}')
+  if state['failed']:
+    sys.exit(1)
+
+
+def _run() -> None:
+  global _FLAGS, _MODELS  # pylint: disable=global-statement
+  _FLAGS = launch.define_flags(default_workdir='out/paper')
+  _MODELS = flags.DEFINE_string('models', 'all', "Zoo models: 'all', 'category:C', or ids "
+                                'separated by commas (python -m lc_jax.zoo list).')
+  app.run(main, flags_parser=errors.parse_flags)
+
+
+if __name__ == '__main__':
+  _run()

@@ -1,0 +1,21 @@
+"""The paper's 51 ResNet-50 models by name: where each checkpoint comes from, how it is laid out,
+and a verified local copy of its files.
+
+    from lc_jax import zoo
+    entry = zoo.get('robust_resnet50_l2_eps3')   # Entry: sources, recipe, mean/std, top-1, notes
+    paths = zoo.fetch(entry.id)                  # downloads once, checks sha256 on every use
+    arch, variables, meta = converters.convert_layout(paths, entry.recipe, 'resnet50',
+                                                      mean=entry.mean, std=entry.std)
+
+Command line: python -m lc_jax.zoo list | info ID | fetch ID... | fetch --all | add ID FILE.
+Downloads need the `zoo` extra (pip install "lc-jax[zoo]"). Environment: LC_JAX_ZOO_DIR (the
+cache, default ~/.cache/lc_jax/zoo), LC_JAX_OFFLINE=1 (cache only), LC_JAX_ZOO_MIRRORS (URL
+prefix rewrites; see transport).
+"""
+
+from lc_jax.zoo.cache import cache_dir
+from lc_jax.zoo.entries import Entry, Source
+from lc_jax.zoo.files import add, fetch, missing
+from lc_jax.zoo.registry import CATEGORIES, get, ids
+
+__all__ = ['CATEGORIES', 'Entry', 'Source', 'add', 'cache_dir', 'fetch', 'get', 'ids', 'missing']

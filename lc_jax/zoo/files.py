@@ -1,0 +1,115 @@
+"""`fetch`: a model's verified local files, downloading what the cache lacks; `add`: files
+downloaded by hand.
+
+    paths = zoo.fetch('resnet50_dino')          # [backbone, head], each hashed and checked
+    zoo.add('resnet50_noisymix', ['~/Downloads/noisymix.pth'])   # Drive over its quota
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Mapping, Sequence
+
+from lc_jax.errors import UserError
+from lc_jax.zoo import cache
+from lc_jax.zoo import registry
+from lc_jax.zoo import transport
+from lc_jax.zoo.entries import Entry, Source
+
+
+def is_offline(offline: bool | None = None) -> bool:
+  """`offline` if given, else whether $LC_JAX_OFFLINE is set to 1 (or true/yes)."""
+  if offline is not None:
+    return offline
+  return os.environ.get('LC_JAX_OFFLINE', '').strip().lower() in ('1', 'true', 'yes')
+
+
+def missing(model_id: str) -> list[Source]:
+  """The sources of `model_id` that are not in the cache."""
+  return [s for s in registry.get(model_id).sources if not cache.is_cached(model_id, s)]
+
+
+def fetch(model_id: str, *, offline: bool | None = None,
+          mirrors: str | Mapping[str, str] | None = None, progress: bool = True) -> list[str]:
+  """The local paths of `model_id`'s files (backbone, then head), downloading what is missing.
+
+  Every file is hashed and checked against its known sha256, or the one recorded at its first
+  download. Offline (`offline=True` or LC_JAX_OFFLINE=1), only the cache is used, and missing
+  files are one UserError that lists them.
+  """
+  entry = registry.get(model_id)
+  absent = missing(model_id)
+  if absent and is_offline(offline):
+    listed = ', '.join(f'{model_id}/{s.filename}' for s in absent)
+    raise UserError(f'offline, and not in the zoo cache {cache.cache_dir()}: {listed}; where '
+                    f'there is network, run python -m lc_jax.zoo fetch {model_id} and copy the '
+                    'cache here (or point LC_JAX_ZOO_DIR at it)')
+  table = transport.mirror_map(mirrors) if absent else {}
+  paths = []
+  for source in entry.sources:
+    # A cached file is hashed on every use; a new one was hashed as it was installed.
+    paths.append(_download(entry, source, table, progress) if source in absent else
+                 cache.verify(model_id, source))
+  return paths
+
+
+def _download(entry: Entry, source: Source, table: Mapping[str, str], progress: bool) -> str:
+  address = transport.mirrored(source, table)
+  origin = address or source.canonical_url
+  with cache.staging(entry.id) as into:
+    try:
+      new_file = transport.download(entry.id, source, address, into, progress)
+    except transport.DigestMismatch as e:
+      raise cache.mismatch(entry.id, source, origin, e.got, source.sha256,
+                           'the known sha256') from None
+    return cache.install(entry.id, source, new_file, origin)
+
+
+def add(model_id: str, files: Sequence[str], *, trust_pickle: bool = False) -> list[str]:
+  """Registers `files` (in the registry's order: backbone, then head) as `model_id`'s, after
+  checking a known sha256 and that they convert; copies them into the cache and records their
+  sha256. Anything wrong is one UserError, and then nothing is added."""
+  entry = registry.get(model_id)
+  names = ', '.join(s.filename for s in entry.sources)
+  if len(files) != len(entry.sources):
+    raise UserError(f'{model_id} takes {len(entry.sources)} file(s) ({names}, in this order); '
+                    f'got {len(files)}')
+  files = [os.path.abspath(os.path.expanduser(f)) for f in files]
+  for file in files:
+    if not os.path.isfile(file):
+      raise UserError(f'{file}: no such file')
+  for file, source in zip(files, entry.sources):
+    want, where = cache.expected(model_id, source)
+    got = cache.sha256(file)
+    if want is not None and got != want:
+      raise cache.mismatch(model_id, source, file, got, want, where)
+  _check_converts(entry, files, trust_pickle)
+  with cache.staging(model_id) as into:
+    copies = []
+    for file, source in zip(files, entry.sources):
+      copies.append(os.path.join(into, source.filename))
+      try:
+        shutil.copyfile(file, copies[-1])
+      except OSError as e:
+        raise UserError(f'cannot copy {file} into the zoo cache: {e.strerror}') from None
+    # Copied first, installed after: a copy that fails leaves the cache as it was.
+    return [cache.install(model_id, source, copy, file)
+            for copy, source, file in zip(copies, entry.sources, files)]
+
+
+def _check_converts(entry: Entry, files: Sequence[str], trust_pickle: bool) -> None:
+  import converters  # pylint: disable=g-import-not-at-top  # pulls in JAX: only when adding
+  convert_layout = getattr(converters, 'convert_layout', None)
+  if convert_layout is None:
+    raise UserError('this lc-jax has no converters.convert_layout, so the files cannot be '
+                    'checked; update lc-jax')
+  try:
+    convert_layout(list(files), entry.recipe, 'resnet50', mean=entry.mean, std=entry.std,
+                   trust_pickle=trust_pickle)
+  except Exception as e:  # pylint: disable=broad-except  # any failure means "does not convert"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = lines[0] if isinstance(e, UserError) and lines else \
+        f'{type(e).__name__}: {lines[0] if lines else ""}'
+    raise UserError(f'{", ".join(files)} does not convert as {entry.id} (layout '
+                    f'{entry.recipe}): {reason}; nothing was added') from None

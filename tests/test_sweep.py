@@ -1,0 +1,133 @@
+"""The whole study as one command: a sweep of zoo models, served from a local HTTP server through
+the mirror map, killed with SIGKILL in its second model and resumed to the same files; a model
+whose download fails is recorded and skipped, and the sweep exits 1."""
+
+import functools
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from converters import mapping
+from lc_jax import models
+from lc_jax import schema
+
+torch = pytest.importorskip('torch')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Three models whose files are plain URLs in the 'state_dict' layout (state_dict, 'module.'),
+# and one that the server does not have.
+MODELS = ('resnet50_trained_on_SIN', 'resnet50_trained_on_SIN_and_IN',
+          'resnet50_trained_on_SIN_and_IN_then_finetuned_on_IN')
+MISSING = 'resnet50_moco_v3_100ep'
+
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory):
+  """(environment for the sweep, server root): each model's checkpoint, a random ResNet-50 of
+  its own seed, served where the mirror map sends its URL."""
+  from lc_jax import zoo  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('server')
+  spec = models.get('resnet50')
+  module = spec.create()
+  mirrors = {}
+  for seed, model_id in enumerate(MODELS):
+    variables = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))
+    state = mapping.to_state_dict(jax.tree.map(np.asarray, {
+        k: variables[k] for k in ('params', 'batch_stats')}))
+    (source,) = zoo.get(model_id).sources
+    name = f'{model_id}.pth.tar'
+    torch.save({'state_dict': {f'module.{k}': torch.tensor(v) for k, v in state.items()},
+                'epoch': 60}, root / name)
+    mirrors[source.canonical_url] = f'SERVER/{name}'
+  (missing,) = zoo.get(MISSING).sources
+  mirrors[missing.canonical_url] = 'SERVER/not-there.pth.tar'
+  handler = functools.partial(_QuietHandler, directory=str(root))
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  address = f'http://127.0.0.1:{server.server_address[1]}'
+  mirrors = {k: v.replace('SERVER', address) for k, v in mirrors.items()}
+  env = dict(os.environ, LC_JAX_ZOO_MIRRORS=json.dumps(mirrors))
+  env.pop('LC_JAX_OFFLINE', None)
+  yield env
+  server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+  def log_message(self, *args):
+    pass
+
+
+def _sweep(root, env, zoo_dir):
+  return [sys.executable, '-m', 'lc_jax.sweep', '--config=configs/paper.py',
+          f'--models={",".join(MODELS + (MISSING,))}', f'--workdir={root}',
+          '--config.data.source=photos', '--config.data.num_images=0',
+          '--config.data.order=sorted', '--config.data.batch_size=4',
+          '--config.data.resize_size=72', '--config.data.crop_size=64',
+          '--config.reset.layers=first:3', '--config.trials=1',
+          f'--config.cache_dir={root.parent / "images"}'], dict(env, LC_JAX_ZOO_DIR=str(zoo_dir))
+
+
+def _files(root):
+  return {name: (root / name / schema.RESULTS).read_bytes() for name in MODELS}
+
+
+def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path):
+  args, env = _sweep(tmp_path / 'full' / 'out', served, tmp_path / 'zoo')
+  full = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert full.returncode == 1, full.stderr[-3000:]  # the missing model
+  assert f'3 of 4 models done' in full.stdout and f'failed: {MISSING}' in full.stdout
+  out = tmp_path / 'full' / 'out'
+  with open(out / 'sweep.json') as f:
+    state = json.load(f)
+  assert state['done'] == list(MODELS) and list(state['failed']) == [MISSING]
+  assert 'not-there' in state['failed'][MISSING] or '404' in state['failed'][MISSING]
+  assert (out / 'heatmap.png').exists()  # no scatter: the photos have no labels, so no top-1
+  for model_id in MODELS:
+    rows = (out / model_id / schema.RESULTS).read_text().splitlines()
+    assert len(rows) == 1 + 1 + 3 and rows[1].startswith(f'{model_id},original,')
+
+  # Killed in its second model, then run again with a fresh zoo cache of its own.
+  args, env = _sweep(tmp_path / 'killed' / 'out', served, tmp_path / 'zoo_killed')
+  killed = tmp_path / 'killed' / 'out'
+  process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  second = killed / MODELS[1] / schema.RESULTS
+  deadline = time.time() + 600
+  while time.time() < deadline and process.poll() is None:
+    if second.exists() and second.read_text().count('\n') >= 2:  # its original row is written
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (killed / MODELS[2]).exists()
+  resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert resumed.returncode == 1, resumed.stderr[-3000:]
+  assert _files(killed) == _files(out)
+  with open(killed / 'sweep.json') as f:
+    assert json.load(f) == state
+
+
+def test_models_are_selected_by_all_category_or_ids():
+  from lc_jax import sweep  # pylint: disable=g-import-not-at-top
+  from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  assert len(sweep.select('all')) == 51
+  assert len(sweep.select('category:adversarial_training')) == 15
+  assert sweep.select('tv_resnet50, resnet50_dino,tv_resnet50') == ['tv_resnet50', 'resnet50_dino']
+  with pytest.raises(UserError, match='unknown category'):
+    sweep.select('category:adversarial')
+  with pytest.raises(UserError, match='tv_resnet50'):
+    sweep.select('tv_resnet5')
+  config = sweep.model_config(__import__('lc_jax.config').config.default(), 'tv2_resnet50')
+  assert config.model.checkpoint == 'zoo:tv2_resnet50' and config.model.id == 'tv2_resnet50'
+  assert config.reset.init_scheme == 'torchvision_resnet'
