@@ -37,8 +37,7 @@ SIZES = ((500, 375), (500, 375), (500, 375), (375, 500), (500, 333), (333, 500),
 
 def make_images(root: str, count: int) -> int:
   """Writes `count` JPEGs into 10 class folders under `root`; returns their total bytes."""
-  import skimage.data  # pylint: disable=g-import-not-at-top
-  photos = [np.asarray(data.load_rgb(os.path.join(skimage.data.data_dir, f)))
+  photos = [np.asarray(data.load_rgb(os.path.join(data.sources.photo_dir(), f)))
             for f in ('astronaut.png', 'chelsea.png', 'coffee.png', 'rocket.jpg',
                       'motorcycle_left.png', 'hubble_deep_field.jpg', 'retina.jpg')]
   rng = np.random.default_rng(0)

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from converters import convert
+from converters.convert import build
+from converters.convert import digests_sha256
 from converters import reader
 from converters.reader import ConversionError, DropRule
 
@@ -194,7 +195,7 @@ def convert_layout(files: Sequence[str], layout: str, arch: str | None = 'resnet
   where = ' + '.join(part.checkpoint.path for part in parts)
   origin = {k: f'{v} in {os.path.basename(part.checkpoint.path)}'
             for part in parts for k, v in part.origin.items()}
-  arch, variables, metadata = convert.build(tensors, arch, mean, std, where, origin)
+  arch, variables, metadata = build(tensors, arch, mean, std, where, origin)
   return arch, variables, {**metadata, **_provenance(spec, parts)}
 
 
@@ -216,7 +217,7 @@ def _provenance(spec: Layout, parts: list[_Part]) -> dict[str, Any]:
   for checkpoint in checkpoints:
     for rule, keys in checkpoint.dropped.items():
       dropped.setdefault(rule, []).extend(keys)
-  sha = convert.digests_sha256([c.sha256 for c in checkpoints])
+  sha = digests_sha256([c.sha256 for c in checkpoints])
   return {
       'layout': spec.name,
       'source': ' + '.join(c.path for c in checkpoints),

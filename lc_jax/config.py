@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from lc_jax.data.config import DataConfig
+from lc_jax.errors import did_you_mean
 from lc_jax.errors import UserError
 
 MATMUL_PRECISIONS = ('highest', 'high', 'default', 'float32', 'tensorfloat32', 'bfloat16')
@@ -144,7 +145,7 @@ def _refuse_unknown(values: Mapping[str, Any], cls, prefix: str) -> None:
   for key, value in values.items():
     if key not in fields:
       close = difflib.get_close_matches(key, list(fields), n=1)
-      hint = f'; did you mean {prefix}{close[0]}?' if close else ''
+      hint = f'; did you mean {prefix}{close[0]}?' if close else ''  # the full dotted key
       raise UserError(f'unknown config key {prefix}{key}{hint}')
     default = fields[key].default
     if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
@@ -181,10 +182,9 @@ def _check_values(run: RunConfig) -> None:
                     '.pth.tar, .ckpt or .safetensors file, bundled:NAME, or zoo:ID)')
   _check_checkpoint(model.checkpoint, 'model.checkpoint')
   if model.arch and model.arch not in models.names():
-    close = difflib.get_close_matches(model.arch, models.names(), n=3)
     raise UserError(f'unknown architecture model.arch={model.arch!r}'
-                    + (f'; did you mean {", ".join(close)}?' if close else '')
-                    + f' (known: {", ".join(models.names())})')
+                    f'{did_you_mean(model.arch, models.names())} (known: '
+                    f'{", ".join(models.names())})')
   reset.check_mode(reset_.mode)
   if not reset_.types:
     raise UserError(f'reset.layer_types is empty: give one or more of '

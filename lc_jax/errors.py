@@ -7,6 +7,7 @@ Bad flags (an unknown config key, a value of the wrong type, a config file that 
 end the same way, and Ctrl-C ends in one line and exit status 130.
 """
 
+import difflib
 import functools
 import re
 import sys
@@ -24,6 +25,12 @@ class UserError(Exception):
   Its message says what was wrong and what to do; command-line entry points print it alone,
   without a traceback, and exit non-zero.
   """
+
+
+def did_you_mean(name: str, known, n: int = 3) -> str:
+  """'; did you mean a, b?' with the known names closest to `name`, or '' when none is close."""
+  close = difflib.get_close_matches(name, list(known), n=n, cutoff=0.5)
+  return f'; did you mean {", ".join(close)}?' if close else ''
 
 
 def fail(message: str, status: int = 1):
@@ -77,6 +84,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     fail('interrupted', INTERRUPTED)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
     fail(_unknown_key(str(e), argv))
+  except OSError as e:  # a config file that cannot be found, seen when overrides apply to it
+    fail(_config_file_error(str(e), argv))
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     # A config file that raised: its traceback ends with the exception's own line.

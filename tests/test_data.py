@@ -103,8 +103,9 @@ def test_photos_source(tmp_path):
   assert labels is None and info.keys == list(data.PHOTOS)
   reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
   for name, ours in zip(info.keys, images):
-    path = next(f for f in os.listdir(skimage.data.data_dir) if f.startswith(name + '.'))
-    theirs = reference(Image.open(os.path.join(skimage.data.data_dir, path)).convert('RGB'))
+    folder = data.sources.photo_dir()
+    path = next(f for f in os.listdir(folder) if f.startswith(name + '.'))
+    theirs = reference(Image.open(os.path.join(folder, path)).convert('RGB'))
     np.testing.assert_array_equal(ours, np.asarray(theirs), err_msg=name)
 
 

@@ -13,7 +13,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,10 +39,14 @@ def served(tmp_path_factory):
   spec = models.get('resnet50')
   module = spec.create()
   mirrors = {}
+  shapes = models.variable_shapes(module, 64)
   for seed, model_id in enumerate(MODELS):
-    variables = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))
-    state = mapping.to_state_dict(jax.tree.map(np.asarray, {
-        k: variables[k] for k in ('params', 'batch_stats')}))
+    rng = np.random.RandomState(seed)  # weights of fan-in scale; BN statistics near 1
+    variables = jax.tree.map(
+        lambda leaf, rng=rng: (rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)
+                               if len(leaf.shape) > 1 else rng.uniform(0.5, 1.5, leaf.shape)
+                               ).astype(np.float32), shapes)
+    state = mapping.to_state_dict(variables)
     (source,) = zoo.get(model_id).sources
     name = f'{model_id}.pth.tar'
     torch.save({'state_dict': {f'module.{k}': torch.tensor(v) for k, v in state.items()},

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lc_jax.errors import did_you_mean
 from lc_jax.errors import UserError
 
 
@@ -61,9 +61,8 @@ def get(name: str) -> Architecture:
   try:
     return _ARCHITECTURES[name]
   except KeyError:
-    close = difflib.get_close_matches(name, _ARCHITECTURES, n=3, cutoff=0.5)
-    hint = f'did you mean {", ".join(close)}? ' if close else ''
-    raise UserError(f'unknown architecture {name!r}; {hint}known: {", ".join(names())}') from None
+    raise UserError(f'unknown architecture {name!r}{did_you_mean(name, _ARCHITECTURES)} (known: '
+                    f'{", ".join(names())})') from None
 
 
 def create(arch: str, **overrides) -> nn.Module:

@@ -25,6 +25,8 @@ from lc_jax.models import common
 from lc_jax.models import registry
 
 
+# BasicBlock and Bottleneck share their shape on purpose: each mirrors its torch class, whose
+# module names the state_dict keys carry.
 class BasicBlock(nn.Module):
   """Two 3x3 convs; the residual branch of ResNet-18/34."""
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 
+from lc_jax.errors import did_you_mean
 from lc_jax.errors import UserError
 from lc_jax.zoo.entries import Entry
 from lc_jax.zoo.paper import ENTRIES
@@ -21,10 +21,8 @@ def get(model_id: str) -> Entry:
   try:
     return _BY_ID[model_id]
   except KeyError:
-    close = difflib.get_close_matches(model_id, _BY_ID, n=3, cutoff=0.5)
-    hint = f'; did you mean {", ".join(close)}?' if close else ''
-    raise UserError(f'unknown model id {model_id!r}{hint} (python -m lc_jax.zoo list shows '
-                    'all 51)') from None
+    raise UserError(f'unknown model id {model_id!r}{did_you_mean(model_id, _BY_ID)} (python -m '
+                    'lc_jax.zoo list shows all 51)') from None
 
 
 def ids(category: str | None = None) -> list[str]:
