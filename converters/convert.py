@@ -82,9 +82,8 @@ def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: st
   module = spec.create(**overrides)
   variables, mismatch = mapping.fill(models.variable_shapes(module, spec.input_size), tensors)
   if mismatch:
-    if origin:
-      mismatch = _with_origin(mismatch, origin)
-    raise mapping.MismatchError(f'{where} does not fit {arch}: {mismatch.summary()}', mismatch)
+    shown = _with_origin(mismatch, origin) if origin else mismatch
+    raise mapping.MismatchError(f'{where} does not fit {arch}: {shown.summary()}', mismatch)
   return arch, variables, {
       'arch': arch,
       'family': spec.family,
