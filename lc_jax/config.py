@@ -27,7 +27,9 @@ Fields (RunConfig):
   batches). Bounds the activation the walk keeps and each segment's temporaries for a large
   data.batch_size; the numbers are the same within float32 rounding (a batch is only the unit
   of saved progress); chunks are a multiple of the device count;
-- progress: print progress lines; cache_dir: where decoded images are cached (empty: default).
+- progress: print progress lines; cache_dir: where decoded images are cached (empty: default);
+- compilation_cache_dir: JAX's persistent compilation cache (empty: $LC_JAX_COMPILATION_CACHE or
+  ~/.cache/lc_jax/compilation; 'none': off), so that a second process compiles nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ RANDOM_MODES = ('fresh', 'interpolate')
 # Fields that change how a run is shown or how fast it goes, not what it measures: a workdir
 # may be resumed with other values.
 NOT_MEASURED = ('progress', 'cache_dir', 'reuse_prefix', 'spread_resets', 'chunk_size',
-                'data.workers', 'model.offline', 'model.mirrors')
+                'data.workers', 'model.offline', 'model.mirrors', 'compilation_cache_dir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,7 @@ class RunConfig:
   chunk_size: int = 0
   progress: bool = True
   cache_dir: str = ''
+  compilation_cache_dir: str = ''
 
   @property
   def num_trials(self) -> int:

@@ -23,6 +23,7 @@ into R groups and `many` evaluates R resets at once, one per group, each on the 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -62,11 +63,12 @@ class Forward:
     self.index = {name: k for k, name in enumerate(self.names)}
     self.mesh = mesh or sharding.make_mesh()
     self._paths = segment_paths(self.names, layers)
-    sharded = NamedSharding(self.mesh, P('batch'))
-    self._segment = jax.jit(self._apply_segment, static_argnums=(2,),
-                            in_shardings=(NamedSharding(self.mesh, P()), sharded),
-                            out_shardings=sharded)
-    self._spread = {}  # (segment, kind) -> jitted segment over the resets' device groups
+    # The variables are arguments, never constants, and the programs are shared by every
+    # Forward of an equal module on the same mesh: a second model of the same architecture,
+    # shapes and precision compiles nothing.
+    program = _segment_program(self.mesh)
+    self._segment = lambda variables, x, k: program(self.module, variables, x, k)
+    self._spread: set[tuple[int, str]] = set()  # the (segment, kind) spread programs used
 
   @property
   def rows_multiple(self) -> int:
@@ -139,22 +141,8 @@ class Forward:
     """Segment k under shard_map, each device group running its own reset: 'one input' (every
     group's variables on the walk's activation), 'stacked' (its variables on its activation)
     or 'one variables' (the same variables on each group's activation)."""
-    if (k, kind) not in self._spread:
-      stacked_vars, stacked_input = {'one input': (True, False), 'stacked': (True, True),
-                                     'one variables': (False, True)}[kind]
-
-      def body(tree, x):
-        if not stacked_input:
-          return jax.lax.map(lambda t: self._apply_segment(t, x, k), tree)
-        if not stacked_vars:
-          return jax.lax.map(lambda h: self._apply_segment(tree, h, k), x)
-        return jax.lax.map(lambda pair: self._apply_segment(pair[0], pair[1], k), (tree, x))
-      self._spread[(k, kind)] = jax.jit(jax.shard_map(
-          body, mesh=self.mesh,
-          in_specs=(P('resets') if stacked_vars else P(),
-                    P('resets', 'batch') if stacked_input else P('batch')),
-          out_specs=P('resets', 'batch')))
-    return self._spread[(k, kind)]
+    self._spread.add((k, kind))
+    return _spread_program(self.mesh, self.module, k, kind)
 
   def _variables_of(self, variables: dict, k: int) -> dict:
     """The part of `variables` that segment k reads: its layers' subtrees, paths kept."""
@@ -173,9 +161,79 @@ class Forward:
     return own
 
   def _apply_segment(self, variables: dict, x: jax.Array, k: int) -> jax.Array:
-    if k == 0:
-      x = x.astype(jnp.float32) / 255.0
-    return self.module.apply(variables, x, k, k + 1)
+    return _apply_segment(self.module, variables, x, k)
+
+
+def _apply_segment(module: nn.Module, variables: dict, x: jax.Array, k: int) -> jax.Array:
+  if k == 0:
+    x = x.astype(jnp.float32) / 255.0
+  return module.apply(variables, x, k, k + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _segment_program(mesh: Mesh):
+  """One jitted segment for every module on `mesh` (module and segment are static arguments:
+  jit compiles once per (module, segment, input shape), whichever Forward asks)."""
+  sharded = NamedSharding(mesh, P('batch'))
+  return jax.jit(_apply_segment, static_argnums=(0, 3),
+                 in_shardings=(NamedSharding(mesh, P()), sharded), out_shardings=sharded)
+
+
+@functools.lru_cache(maxsize=None)
+def _spread_program(mesh: Mesh, module: nn.Module, k: int, kind: str):
+  stacked_vars, stacked_input = {'one input': (True, False), 'stacked': (True, True),
+                                 'one variables': (False, True)}[kind]
+
+  def body(tree, x):
+    if not stacked_input:
+      return jax.lax.map(lambda t: _apply_segment(module, t, x, k), tree)
+    if not stacked_vars:
+      return jax.lax.map(lambda h: _apply_segment(module, tree, h, k), x)
+    return jax.lax.map(lambda pair: _apply_segment(module, pair[0], pair[1], k), (tree, x))
+  return jax.jit(jax.shard_map(
+      body, mesh=mesh,
+      in_specs=(P('resets') if stacked_vars else P(),
+                P('resets', 'batch') if stacked_input else P('batch')),
+      out_specs=P('resets', 'batch')))
+
+
+class Compiles:
+  """Counts the XLA programs compiled while it is open, and their compile time:
+  `with evaluate.Compiles() as compiles: ...; compiles.count, compiles.seconds`. Programs read
+  from JAX's persistent compilation cache are counted apart (`compiles.from_cache`)."""
+
+  def __init__(self):
+    self.count, self.seconds, self.from_cache = 0, 0.0, 0
+
+  def __enter__(self) -> 'Compiles':
+    _OPEN.append(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    _OPEN.remove(self)
+
+
+_OPEN: list[Compiles] = []
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+  del kwargs
+  if event == '/jax/core/compile/backend_compile_duration':
+    for counter in _OPEN:
+      counter.count += 1
+      counter.seconds += duration
+
+
+def _on_event(event: str, **kwargs) -> None:
+  del kwargs
+  if event == '/jax/compilation_cache/cache_hits':
+    for counter in _OPEN:  # a cache hit went through the compile timer too: not a compile
+      counter.from_cache += 1
+      counter.count -= 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+jax.monitoring.register_event_listener(_on_event)
 
 
 def segment_paths(names: Sequence[str], layers: Sequence[layers_lib.Layer]

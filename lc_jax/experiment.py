@@ -197,16 +197,38 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> list[dic
   settings = check(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   primary = jax.process_index() == 0  # with several processes (hosts), the one that writes
+  use_compilation_cache(settings.compilation_cache_dir)
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   with lock, jax.default_matmul_precision(settings.matmul_precision):
     store = None
     try:
-      store, model, images, labels, info, targets = _open(settings, workdir, primary)
-      _evaluate(settings, store, model, images, labels, info, targets, primary)
+      with evaluate.Compiles() as compiles:
+        store, model, images, labels, info, targets = _open(settings, workdir, primary)
+        _evaluate(settings, store, model, images, labels, info, targets, primary)
+      if settings.progress and primary:
+        print(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s'
+              + (f', {compiles.from_cache} more read from the compilation cache'
+                 if compiles.from_cache else ''), file=sys.stderr)
     finally:
       if store is not None:
         store.close()
   return store.rows
+
+
+def use_compilation_cache(folder: str) -> None:
+  """Points JAX's persistent compilation cache at `folder` ('' : $LC_JAX_COMPILATION_CACHE, or
+  ~/.cache/lc_jax/compilation; 'none': off), caching every program however quickly it compiled,
+  so a second process running the same architecture reads its programs instead of compiling."""
+  folder = folder or os.environ.get('LC_JAX_COMPILATION_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'lc_jax', 'compilation')
+  if folder == 'none':
+    return
+  folder = os.path.abspath(os.path.expanduser(folder))
+  if jax.config.jax_compilation_cache_dir == folder:
+    return
+  jax.config.update('jax_compilation_cache_dir', folder)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 def _open(settings: RunConfig, workdir: str, primary: bool):

@@ -369,3 +369,17 @@ def test_the_original_row_is_exactly_zero_at_any_batch_size(batch):
   assert total['criticality'] == 0.0 and total['pred_cos_sim'] == 1.0
   assert total['pred_kl_div'] == 0.0 and total['pred_l2_err'] == 0.0
   assert total['pred_agreement'] == 1.0 and total['criticality_ci_images'] == 0.0
+
+
+def test_a_second_process_reads_its_programs_from_the_compilation_cache(finished, tmp_path):
+  counts = []
+  for name in ('first', 'second'):
+    result = _run(*_args(tmp_path / name, finished[1],
+                         f'--config.compilation_cache_dir={tmp_path / "programs"}'))
+    assert result.returncode == 0, result.stderr
+    line = [l for l in result.stderr.splitlines() if l.startswith('compiled ')][-1]
+    print(f'{name}: {line}')
+    counts.append(line)
+  assert not counts[0].startswith('compiled 0 ')
+  assert counts[1].startswith('compiled 0 programs') and 'read from the compilation cache' in counts[1]
+  assert (tmp_path / 'second' / schema.RESULTS).read_bytes() == finished[2]

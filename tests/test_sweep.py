@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,11 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path):
   assert state['done'] == list(MODELS) and list(state['failed']) == [MISSING]
   assert 'not-there' in state['failed'][MISSING] or '404' in state['failed'][MISSING]
   assert (out / 'heatmap.png').exists()  # no scatter: the photos have no labels, so no top-1
+  # One process, one architecture: the second and third models compile nothing, not even from
+  # the persistent cache (the first may read its programs from there).
+  compiled = re.findall(r'compiled (\d+) programs in [\d.]+ s(, \d+ more read)?', full.stderr)
+  print(compiled)
+  assert len(compiled) == 3 and compiled[1:] == [('0', ''), ('0', '')]
   for model_id in MODELS:
     rows = (out / model_id / schema.RESULTS).read_text().splitlines()
     assert len(rows) == 1 + 1 + 3 and rows[1].startswith(f'{model_id},original,')
