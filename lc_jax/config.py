@@ -88,7 +88,8 @@ class ResetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """A checked run configuration (see the module docstring)."""
+  """A checked run configuration (see the module docstring). Its fields mirror DataConfig's in
+  shape only: each typed dataclass is the one home of its own defaults."""
 
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()

@@ -383,3 +383,14 @@ def test_a_second_process_reads_its_programs_from_the_compilation_cache(finished
   assert not counts[0].startswith('compiled 0 ')
   assert counts[1].startswith('compiled 0 programs') and 'read from the compilation cache' in counts[1]
   assert (tmp_path / 'second' / schema.RESULTS).read_bytes() == finished[2]
+
+
+def test_a_pickled_checkpoint_names_run_pys_own_opt_in(tmp_path):
+  torch = pytest.importorskip('torch')
+  import argparse  # pylint: disable=g-import-not-at-top
+  state = {'conv.weight': torch.zeros(2, 3, 1, 1)}
+  torch.save({'state_dict': state, 'args': argparse.Namespace(lr=0.1)}, tmp_path / 'old.pth')
+  result = _run(*_args(tmp_path / 'run', tmp_path / 'cache',
+                       f'--config.model.checkpoint={tmp_path / "old.pth"}'))
+  line = _one_error_line(result)
+  assert result.returncode == 1 and '--config.model.trust_pickle=true for run.py' in line, line
