@@ -115,13 +115,9 @@ def _convert_zoo(model_id: str, arch: str | None, trust_pickle: bool, mean, std,
   arch, variables, metadata = convert_layout(
       files, entry.recipe, arch or 'resnet50', trust_pickle=trust_pickle,
       mean=entry.mean if mean is None else mean, std=entry.std if std is None else std)
-  metadata.update(source=ZOO + model_id, sha256=files_sha256(files))
+  # convert_layout's sha256 is digests_sha256 of the files it read: the zoo source's own.
+  metadata['source'] = ZOO + model_id
   return arch, variables, metadata
-
-
-def files_sha256(files: Sequence[str]) -> str:
-  """The sha256 that identifies a checkpoint of `files` (see `digests_sha256`)."""
-  return digests_sha256([reader.sha256(f) for f in files])
 
 
 def digests_sha256(digests: Sequence[str]) -> str:
@@ -134,8 +130,10 @@ def digests_sha256(digests: Sequence[str]) -> str:
 
 def source_sha256(src: str, *, offline: bool | None = None, mirrors: str | None = None) -> str:
   """The sha256 that identifies the checkpoint argument `src` (a file, bundled:NAME or zoo:ID,
-  whose files are fetched first): what a converted model and a run's identity are keyed by."""
+  whose files are fetched and checked first): what a converted model and a run's identity are
+  keyed by; for zoo:ID, `digests_sha256` of its files' digests."""
   if src.startswith(ZOO):
     from lc_jax import zoo  # pylint: disable=g-import-not-at-top
-    return files_sha256(zoo.fetch(src[len(ZOO):], offline=offline, mirrors=mirrors or None))
+    zoo.fetch(src[len(ZOO):], offline=offline, mirrors=mirrors or None)  # hashes every file
+    return digests_sha256(zoo.digests(src[len(ZOO):]))
   return reader.sha256(reader.resolve(src))

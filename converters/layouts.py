@@ -210,7 +210,7 @@ def _provenance(spec: Layout, parts: list[_Part]) -> dict[str, Any]:
 
   'source' and 'sha256' name one file as `convert`'s do; for several files they join the paths
   and take the sha256 of the files' hex digests concatenated in order (as
-  converters.convert.files_sha256 does), so the pair is identified as one checkpoint.
+  converters.convert.digests_sha256 does), so the pair is identified as one checkpoint.
   """
   checkpoints = [part.checkpoint for part in parts]
   dropped: dict[str, list[str]] = {}

@@ -28,7 +28,6 @@ import sys
 import time
 from typing import Any
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -114,8 +113,7 @@ def _reusable(model_dir: str, arch: str, sha256: str) -> tuple | None:
         and card.get('lc_jax_version') == _version()):
       return models.load(model_dir)
   except UserError as e:  # its source is known: make it again
-    logging.warning('%s; converting it again', e)
-    print(f'{model_dir} was damaged; converting the checkpoint again', file=sys.stderr)
+    print(f'{model_dir} was damaged; converting the checkpoint again ({e})', file=sys.stderr)
   return None
 
 
@@ -422,11 +420,12 @@ class _Progress:
     elapsed = time.perf_counter() - self.start
     rate = self.worked * self.info.num_images / self.info.num_batches / elapsed
     left = elapsed / self.worked * max(self.work - self.worked, 0)
-    print(f'{what}  {rate:8.0f} image-resets/s  {_duration(left)} left', file=sys.stderr,
+    print(f'{what}  {rate:8.0f} image-resets/s  {duration(left)} left', file=sys.stderr,
           flush=True)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+  """`seconds` as 1h02m or 3m04s, for progress lines."""
   minutes, seconds = divmod(int(seconds + 0.5), 60)
   hours, minutes = divmod(minutes, 60)
   return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'

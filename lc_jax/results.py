@@ -58,11 +58,11 @@ class Store:
 
   def append(self, row: Mapping[str, Any]) -> None:
     """Writes one row (tagged with this run's run_id) and makes it durable (flush + fsync)."""
-    line = schema.format_row({**row, 'run_id': self.run_id})
+    row = {**row, 'run_id': self.run_id}
     if self.writer:
-      self._file.write(line)
+      self._file.write(schema.format_row(row))
       self._sync()
-    self.rows.extend(_parse(io.StringIO(schema.header() + line), self.path))
+    self.rows.append(schema.parse_row(schema.cells(row)))
     self._keys.add((int(row['trial']), str(row['layer'])))
 
   def save_partial(self, batches_done: int, sums: Mapping[str, Mapping[str, float]]) -> None:

@@ -46,13 +46,19 @@ def run_id(run_info: Mapping[str, Any]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def format_row(row: Mapping[str, Any]) -> str:
-  """One CSV line (with its newline) of `row`'s COLUMNS; floats round-trip exactly (repr)."""
+def cells(row: Mapping[str, Any]) -> dict[str, str]:
+  """`row`'s COLUMNS as the text written to the file; floats round-trip exactly (repr), so
+  `parse_row(cells(row))` is the row as it reads back."""
   missing = [c for c in COLUMNS if c not in row]
   if missing:
     raise ValueError(f'result row lacks {missing}')
+  return {c: _format(row[c]) for c in COLUMNS}
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+  """One CSV line (with its newline) of `row`'s COLUMNS."""
   buffer = io.StringIO()
-  csv.writer(buffer, lineterminator='\n').writerow([_format(row[c]) for c in COLUMNS])
+  csv.writer(buffer, lineterminator='\n').writerow(cells(row).values())
   return buffer.getvalue()
 
 

@@ -16,6 +16,7 @@ where it stopped. At the end, WORKDIR/heatmap.png and WORKDIR/scatter.png (the p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -79,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]) 
     experiment.check(model_config(config, model_id))
   primary = jax.process_index() == 0
   show = config.progress and primary
-  lock = workdir_lib.Lock(workdir) if primary else _NoLock()
+  lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   with lock:
     state = _read_state(workdir)
     state['models'] = list(models)
@@ -105,19 +106,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]) 
         left = [m for m in models[k + 1:] if m not in state['done']]
         per_model = (time.perf_counter() - start) / max(finished_here, 1)
         print(f'=== {len(state["done"])}/{len(models)} models done, {len(state["failed"])} '
-              f'failed; about {_duration(per_model * len(left))} left', file=sys.stderr,
+              f'failed; about {experiment.duration(per_model * len(left))} left', file=sys.stderr,
               flush=True)
     if primary and state['done']:
       _figures(workdir, [m for m in models if m in state['done']])
   return state
-
-
-class _NoLock:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return None
 
 
 def _read_state(workdir: str) -> dict:
@@ -146,12 +139,6 @@ def _figures(workdir: str, done: Sequence[str]) -> None:
   summaries = report.summarize(rows)
   report.plot_heatmap(summaries, os.path.join(workdir, 'heatmap.png'))
   report.plot_scatter(summaries, os.path.join(workdir, 'scatter.png'))
-
-
-def _duration(seconds: float) -> str:
-  minutes, seconds = divmod(int(seconds + 0.5), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
 
 
 _FLAGS = None

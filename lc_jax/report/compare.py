@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lc_jax import schema
+from lc_jax.report.stats import original_top1
 from lc_jax.report.stats import spearman
 
 MIN_SE = 1e-3  # criticality (a fraction): 0.1 percentage point
@@ -63,15 +64,11 @@ def _per_layer(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[floa
 
 
 def _original_top1(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-  """model_id -> the original's top-1 (%): its own row, or top1 / recovered_acc (the paper)."""
-  found: dict[str, list[float]] = {}
+  """model_id -> the original's top-1 (%), as the summaries take it (stats.original_top1)."""
+  by_model: dict[str, list[dict[str, Any]]] = {}
   for row in rows:
-    if row['layer'] == schema.ORIGINAL and np.isfinite(row['top1_acc']):
-      found.setdefault(row['model_id'], []).append(row['top1_acc'])
-    elif (np.isfinite(row['top1_acc']) and np.isfinite(row['recovered_acc'])
-          and row['recovered_acc'] > 0):
-      found.setdefault(row['model_id'], []).append(row['top1_acc'] / row['recovered_acc'])
-  return {model: float(np.median(v)) for model, v in found.items()}
+    by_model.setdefault(row['model_id'], []).append(row)
+  return {model: original_top1(model_rows) for model, model_rows in by_model.items()}
 
 
 def _expected_top1(model_id: str) -> float:

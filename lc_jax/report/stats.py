@@ -68,7 +68,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
   return float(rho)
 
 
-def _original_top1(rows: Sequence[dict[str, Any]]) -> float:
+def original_top1(rows: Sequence[dict[str, Any]]) -> float:
+  """The unmodified model's top-1 (%) among one model's rows: its own row, or (the paper's
+  file has none) the median of top1_acc / recovered_acc; NaN without labels."""
   for row in rows:
     if row['layer'] == schema.ORIGINAL and np.isfinite(row['top1_acc']):
       return row['top1_acc']
@@ -120,7 +122,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[LayerSummary]:
   labels = _labels(list(groups))
   summaries = []
   for key, model_rows in groups.items():
-    original_top1 = _original_top1(originals.get(key[:2], []) + model_rows)
+    top1 = original_top1(originals.get(key[:2], []) + model_rows)
     by_layer: dict[str, dict[int, dict[str, Any]]] = {}
     for row in model_rows:
       by_layer.setdefault(row['layer'], {})[row['trial']] = row
@@ -138,7 +140,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[LayerSummary]:
           recovered_acc=finite_mean(r['recovered_acc'] for r in trial_rows),
           pred_kl_div=finite_mean(r['pred_kl_div'] for r in trial_rows),
           pred_agreement=finite_mean(r['pred_agreement'] for r in trial_rows),
-          original_top1=original_top1, source=key[0]))
+          original_top1=top1, source=key[0]))
   return summaries
 
 

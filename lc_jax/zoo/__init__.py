@@ -15,7 +15,8 @@ prefix rewrites; see transport).
 
 from lc_jax.zoo.cache import cache_dir
 from lc_jax.zoo.entries import Entry, Source
-from lc_jax.zoo.files import add, fetch, missing
+from lc_jax.zoo.files import add, digests, fetch, missing
 from lc_jax.zoo.registry import CATEGORIES, get, ids
 
-__all__ = ['CATEGORIES', 'Entry', 'Source', 'add', 'cache_dir', 'fetch', 'get', 'ids', 'missing']
+__all__ = ['CATEGORIES', 'Entry', 'Source', 'add', 'cache_dir', 'digests', 'fetch', 'get', 'ids',
+           'missing']

@@ -6,8 +6,7 @@
 
 The digest record is written before the file is moved into place, so every file under its final
 name has one. A record is never overwritten: a later download or `add` with another digest is
-refused (trust on first use). Every use of a cached file hashes it again (about a second per
-200 MB), so a file changed on disk is caught before it is loaded.
+refused (trust on first use). Every use of a cached file hashes it again, so a file changed on disk is caught before it is loaded.
 """
 
 from __future__ import annotations

@@ -54,6 +54,13 @@ def fetch(model_id: str, *, offline: bool | None = None,
   return paths
 
 
+def digests(model_id: str) -> list[str]:
+  """The sha256 of each of `model_id`'s files (backbone, then head), as `fetch` checks them:
+  the known one, or the one recorded at the first download. Reads no file: call it after
+  `fetch`, which has just hashed every file against these."""
+  return [cache.expected(model_id, source)[0] for source in registry.get(model_id).sources]
+
+
 def _download(entry: Entry, source: Source, table: Mapping[str, str], progress: bool) -> str:
   address = transport.mirrored(source, table)
   origin = address or source.canonical_url
