@@ -13,3 +13,5 @@ from lc_jax.models.store import save
 # Importing a family's converter registers its recipe.
 from converters import resnet  # noqa: F401  pylint: disable=g-bad-import-order
 from converters import efficientnet  # noqa: F401  pylint: disable=g-bad-import-order
+from converters import vit  # noqa: F401  pylint: disable=g-bad-import-order
+from converters import convnext  # noqa: F401  pylint: disable=g-bad-import-order

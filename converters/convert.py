@@ -63,18 +63,23 @@ def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: st
       raise ConversionError(
           f'cannot tell the architecture of {where}: its keys ({keys}, ...) fit no '
           f'registered family ({families}); pass the architecture explicitly')
-    recipe, arch = found
+    recipe, (arch, *others) = found
+    if others:
+      raise ConversionError(
+          f'{where} fits {" and ".join([arch, *others])}, which have the same layers and '
+          'differ in their input normalisation; pass the architecture')
   else:
     recipe = recipes.for_family(models.get(arch).family)
-    if found is not None and found[1] != arch:
-      raise ConversionError(f'{where} holds {found[1]} weights, not {arch}; '
-                            f'convert it as {found[1]} or leave the architecture out')
+    if found is not None and arch not in found[1]:
+      raise ConversionError(f'{where} holds {found[1][0]} weights, not {arch}; '
+                            f'convert it as {found[1][0]} or leave the architecture out')
   spec = models.get(arch)
   tensors = recipe.rename(dict(tensors))
   num_classes = spec.num_classes
   if recipe.classifier in tensors:
     num_classes = int(tensors[recipe.classifier].shape[0])
-  overrides: dict[str, Any] = {'num_classes': num_classes}
+  settings = recipe.settings(tensors)
+  overrides: dict[str, Any] = {'num_classes': num_classes, **settings}
   if mean is not None:
     overrides['mean'] = tuple(float(m) for m in mean)
   if std is not None:
@@ -88,6 +93,7 @@ def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: st
       'arch': arch,
       'family': spec.family,
       'num_classes': num_classes,
+      **({'module_settings': settings} if settings else {}),
       'mean': list(module.mean),
       'std': list(module.std),
       'num_tensors': len(tensors),

@@ -25,7 +25,11 @@ _TORCH_NAMES = {
 
 
 def torch_key(collection: str, path: tuple[str, ...]) -> str:
-  """The torch state_dict key of a Flax variable: ('params', ('fc', 'kernel')) -> 'fc.weight'."""
+  """The torch state_dict key of a Flax variable: ('params', ('fc', 'kernel')) -> 'fc.weight';
+  a free-standing tensor (models.common.Parameter) is its module: ('params', ('cls_token',
+  'value')) -> 'cls_token'."""
+  if (collection, path[-1]) == ('params', 'value'):
+    return '.'.join(path[:-1])
   try:
     leaf = _TORCH_NAMES[(collection, path[-1])]
   except KeyError:

@@ -79,10 +79,12 @@ class ResetConfig:
 
   @property
   def types(self) -> list[str]:
-    """layer_types as a list; skip brings in the BatchNorm layers it zeroes."""
+    """layer_types as a list; skip brings in the layers that end a branch, which it zeroes
+    (BatchNorm in ResNets and EfficientNets, layer scale in ConvNeXts; a ViT's branch ends are
+    Linears, selected by type: attn_proj, mlp or both with linear)."""
     types = [t.strip() for t in self.layer_types.split(',') if t.strip()]
-    if self.mode == 'skip' and 'batchnorm' not in types:
-      types.append('batchnorm')
+    if self.mode == 'skip':
+      types += [t for t in ('batchnorm', 'layer_scale') if t not in types]
     return types
 
 

@@ -238,6 +238,12 @@ def _open(settings: RunConfig, workdir: str, primary: bool):
                                     mirrors=settings.model.mirrors)
   results.refuse_other_run(workdir, {'config': settings.measured(), 'checkpoint_sha256': sha256})
   model = prepare_model(settings, workdir, sha256)
+  size = getattr(model.module, 'img_size', None)  # a ViT's position embedding fixes its input
+  if size is not None and size != settings.data.crop_size:
+    raise UserError(f'this {model.card["arch"]} takes {size}x{size} images (its position '
+                    f'embedding is learned for that size), but data.crop_size is '
+                    f'{settings.data.crop_size}; set --config.data.crop_size={size} (and '
+                    'data.resize_size to match)')
   targets = select_targets(settings, model)
 
   def load_images():  # each host its own part of every batch

@@ -3,9 +3,9 @@ schemes by name, and `fresh_variables`, a newly initialised model's variables.
 
 A scheme is a function `(layer, key) -> leaves` that draws one layer as its family's PyTorch
 code does; each family registers its own next to its model (lc_jax.models.resnet:
-'timm_resnet', 'torchvision_resnet'; lc_jax.models.efficientnet: 'goog'), and
-`reset.init_scheme` picks any by name. Here: 'pytorch_default', conv and Linear weight and bias
-~ U(+-1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)); BatchNorm 1/0.
+'timm_resnet', 'torchvision_resnet'; lc_jax.models.efficientnet: 'goog'; lc_jax.models.vit:
+'timm_vit'; lc_jax.models.convnext: 'timm_convnext'), and `reset.init_scheme` picks any by name. Here: 'pytorch_default', conv and Linear weight and bias
+~ U(+-1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)); BatchNorm and LayerNorm 1/0.
 
 Random weights come from numpy's PCG64 seeded with the bits of the layer's JAX key
 (`fold_in(key, layer index)`), so they are reproducible from (seed, trial, layer) alone.
@@ -55,6 +55,39 @@ def normal(key, shape, std) -> jax.Array:
   return jnp.asarray(std * _generator(key).standard_normal(shape, np.float32), jnp.float32)
 
 
+def trunc_normal(key, shape, std, bound=2.0) -> jax.Array:
+  """N(0, std^2) truncated to [-bound, bound] (absolute bounds, as timm's `trunc_normal_`: at
+  std .02 its default bound of 2 is 100 standard deviations), float32 of `shape`."""
+  generator = _generator(key)
+  values = std * generator.standard_normal(shape)
+  outside = np.abs(values) > bound
+  while outside.any():  # redraw what falls outside: the normal conditioned on the interval
+    values[outside] = std * generator.standard_normal(int(outside.sum()))
+    outside = np.abs(values) > bound
+  return jnp.asarray(values, jnp.float32)
+
+
+def trunc_normal_zero_bias(layer: Layer, key, std: float = 0.02, gain: float = 1.0) -> Leaves:
+  """timm's init of ViT and ConvNeXt convs and Linears: weight ~ trunc_normal(std), bias 0;
+  both times `gain` (ConvNeXt's head_init_scale)."""
+  leaves = {'params/kernel': gain * trunc_normal(key, layer.shapes['params/kernel'], std)}
+  if 'params/bias' in layer.shapes:
+    leaves['params/bias'] = jnp.zeros(layer.shapes['params/bias'], jnp.float32)
+  return leaves
+
+
+def layernorm(layer: Layer) -> Leaves:
+  """A fresh LayerNorm: weight 1, bias 0."""
+  shape = layer.shapes['params/scale']
+  return {'params/scale': jnp.ones(shape, jnp.float32),
+          'params/bias': jnp.zeros(shape, jnp.float32)}
+
+
+def constant(layer: Layer, value: float) -> Leaves:
+  """A free-standing tensor (models.common.Parameter) filled with `value` (a layer scale)."""
+  return {'params/value': jnp.full(layer.shapes['params/value'], value, jnp.float32)}
+
+
 def batchnorm(layer: Layer, scale: float = 1.0) -> Leaves:
   """A fresh BatchNorm: weight `scale`, bias 0, running mean 0, var 1."""
   shape = layer.shapes['params/scale']
@@ -87,7 +120,14 @@ def kaiming_normal_fan_out(layer: Layer, key, divide_by_groups: bool) -> Leaves:
 
 
 def _default(layer: Layer, key) -> Leaves:
-  return batchnorm(layer) if layer.kind == 'batchnorm' else pytorch_default(layer, key)
+  if layer.kind == 'batchnorm':
+    return batchnorm(layer)
+  if layer.kind == 'layernorm':
+    return layernorm(layer)
+  if layer.kind in ('embedding', 'layer_scale'):
+    raise UserError(f'{layer.name} is a {layer.kind.replace("_", " ")}, which torch has no '
+                    'default initialiser for; use the architecture\'s own init scheme')
+  return pytorch_default(layer, key)
 
 
 SCHEMES: dict[str, Scheme] = {'pytorch_default': _default}

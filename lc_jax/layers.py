@@ -1,9 +1,16 @@
 """Which layers a model has, in forward order, and how a user selects the ones to reset.
 
-A layer is a Conv, Dense or BatchNorm module; its name is the torch module name
-("layer1.0.conv1"), which is also its Flax path. Layers are grouped into blocks ("layer1.0")
-and stages ("layer1"); what comes before the first block is the stem, what follows the last
-one is the head.
+A layer is a module with variables of its own: a Conv, Dense, BatchNorm or LayerNorm, or a
+free-standing tensor (a ViT's position embedding, a ConvNeXt's layer scale); its name is the
+torch module name ("layer1.0.conv1"), which is also its Flax path. Layers are grouped into blocks
+("layer1.0") and stages ("layer1"); what comes before the first block is the stem, what follows
+the last one is the head.
+
+A family tells the inventory what the module tree alone does not, through optional methods of
+its root module: `place(path)` (the block and stage of a layer outside the `block_depth` rule,
+a ConvNeXt stage's downsample), `sub_kind(path, kind)` (a Dense of attention or MLP),
+`on_shortcut(path)` (a projection shortcut) and `is_branch_end(path)` (the layer whose zero
+output removes a residual branch; by default the branch's last BatchNorm).
 """
 
 from __future__ import annotations
@@ -21,10 +28,18 @@ import jax.numpy as jnp
 
 from lc_jax.errors import UserError
 
-KINDS = ('conv', 'depthwise_conv', 'linear', 'batchnorm')
-# A type a user selects -> the kinds it covers: a depthwise conv is a torch Conv2d.
-TYPES = {'conv': ('conv', 'depthwise_conv'), 'linear': ('linear',), 'batchnorm': ('batchnorm',),
-         'depthwise_conv': ('depthwise_conv',)}
+# 'attn_qkv', 'attn_proj' and 'mlp' are Linears of a transformer block's attention and MLP (a
+# ConvNeXt's MLP too, 1x1 convs in its small variants); 'embedding' is a position embedding or
+# class token, 'layer_scale' a per-channel branch scale (gamma).
+KINDS = ('conv', 'depthwise_conv', 'linear', 'attn_qkv', 'attn_proj', 'mlp', 'batchnorm',
+         'layernorm', 'embedding', 'layer_scale')
+# A type a user selects -> the kinds it covers: a depthwise conv is a torch Conv2d, attention
+# and MLP layers are Linears.
+TYPES = {'conv': ('conv', 'depthwise_conv'), 'depthwise_conv': ('depthwise_conv',),
+         'linear': ('linear', 'attn_qkv', 'attn_proj', 'mlp'), 'attn_qkv': ('attn_qkv',),
+         'attn_proj': ('attn_proj',), 'mlp': ('mlp',), 'batchnorm': ('batchnorm',),
+         'layernorm': ('layernorm',), 'embedding': ('embedding',),
+         'layer_scale': ('layer_scale',)}
 DEFAULT_TYPES = ('conv', 'linear')  # the paper's released results: every Conv2d and Linear
 GRANULARITIES = ('layer', 'block', 'stage')
 
@@ -43,7 +58,7 @@ class Layer:
   groups: int = 1  # a conv's feature groups (its output channels for a depthwise conv)
   residual: bool = False  # its block adds a shortcut (identity or projection) to its branch
   shortcut: bool = False  # it lies on the block's projection shortcut, not on the branch
-  branch_end: bool = False  # the last BatchNorm of its block's residual branch
+  branch_end: bool = False  # its zero output removes a residual branch (reset mode 'skip')
 
   @property
   def num_params(self) -> int:
@@ -59,14 +74,16 @@ class Target:
   layers: tuple[Layer, ...]
 
 
-def inventory(module: nn.Module, block_depth: int, input_size: int = 64) -> list[Layer]:
-  """Every Conv, Dense and BatchNorm of `module` in the order the forward pass calls them.
+def inventory(module: nn.Module, block_depth: int, input_size: int | None = None) -> list[Layer]:
+  """Every layer of `module` in the order the forward pass calls them.
 
   The order is recorded by intercepting module calls while the model is traced abstractly
   (no weights are allocated); a layer is a module with variables of its own. `block_depth` is
-  how many path components name a block. Which layers form a projection shortcut the family
-  says (`module.on_shortcut(path)`; none without the method).
+  how many path components name a block. The family's optional methods (see the module
+  docstring) place, refine and mark layers. The trace runs at `input_size`, by default the
+  module's own `img_size` (a ViT's position embedding fixes it) or 64.
   """
+  input_size = input_size or getattr(module, 'img_size', None) or 64
   calls: dict[tuple[str, ...], nn.Module] = {}
   same_shape: dict[str, bool] = {}  # block -> its output has its input's shape
 
@@ -83,6 +100,8 @@ def inventory(module: nn.Module, block_depth: int, input_size: int = 64) -> list
   with nn.intercept_methods(record):
     shapes = jax.eval_shape(module.init, jax.random.key(0), images)
 
+  place = getattr(module, 'place', lambda path: None)
+  sub_kind = getattr(module, 'sub_kind', lambda path, kind: kind)
   layers, seen_block = [], False
   for path, layer_module in calls.items():
     leaves = {}  # the module's own variables; container modules have none
@@ -94,25 +113,32 @@ def inventory(module: nn.Module, block_depth: int, input_size: int = 64) -> list
                      if not isinstance(v, dict)})
     if not leaves:
       continue
-    if len(path) > block_depth:
+    placed = place(path)
+    if placed is not None:
+      (block, stage), seen_block = placed, True
+    elif len(path) > block_depth:
       block, stage, seen_block = '.'.join(path[:block_depth]), '.'.join(path[:block_depth - 1]), True
     else:
       block = stage = 'head' if seen_block else 'stem'
-    layers.append(Layer(name='.'.join(path), path=path, kind=_kind(layer_module, leaves),
-                        shapes=leaves, block=block, stage=stage, index=len(layers),
+    layers.append(Layer(name='.'.join(path), path=path,
+                        kind=sub_kind(path, _kind(layer_module, leaves)), shapes=leaves,
+                        block=block, stage=stage, index=len(layers),
                         groups=getattr(layer_module, 'feature_group_count', 1)))
   # A block has a shortcut if it keeps its input's shape (the identity can be added) or has a
   # projection; blocks that change shape without one have none.
   on_shortcut = getattr(module, 'on_shortcut', lambda path: False)
   layers = [dataclasses.replace(layer, shortcut=bool(on_shortcut(layer.path))) for layer in layers]
   projected = {layer.block for layer in layers if layer.shortcut}
-  branch_end = {}  # block -> the name of the last BatchNorm on its branch
-  for layer in layers:
-    if layer.kind == 'batchnorm' and layer.block not in ('stem', 'head') and not layer.shortcut:
-      branch_end[layer.block] = layer.name
+  if hasattr(module, 'is_branch_end'):
+    ends = {layer.name for layer in layers if module.is_branch_end(layer.path)}
+  else:
+    last_bn = {}  # block -> the name of the last BatchNorm on its branch
+    for layer in layers:
+      if layer.kind == 'batchnorm' and layer.block not in ('stem', 'head') and not layer.shortcut:
+        last_bn[layer.block] = layer.name
+    ends = set(last_bn.values())
   return [dataclasses.replace(layer, residual=same_shape.get(layer.block, False)
-                              or layer.block in projected,
-                              branch_end=branch_end.get(layer.block) == layer.name)
+                              or layer.block in projected, branch_end=layer.name in ends)
           for layer in layers]
 
 
@@ -121,6 +147,10 @@ def _kind(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str:
   # as timm's BatchNormAct2d) counts as a BatchNorm.
   if 'batch_stats/mean' in shapes and 'params/scale' in shapes:
     return 'batchnorm'
+  if isinstance(module, nn.LayerNorm):
+    return 'layernorm'
+  if getattr(module, 'kind', None) in ('embedding', 'layer_scale'):  # models.common.Parameter
+    return module.kind
   if isinstance(module, nn.Dense):
     return 'linear'
   if isinstance(module, nn.Conv):
@@ -128,7 +158,8 @@ def _kind(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str:
     groups = module.feature_group_count
     return 'depthwise_conv' if groups > 1 and kernel[2] == 1 and kernel[3] == groups else 'conv'
   raise ValueError(f'layer {"/".join(module.scope.path)} of type {type(module).__name__} is '
-                   'neither a Conv, a Dense nor a BatchNorm; the inventory does not know it')
+                   'none of Conv, Dense, BatchNorm, LayerNorm or Parameter; the inventory does '
+                   'not know it')
 
 
 def select(layers: Sequence[Layer], types: Iterable[str] = DEFAULT_TYPES, pattern: str = '',

@@ -12,8 +12,8 @@ Modes (the `mode` of `make`):
 - 'checkpoint': values from another checkpoint of the same architecture, e.g. the weights at
   epoch 0 (Zhang et al.'s re-initialisation);
 - 'interpolate': (1 - alpha) * fresh + alpha * trained (Chatterji et al.'s module criticality);
-- 'skip': at block granularity, the residual branch is removed so the block returns its
-  shortcut (Veit et al.'s lesion): its last BatchNorm's scale and bias become 0.
+- 'skip': at block granularity, residual branches are removed so the block returns its
+  shortcut (Veit et al.'s lesion): the layer that ends each selected branch outputs 0.
 """
 
 from __future__ import annotations
@@ -90,16 +90,23 @@ def interpolate(variables: dict, layers: Iterable[Layer], source: dict, alpha: f
 
 
 def skip(variables: dict, block: Target) -> dict:
-  """The block returns its shortcut: its residual branch's last BatchNorm outputs 0.
+  """The block's residual branches among the target's layers output 0: the block returns its
+  shortcut plus the branches left.
 
-  With scale and bias 0 that BatchNorm outputs exactly 0 whatever its input, so the block
-  computes act(0 + shortcut); a ResNet's shortcut is non-negative, so relu leaves it as is.
-  Blocks without a shortcut (an EfficientNet block that strides or changes width) are refused.
+  A branch ends in a layer whose parameters at 0 make it output exactly 0 whatever its input
+  (`Layer.branch_end`): a ResNet's or EfficientNet's last BatchNorm (scale and bias), a ViT's
+  attention projection or second MLP Linear, a ConvNeXt's layer scale. A ResNet block then
+  computes relu(0 + shortcut), and its shortcut is non-negative, so relu leaves it as is. Which
+  branches go is which ends the selected layer types include: a ViT block loses its attention
+  branch with type attn_proj, its MLP branch with mlp, both with linear. Blocks without a
+  shortcut (an EfficientNet block that strides or changes width) are refused.
   """
   ends = [layer for layer in block.layers if layer.branch_end and layer.residual]
-  if len(ends) != 1:
-    raise UserError(f'{block.name!r} is not a residual block with a shortcut to return; skip '
-                    'resets whole residual blocks (granularity block, batchnorm included)')
+  if not ends:
+    raise UserError(f'{block.name!r} has no residual branch among its selected layers; skip '
+                    'resets whole residual blocks (granularity block) and needs the layer type '
+                    "that ends a branch: batchnorm (ResNet, EfficientNet), attn_proj or mlp "
+                    '(ViT), layer_scale (ConvNeXt)')
   return map_layers(variables, ends, lambda layer, collection, leaf, value: (
       jnp.zeros_like(value) if collection == 'params' else value))
 

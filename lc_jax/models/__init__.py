@@ -10,3 +10,5 @@ from lc_jax.models.store import create_from_card, load, save
 # Importing a family registers its architectures.
 from lc_jax.models import resnet  # noqa: F401  pylint: disable=g-bad-import-order
 from lc_jax.models import efficientnet  # noqa: F401  pylint: disable=g-bad-import-order
+from lc_jax.models import vit  # noqa: F401  pylint: disable=g-bad-import-order
+from lc_jax.models import convnext  # noqa: F401  pylint: disable=g-bad-import-order

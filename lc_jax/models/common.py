@@ -14,6 +14,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # PyTorch's BatchNorm2d default; timm and torchvision ResNets keep it.
 BN_EPS = 1e-5
+# timm's LayerNorm eps in ViT and ConvNeXt.
+LN_EPS = 1e-6
 
 
 def conv(features: int, kernel: int, stride: int, padding: int, *, dtype: Any = jnp.float32,
@@ -28,6 +30,34 @@ def batch_norm(*, dtype: Any = jnp.float32, eps: float = BN_EPS,
                name: str | None = None) -> nn.BatchNorm:
   """BatchNorm in inference mode (running statistics), as in every evaluation here."""
   return nn.BatchNorm(use_running_average=True, epsilon=eps, dtype=dtype, name=name)
+
+
+def layer_norm(*, dtype: Any = jnp.float32, eps: float = LN_EPS,
+               name: str | None = None) -> nn.LayerNorm:
+  """torch's LayerNorm over the last (channel) axis: variance in two passes, as torch computes
+  it, not E[x^2] - E[x]^2, which loses digits on the large-mean activations of transformers."""
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def gelu(x):
+  """torch's nn.GELU(): the exact, erf-based GELU (jax's default is the tanh approximation)."""
+  return nn.gelu(x, approximate=False)
+
+
+class Parameter(nn.Module):
+  """A free-standing learnable tensor of torch (a ViT's ``cls_token``, a ConvNeXt's ``gamma``).
+
+  Held as the module's one variable ``value``, so it is a layer of its own for the inventory
+  (of `kind`) and a reset; its torch key is the module's name (converters.mapping). Called, it
+  returns the tensor.
+  """
+
+  shape: tuple[int, ...]
+  kind: str  # the layer kind (lc_jax.layers.KINDS): 'embedding' or 'layer_scale'
+
+  @nn.compact
+  def __call__(self):
+    return self.param('value', nn.initializers.zeros_init(), self.shape, jnp.float32)
 
 
 def conv_bn_factories(dtype: Any):
@@ -66,7 +96,7 @@ class DepthwiseConv(nn.Conv):
   XLA's CPU backend runs grouped convolutions about 8x slower than the same work written as a
   sum over the kernel's taps of shifted, per-channel-scaled inputs; on CPU the taps are summed
   directly (same variables, same padding, float32 results equal to rounding), elsewhere the
-  regular convolution runs.
+  regular convolution runs. A bias, if any, is added after the taps, as the convolution adds it.
   """
 
   @nn.compact
@@ -74,10 +104,11 @@ class DepthwiseConv(nn.Conv):
     if jax.default_backend() != 'cpu':
       return super().__call__(inputs)
     kh, kw = self.kernel_size
-    stride_h, stride_w = self.strides or (1, 1)
+    strides = self.strides or 1
+    stride_h, stride_w = (strides, strides) if isinstance(strides, int) else strides
     channels = inputs.shape[-1]
-    if self.feature_group_count != channels or self.features != channels or self.use_bias:
-      raise ValueError('DepthwiseConv takes one filter per input channel and no bias')
+    if self.feature_group_count != channels or self.features != channels:
+      raise ValueError('DepthwiseConv takes one filter per input channel')
     kernel = self.param('kernel', self.kernel_init, (kh, kw, 1, channels), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=self.dtype)
     (top, bottom), (left, right) = _explicit_padding(
@@ -92,6 +123,9 @@ class DepthwiseConv(nn.Conv):
                    j:j + stride_w * (out_w - 1) + 1:stride_w, :]
         term = window * kernel[i, j, 0]
         out = term if out is None else out + term
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (channels,), self.param_dtype)
+      out = out + jnp.asarray(bias, out.dtype)
     return out
 
 

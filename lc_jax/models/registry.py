@@ -74,7 +74,10 @@ def create(arch: str, **overrides) -> nn.Module:
 
 
 def variable_shapes(module: nn.Module, input_size: int = 224) -> dict:
-  """The module's variable tree as `jax.ShapeDtypeStruct`s, without allocating any weights."""
+  """The module's variable tree as `jax.ShapeDtypeStruct`s, without allocating any weights.
+
+  Traced at `input_size`, or at the module's own `img_size` where it has one (a ViT)."""
+  input_size = getattr(module, 'img_size', None) or input_size
   images = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
   shapes = jax.eval_shape(module.init, jax.random.key(0), images)
   return {k: v for k, v in shapes.items() if k != 'intermediates'}

@@ -123,10 +123,12 @@ def load(directory: str) -> tuple[nn.Module, dict, dict[str, Any]]:
 
 
 def create_from_card(metadata: dict[str, Any]) -> nn.Module:
-  """The module a card describes: its architecture with the card's classes and normalisation."""
+  """The module a card describes: its architecture with the card's classes, normalisation and
+  the settings its checkpoint fixed (module_settings: a ViT's img_size)."""
   overrides = {k: tuple(metadata[k]) for k in ('mean', 'std') if k in metadata}
   if 'num_classes' in metadata:
     overrides['num_classes'] = int(metadata['num_classes'])
+  overrides.update(metadata.get('module_settings', {}))
   return registry.create(metadata['arch'], **overrides)
 
 
