@@ -11,6 +11,7 @@ of each and the largest logit and block-activation differences. Needs the torch 
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 from absl import app
@@ -47,20 +48,26 @@ def photos(names: Sequence[str] = PHOTOS, resize: int = 256, crop: int = 224) ->
   return np.stack(batch)
 
 
+def timm_name(arch: str) -> str:
+  """The timm model of the registered architecture `arch`; one without is refused by name."""
+  name = models.get(arch).timm_name
+  if name is None:
+    raise UserError(f'{arch} has no timm counterpart to compare with')
+  return name
+
+
 def torch_model(arch: str, variables: dict, num_classes: int):
   """The timm model of `arch` holding exactly `variables` (loaded strictly), in eval mode."""
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  spec = models.get(arch)
-  if spec.timm_name is None:
-    raise UserError(f'{arch} has no timm counterpart to compare with')
-  model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes)
+  name = timm_name(arch)
+  model = timm.create_model(name, pretrained=False, num_classes=num_classes)
   state = {k: torch.from_numpy(np.array(v)) for k, v in mapping.to_state_dict(variables).items()}
   # Strict but for the BatchNorm step counters, which Flax does not keep.
   missing, unexpected = model.load_state_dict(state, strict=False)
   missing = [k for k in missing if not k.endswith('num_batches_tracked')]
   if missing or unexpected:
-    raise UserError(f'timm {spec.timm_name} does not match the Flax {arch}: missing '
+    raise UserError(f'timm {name} does not match the Flax {arch}: missing '
                     f'{missing[:4]}, unexpected {unexpected[:4]}')
   return model.eval()
 
@@ -74,20 +81,19 @@ def compare(module, variables: dict, model, images: np.ndarray) -> dict:
   """
   import torch  # pylint: disable=g-import-not-at-top
   with jax.default_matmul_precision('highest'):
-    flax_logits, state = jax.jit(lambda v, x: module.apply(
-        v, x, capture_intermediates=True, mutable=['intermediates']))(variables, images)
+    flax_logits, state = _captured(module, variables, images)
   taps = flax_activations(state['intermediates'])
   modules = dict(model.named_modules())
   captured = {}  # cloned: timm applies in-place activations after many modules
   hooks = [modules[name].register_forward_hook(
-      lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().clone()))
+      lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().cpu().clone()))
            for name in taps if name in modules]
   try:
     with torch.no_grad():
       mean = torch.tensor(module.mean).view(1, 3, 1, 1)
       std = torch.tensor(module.std).view(1, 3, 1, 1)
       x = (torch.from_numpy(images).permute(0, 3, 1, 2) - mean) / std
-      torch_logits = model(x).numpy()
+      torch_logits = model(x.to(_device(model))).cpu().numpy()
   finally:
     for hook in hooks:
       hook.remove()
@@ -103,6 +109,16 @@ def compare(module, variables: dict, model, images: np.ndarray) -> dict:
     report['diffs'][name] = float(np.max(np.abs(flax_value - value)))
     report['scales'][name] = float(np.max(np.abs(value)))
   return report
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _captured(module, variables: dict, images):
+  """The logits and every module's output (compiled once per module and input shape)."""
+  return module.apply(variables, images, capture_intermediates=True, mutable=['intermediates'])
+
+
+def _device(model):
+  return next(model.parameters()).device
 
 
 def flax_activations(intermediates: dict) -> dict[str, np.ndarray]:
