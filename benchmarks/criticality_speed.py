@@ -1,30 +1,33 @@
-r"""Our criticality run against the paper's PyTorch procedure, side by side, on ResNet-50.
+r"""Our criticality run against the paper's PyTorch procedure, side by side, on ResNet-50 (or
+any registered architecture with --arch).
 
     python benchmarks/criticality_speed.py --num_images=32 --batch_size=32
+    python benchmarks/criticality_speed.py --arch=vit_small_patch16_224 --num_images=32
 
-Runs, one after the other and each in its own process, the same job: all 54 conv + linear
-layers of the same ResNet-50 checkpoint, one trial of fresh resets, on the same NUM_IMAGES
-generated ImageNet-like JPEGs (benchmarks/decode.py's, written into WORKDIR/images):
+Runs, one after the other and each in its own process, the same job: all conv + linear layers
+(54 for ResNet-50, 50 for a ViT) of the same checkpoint, one trial of fresh resets, on the same
+NUM_IMAGES generated ImageNet-like JPEGs (benchmarks/decode.py's, written into WORKDIR/images):
 
   a  ours, end to end: `python run.py --config=configs/paper.py ...` with a fresh image cache
      (decoding included), prefix reuse on;
   b  the paper's procedure in PyTorch, as its code (github.com/paulgavrikov/layer_criticality)
-     does it: timm resnet50, the trained state_dict restored before each reset, the layer's
+     does it: the timm model, the trained state_dict restored before each reset, the layer's
      parameters and buffers taken from a freshly initialised model, and for every one of the
-     1 + 54 evaluations the ImageFolder + DataLoader rebuilt and every JPEG decoded again
+     1 + L evaluations the ImageFolder + DataLoader rebuilt and every JPEG decoded again
      (Resize(256), CenterCrop(224), ToTensor; shuffle with a generator seeded 0), in full
      float32 (TF32 off on a GPU, as ours at matmul precision 'highest');
   c  ours as a, with --config.reuse_prefix=false (every reset runs the whole forward).
 
-Without --checkpoint it builds a timm resnet50 (torch.manual_seed(0), BatchNorm statistics
-calibrated on smooth random images, the head scaled to a trained model's logit spread) and
-saves it to WORKDIR/resnet50.pth (kept and reused when the workdir is given again). Prints a header
+Without --checkpoint it builds the timm ARCH (torch.manual_seed(0), BatchNorm statistics, if
+any, calibrated on smooth random images, the head scaled to a trained model's logit spread) and
+saves it to WORKDIR/ARCH.pth (kept and reused when the workdir is given again). Prints a header
 (CPUs, versions, jax backend), then per leg: wall time of the process (imports included),
 images*layers per second, the process's peak resident memory (ru_maxrss from wait4) and its
 mean criticality; then the ratios b/a and c/a; then the model FLOPs each procedure executes (2 *
 MACs of every Conv2d and Linear at 224x224, counted with forward hooks) against the minimum
 the protocol needs (one original forward, and for each layer the forward from that layer on),
-and with --peak_tflops those FLOPs per second of wall time as a fraction of the device's peak.
+(a ViT's attention products, which no Conv2d or Linear computes, are not counted), and with
+--peak_tflops those FLOPs per second of wall time as a fraction of the device's peak.
 A leg that fails is reported with its exit status and last error line; the others still run.
 """
 
@@ -52,8 +55,8 @@ from lc_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-po
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'JPEGs to generate and evaluate.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Batch size of every procedure.')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', '', 'A ResNet-50 state_dict (.pth); empty: a calibrated random timm resnet50 '
-    'saved to WORKDIR/resnet50.pth.')
+    'checkpoint', '', 'A state_dict (.pth) of --arch; empty: a calibrated random timm model '
+    'saved to WORKDIR/ARCH.pth.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Folder for everything; empty: a temporary one.')
 _THREADS = flags.DEFINE_integer(
     'threads', 0, 'CPU cores for every leg (CPU affinity, and torch.set_num_threads for b); '
@@ -68,10 +71,12 @@ _PEAK_TFLOPS = flags.DEFINE_float(
     'peak_tflops', 0.0, "The device's float32 peak in TFLOP/s (e.g. 67 for an H100 SXM without "
     "tensor cores); when given, each leg's executed FLOPs per second of wall time are shown as a "
     'fraction of it.')
+_ARCH = flags.DEFINE_string(
+    'arch', 'resnet50', 'The registered architecture (a timm name: resnet50, '
+    'vit_small_patch16_224, convnext_tiny, ...) whose checkpoint is benchmarked.')
 _MODE = flags.DEFINE_enum('mode', 'compare', ['compare', 'torch'],
                           'Internal: torch runs leg b in this process.')
 
-ARCH = 'resnet50'
 TRIALS = 1
 SEED = 0
 LEG_NAMES = {'a': 'ours', 'b': 'paper procedure, PyTorch', 'c': 'ours, reuse_prefix=false'}
@@ -104,7 +109,7 @@ def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, t
   test_transforms = transforms.Compose(
       [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
 
-  model = timm.create_model(ARCH, pretrained=False)
+  model = timm.create_model(_ARCH.value, pretrained=False)
   model.load_state_dict(torch.load(checkpoint, map_location='cpu', weights_only=True))
   model.eval().to(device)
   cfg = model.pretrained_cfg
@@ -146,7 +151,7 @@ def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, t
   original = torch_reference.metrics(ref_logits, ref_logits, labels)
   rows = [{'layer': 'original', 'trial': 0, **original}]
   for trial in range(TRIALS):
-    fresh = timm.create_model(ARCH, pretrained=False)  # timm's init, one model per trial
+    fresh = timm.create_model(_ARCH.value, pretrained=False)  # timm's init, one model per trial
     for name in names:
       model.load_state_dict(backup)
       with torch.no_grad():
@@ -163,14 +168,14 @@ def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, t
 
 
 def make_checkpoint(path: str) -> None:
-  """A timm resnet50 drawn with seed 0, BatchNorm calibrated on smooth random images, saved."""
+  """The timm ARCH drawn with seed 0, BatchNorm calibrated on smooth random images, saved."""
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from lc_jax import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(SEED)
-  model = timm.create_model(ARCH, pretrained=False)
+  model = timm.create_model(_ARCH.value, pretrained=False)
   # Low-frequency noise upsampled to 224x224 (closer to photos than white noise), normalised
   # as the model's input is, so the calibrated statistics fit normalised photos.
   noise = F.interpolate(torch.rand(16, 3, 14, 14), size=224, mode='bicubic', align_corners=False)
@@ -182,8 +187,9 @@ def make_checkpoint(path: str) -> None:
   # scale it to a trained ResNet-50's logit spread (std ~3 over the classes).
   with torch.no_grad():
     logits = model(images.permute(0, 3, 1, 2))
-    model.fc.weight.mul_(3.0 / logits.std(-1).mean())
-    model.fc.bias.zero_()
+    head = model.get_classifier()
+    head.weight.mul_(3.0 / logits.std(-1).mean())
+    head.bias.zero_()
   torch.save(model.state_dict(), path)
 
 
@@ -208,7 +214,7 @@ def layer_flops() -> list[tuple[str, int]]:
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
-  model = timm.create_model(ARCH, pretrained=False).eval()
+  model = timm.create_model(_ARCH.value, pretrained=False).eval()
   found = []
 
   def hook(name):
@@ -301,7 +307,7 @@ def run_child(command: list[str], log_prefix: str, cores: list[int] | None) -> d
 def ours_command(tmp: str, leg: str, checkpoint: str, num_images: int, batch_size: int) -> list:
   command = [sys.executable, 'run.py', '--config=configs/paper.py',
              f'--workdir={os.path.join(tmp, leg)}',
-             f'--config.model.checkpoint={checkpoint}', f'--config.model.arch={ARCH}',
+             f'--config.model.checkpoint={checkpoint}', f'--config.model.arch={_ARCH.value}',
              '--config.data.source=imagefolder',
              f'--config.data.path={os.path.join(tmp, "images")}',
              f'--config.data.num_images={num_images}', f'--config.data.batch_size={batch_size}',
@@ -338,11 +344,11 @@ def compare(tmp: str) -> None:
   shutil.rmtree(images, ignore_errors=True)
   size = make_images(images, num_images)
   checkpoint = os.path.abspath(_CHECKPOINT.value) if _CHECKPOINT.value else os.path.join(
-      tmp, f'{ARCH}.pth')
+      tmp, f'{_ARCH.value}.pth')
   if not _CHECKPOINT.value and not os.path.exists(checkpoint):
     make_checkpoint(checkpoint)
   flops = layer_flops()
-  print(f'{ARCH}: {checkpoint}; {len(flops)} conv + linear layers, {TRIALS} trial, fresh '
+  print(f'{_ARCH.value}: {checkpoint}; {len(flops)} conv + linear layers, {TRIALS} trial, fresh '
         f'resets; {num_images} JPEGs ({size / num_images / 1024:.0f} KiB on average) in '
         f'{images}, batch {batch_size}', flush=True)
 
@@ -356,6 +362,7 @@ def compare(tmp: str) -> None:
       os.makedirs(os.path.join(tmp, 'b'))
       command = [sys.executable, os.path.abspath(__file__), '--mode=torch', f'--workdir={tmp}',
                  f'--checkpoint={checkpoint}', f'--num_images={num_images}',
+                 f'--arch={_ARCH.value}',
                  f'--batch_size={batch_size}', f'--threads={threads}',
                  f'--torch_device={_TORCH_DEVICE.value}',
                  f'--torch_workers={_TORCH_WORKERS.value}']

@@ -103,10 +103,17 @@ def compare(module, variables: dict, model, images: np.ndarray) -> dict:
             'scales': {'logits': float(np.max(np.abs(torch_logits)))}}
   for name, value in captured.items():
     value = value.numpy()
-    if value.ndim == 4:
-      value = value.transpose(0, 2, 3, 1)
-    flax_value = np.asarray(taps[name]).reshape(value.shape)
-    report['diffs'][name] = float(np.max(np.abs(flax_value - value)))
+    flax_value = np.asarray(taps[name])
+    # Torch activations are NCHW, but some timm modules (a ConvNeXt block's norm and MLP) run
+    # channels-last: each layout whose shape fits Flax's NHWC is compared (both when C = H = W)
+    # and the closer one counts.
+    layouts = [v for v in ((value.transpose(0, 2, 3, 1),) if value.ndim == 4 else ()) + (value,)
+               if v.size == flax_value.size and (flax_value.ndim != 4 or v.shape == flax_value.shape)]
+    if not layouts:
+      raise ValueError(f'{name}: the Flax activation {flax_value.shape} fits no layout of the '
+                       f'torch one {value.shape}')
+    report['diffs'][name] = min(float(np.max(np.abs(flax_value.reshape(v.shape) - v)))
+                                for v in layouts)
     report['scales'][name] = float(np.max(np.abs(value)))
   return report
 

@@ -4,8 +4,9 @@ schemes by name, and `fresh_variables`, a newly initialised model's variables.
 A scheme is a function `(layer, key) -> leaves` that draws one layer as its family's PyTorch
 code does; each family registers its own next to its model (lc_jax.models.resnet:
 'timm_resnet', 'torchvision_resnet'; lc_jax.models.efficientnet: 'goog'; lc_jax.models.vit:
-'timm_vit'; lc_jax.models.convnext: 'timm_convnext'), and `reset.init_scheme` picks any by name. Here: 'pytorch_default', conv and Linear weight and bias
-~ U(+-1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)); BatchNorm and LayerNorm 1/0.
+'timm_vit'; lc_jax.models.convnext: 'timm_convnext'), and `reset.init_scheme` picks any by
+name. Here: 'pytorch_default', conv and Linear weight and bias ~ U(+-1/sqrt(fan_in))
+(kaiming_uniform with a = sqrt(5)); BatchNorm and LayerNorm 1/0.
 
 Random weights come from numpy's PCG64 seeded with the bits of the layer's JAX key
 (`fold_in(key, layer index)`), so they are reproducible from (seed, trial, layer) alone.

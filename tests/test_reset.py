@@ -87,16 +87,22 @@ def test_unknown_names_fail_with_the_closest(resnet50_layers):
 
 
 def _torch_weights(model):
-  return {n: {k: v.detach().numpy() for k, v in m.named_parameters(recurse=False)} |
-          {k: v.numpy() for k, v in m.named_buffers(recurse=False) if 'running' in k}
-          for n, m in model.named_modules()}
+  """{module name: {tensor name: values}}; a free-standing parameter (a ViT's cls_token, a
+  ConvNeXt's gamma) is a module of its own name holding 'value', as in Flax."""
+  weights = {n: {k: v.detach().numpy() for k, v in m.named_parameters(recurse=False)} |
+             {k: v.numpy() for k, v in m.named_buffers(recurse=False) if 'running' in k}
+             for n, m in model.named_modules()}
+  for name, value in model.named_parameters():
+    if name.rsplit('.', 1)[-1] in ('cls_token', 'pos_embed', 'gamma'):
+      weights[name] = {'value': value.detach().numpy()}
+  return weights
 
 
 def _flax_leaf(fresh, layer, torch_leaf):
   collection, leaf = {'weight': ('params', 'kernel'), 'bias': ('params', 'bias'),
-                      'running_mean': ('batch_stats', 'mean'),
+                      'running_mean': ('batch_stats', 'mean'), 'value': ('params', 'value'),
                       'running_var': ('batch_stats', 'var')}[torch_leaf]
-  if layer.kind == 'batchnorm' and torch_leaf == 'weight':
+  if layer.kind in ('batchnorm', 'layernorm') and torch_leaf == 'weight':
     leaf = 'scale'
   node = fresh[collection]
   for part in layer.path:
@@ -113,6 +119,15 @@ SCHEME_CASES = [
     ('goog', 'efficientnet_lite0', lambda: timm.create_model('tf_efficientnet_lite0'),
      ['conv_stem', 'blocks.1.0.conv_pw', 'blocks.1.0.conv_dw', 'blocks.6.0.conv_pwl',
       'conv_head', 'classifier', 'blocks.2.1.bn2']),
+    ('timm_vit', 'vit_small_patch16_224', lambda: timm.create_model('vit_small_patch16_224'),
+     ['patch_embed.proj', 'cls_token', 'pos_embed', 'blocks.0.norm1', 'blocks.0.attn.qkv',
+      'blocks.5.attn.proj', 'blocks.11.mlp.fc1', 'blocks.11.mlp.fc2', 'norm', 'head']),
+    ('timm_convnext', 'convnext_tiny', lambda: timm.create_model('convnext_tiny'),
+     ['stem.0', 'stem.1', 'stages.1.downsample.0', 'stages.1.downsample.1',
+      'stages.2.blocks.4.conv_dw', 'stages.2.blocks.4.norm', 'stages.2.blocks.4.mlp.fc1',
+      'stages.3.blocks.2.mlp.fc2', 'stages.3.blocks.2.gamma', 'head.norm', 'head.fc']),
+    ('timm_convnext', 'convnext_atto', lambda: timm.create_model('convnext_atto'),
+     ['stages.0.blocks.1.mlp.fc1', 'stages.0.blocks.1.gamma']),  # 1x1-conv MLPs
 ]
 
 
@@ -129,7 +144,7 @@ def test_scheme_draws_match_torch(scheme, arch, factory, names):
       want = want.ravel()
       label = f'{scheme} {name}.{torch_leaf}'
       assert got.size == want.size, label
-      if want.std() == 0:  # constants: BatchNorm 1/0, zero bias, zero_init_last
+      if np.all(want == want[0]):  # constants: norms 1/0, zero bias, zero_init_last, gamma
         np.testing.assert_array_equal(got, want, err_msg=label)
         continue
       ks = stats.ks_2samp(got, want)
@@ -138,6 +153,18 @@ def test_scheme_draws_match_torch(scheme, arch, factory, names):
       assert ks.pvalue > 1e-3, label
       assert got.std() == pytest.approx(want.std(), rel=0.1 if got.size < 1000 else 0.03), label
       assert abs(got.mean()) < 4 * want.std() / np.sqrt(got.size) + 1e-7, label
+
+
+def test_trunc_normal_matches_timm_where_the_bounds_bite():
+  # timm's bounds are absolute (at std .02, the default +-2 never bites): drawn at bounds of
+  # one standard deviation, the two samplers must agree on the truncated distribution.
+  from timm.layers import trunc_normal_  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  want = trunc_normal_(torch.empty(20000), std=0.5, a=-0.5, b=0.5).numpy()
+  got = np.asarray(init.trunc_normal(jax.random.key(0), (20000,), 0.5, bound=0.5))
+  assert np.abs(got).max() <= 0.5 and np.abs(got).max() > 0.499
+  assert got.std() == pytest.approx(want.std(), rel=0.02)  # 0.5 * 0.54: not the untruncated 0.5
+  assert stats.ks_2samp(got, want).pvalue > 1e-3
 
 
 def test_pytorch_default_scheme_matches_torch_modules():
