@@ -3,8 +3,14 @@
 import os
 import sys
 
-import jax
-import pytest
+# torch's OpenMP threads sleep when idle instead of spinning (set before torch is imported, and
+# inherited by the runs the tests start): on a loaded CPU, or next to XLA's own threads in the
+# same process, spinning threads made a torch forward several times slower. It changes when
+# idle threads give up the CPU, not what they compute.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
