@@ -4,6 +4,7 @@ Also: timm's and lukemelas's key namings convert to the same variables, the vari
 the checkpoint, and checkpoints of another family or an unregistered variant are refused.
 """
 
+import functools
 import sys
 
 import jax
@@ -46,7 +47,7 @@ def _run_both(module, variables, model, images):
 
   Torch activations come from forward hooks on the modules the Flax model's sown names stand for.
   """
-  logits, state = module.apply(variables, images, mutable=['intermediates'])
+  logits, state = _apply(module, variables, images)
   sown = {name: np.asarray(value[0]) for name, value in state['intermediates'].items()}
   targets = {'stem': model.bn1, 'pool': model.global_pool}
   targets.update({f'blocks.{i}': stage for i, stage in enumerate(model.blocks)})
@@ -69,6 +70,13 @@ def _run_both(module, variables, model, images):
     pairs[name] = (sown[name], value.transpose(0, 2, 3, 1) if value.ndim == 4 else value)
   assert set(pairs) == set(sown), 'every sown intermediate has a torch counterpart'
   return np.asarray(logits), torch_logits, pairs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module, variables, images):
+  """The Flax logits and sown intermediates, compiled as one program (as a run evaluates it):
+  op by op, every primitive of a new shape compiled on its own, took most of this file's time."""
+  return module.apply(variables, images, mutable=['intermediates'])
 
 
 def _assert_parity(label, flax_logits, torch_logits, pairs):
