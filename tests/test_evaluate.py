@@ -19,11 +19,21 @@ from lc_jax.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _model(arch, size=64):
+def _model(arch, size=32):
+  """(module, variables, layers, 4 uint8 images of `size` px). The variables are drawn with
+  numpy as Flax's init draws them (kernels of variance 1/fan-in, BatchNorm the identity, biases
+  0), from the traced shapes: jitting module.init compiled a program as large as the model."""
   spec = models.get(arch)
   module = spec.create()
-  variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  variables = {k: variables[k] for k in ('params', 'batch_stats')}
+  rng = np.random.RandomState(0)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+    return (np.ones if name in ('scale', 'var') else np.zeros)(leaf.shape, np.float32)
+  variables = jax.tree_util.tree_map_with_path(draw, models.variable_shapes(module, size))
   images = (np.random.RandomState(0).rand(4, size, size, 3) * 255).astype(np.uint8)
   return module, variables, layers_lib.inventory(module, spec.block_depth), images
 
@@ -31,7 +41,10 @@ def _model(arch, size=64):
 def test_resnet50_segments_their_inputs_and_where_a_reset_starts():
   # That segments chain to the whole forward and own every variable once is checked for every
   # architecture in test_contract.py.
-  module, variables, layers, _ = _model('resnet50')
+  spec = models.get('resnet50')
+  module = spec.create()
+  layers = layers_lib.inventory(module, spec.block_depth)
+  variables = models.variable_shapes(module, 64)  # input_bytes only traces: shapes suffice
   forward = evaluate.Forward(module, layers)
   assert forward.names[:3] == ('stem', 'layer1.0', 'layer1.1') and forward.names[-1] == 'head'
   kept = forward.input_bytes(variables, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.uint8))
@@ -58,30 +71,96 @@ def test_bfloat16_stays_close_to_float32():
     evaluate.with_precision(module, 'float16')
 
 
-def test_eight_devices_give_the_single_device_logits(tmp_path):
-  # A fresh interpreter: the device count is fixed when jax starts.
-  code = f"""
-import numpy as np, jax, sys
+# Both eight-device checks run in one fresh interpreter (the device count is fixed when jax
+# starts): one start, one set of imports, and the plain 8-device segment programs compiled once.
+# Each check runs on its own and reports its own result or traceback, so that one failing does
+# not hide the other.
+_EIGHT_DEVICES = f"""
+import sys, traceback
+import numpy as np, jax
 sys.path.insert(0, {ROOT!r})
 sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
 jax.config.update('jax_default_matmul_precision', 'highest')
 import test_evaluate
-from lc_jax import data, evaluate
-module, variables, layers, images = test_evaluate._model('resnet18')
-forward = evaluate.Forward(module, layers)
-x = forward.put(data.loader.pad(images[:3], forward.rows_multiple))
-assert len(x.sharding.device_set) == 8 and x.shape[0] == 8, x.shape  # padded to the devices
-np.save('logits.npy', np.asarray(forward(forward.replicate(variables), x))[:3])
+
+
+def sharded():
+  from lc_jax import data, evaluate
+  module, variables, layers, images = test_evaluate._model('resnet18')
+  forward = evaluate.Forward(module, layers)
+  x = forward.put(data.loader.pad(images[:3], forward.rows_multiple))
+  assert len(x.sharding.device_set) == 8 and x.shape[0] == 8, x.shape  # padded to the devices
+  np.save('logits.npy', np.asarray(forward(forward.replicate(variables), x))[:3])
+
+
+def spread():
+  from lc_jax import evaluate, init, layers as layers_lib, reset, sharding
+  from lc_jax.data.loader import pad
+  module, variables, layers, images = test_evaluate._model('resnet18')
+  plain = evaluate.Forward(module, layers, sharding.make_mesh(1))
+  spread = evaluate.Forward(module, layers, sharding.make_mesh(4))
+  variables = spread.replicate(variables)
+  fresh = spread.replicate(init.fresh_variables(layers, 'timm_resnet', jax.random.key(1)))
+  make = reset.make('fresh', layers, source=fresh)
+  targets = (layers_lib.select(layers, ['conv'], 'layer3.0.*')  # its 3 convs, and the stage
+             + layers_lib.select(layers, ['conv'], 'layer3', granularity='stage'))
+  assert len(targets) == 4
+  start = spread.start(targets[0])
+  assert all(spread.start(t) == start for t in targets), [spread.start(t) for t in targets]
+  trees = [make(variables, t) for t in targets]
+  images = pad(images, plain.rows_multiple)
+  x = plain.put(images)
+  h = plain(variables, x, 0, start)
+  want = [np.asarray(plain(tree, h, start)) for tree in trees]
+  got = [np.asarray(z) for z in spread.many(trees, spread.put(images) if start == 0 else
+                                             spread(variables, spread.put(images), 0, start),
+                                             start)]
+  lines = [repr(sorted(kind for _, kind in spread._spread))]
+  for name, w, g in zip([t.name for t in targets], want, got):  # the 4 images, not the padding
+    lines.append(f'{{name}} {{float(np.abs(g[:4] - w[:4]).max() / np.abs(w[:4]).max())}}')
+  with open('spread.txt', 'w') as f:
+    f.write('\\n'.join(lines))
+
+
+failed = False
+for check in (sharded, spread):
+  try:
+    check()
+  except BaseException:  # pylint: disable=broad-except
+    failed = True
+    with open(check.__name__ + '.error', 'w') as f:
+      f.write(traceback.format_exc())
+sys.exit(1 if failed else 0)
 """
+
+
+@pytest.fixture(scope='module')
+def eight_devices(tmp_path_factory):
+  """The folder the eight-device interpreter wrote its results (or tracebacks) to."""
+  folder = tmp_path_factory.mktemp('eight_devices')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                          check=False, cwd=tmp_path)
-  assert result.returncode == 0, result.stderr
+  result = subprocess.run([sys.executable, '-c', _EIGHT_DEVICES], env=env, capture_output=True,
+                          text=True, check=False, cwd=folder)
+  (folder / 'stderr.txt').write_text(result.stderr)
+  return folder
+
+
+def _check_ran(folder, name):
+  error = folder / f'{name}.error'
+  assert not error.exists(), error.read_text()
+  assert (folder / {'sharded': 'logits.npy', 'spread': 'spread.txt'}[name]).exists(), (
+      folder / 'stderr.txt').read_text()
+
+
+def test_eight_devices_give_the_single_device_logits(eight_devices):
+  # A fresh interpreter (the eight_devices fixture): the device count is fixed when jax starts.
+  _check_ran(eight_devices, 'sharded')
   module, variables, layers, images = _model('resnet18')
   forward = evaluate.Forward(module, layers)
-  want = np.asarray(forward(variables, forward.put(images[:3])))
-  got = np.load(tmp_path / 'logits.npy')
+  # The first 3 of the 4 images (the batch test_bfloat16 compiles for too; rows are independent).
+  want = np.asarray(forward(variables, forward.put(images)))[:3]
+  got = np.load(eight_devices / 'logits.npy')
   print(f'8 devices vs 1: logits max abs diff {np.abs(got - want).max():.2g} '
         f'(largest logit {np.abs(want).max():.3g})')
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
@@ -93,46 +172,12 @@ def test_resets_groups_must_divide_the_devices():
   assert sharding.make_mesh(2, jax.local_devices() * 2).shape == {'resets': 2, 'batch': 1}
 
 
-def test_spread_resets_give_each_resets_own_logits(tmp_path):
+def test_spread_resets_give_each_resets_own_logits(eight_devices):
   """Resets spread over 4 device groups of 2: each equals its own plain forward. Layer targets
   stack only their own segment; a stage target stacks each of its blocks; the segments after
   them run once per group on one copy of the variables."""
-  code = f"""
-import numpy as np, jax, sys
-sys.path.insert(0, {ROOT!r})
-sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
-jax.config.update('jax_default_matmul_precision', 'highest')
-import test_evaluate
-from lc_jax import evaluate, init, layers as layers_lib, reset, sharding
-from lc_jax.data.loader import pad
-module, variables, layers, images = test_evaluate._model('resnet18')
-plain = evaluate.Forward(module, layers, sharding.make_mesh(1))
-spread = evaluate.Forward(module, layers, sharding.make_mesh(4))
-variables = spread.replicate(variables)
-fresh = spread.replicate(init.fresh_variables(layers, 'timm_resnet', jax.random.key(1)))
-make = reset.make('fresh', layers, source=fresh)
-targets = (layers_lib.select(layers, ['conv'], 'layer3.0.*')  # its 3 convs, and the stage
-           + layers_lib.select(layers, ['conv'], 'layer3', granularity='stage'))
-assert len(targets) == 4
-start = spread.start(targets[0])
-assert all(spread.start(t) == start for t in targets), [spread.start(t) for t in targets]
-trees = [make(variables, t) for t in targets]
-images = pad(images, plain.rows_multiple)
-x = plain.put(images)
-h = plain(variables, x, 0, start)
-want = [np.asarray(plain(tree, h, start)) for tree in trees]
-got = [np.asarray(z) for z in spread.many(trees, spread.put(images) if start == 0 else
-                                           spread(variables, spread.put(images), 0, start), start)]
-print(sorted(kind for _, kind in spread._spread), flush=True)
-for name, w, g in zip([t.name for t in targets], want, got):  # the 4 images, not the padding
-  print(name, float(np.abs(g[:4] - w[:4]).max() / np.abs(w[:4]).max()), flush=True)
-"""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                          check=False, cwd=tmp_path)
-  assert result.returncode == 0, result.stderr
-  lines = result.stdout.strip().splitlines()
+  _check_ran(eight_devices, 'spread')
+  lines = (eight_devices / 'spread.txt').read_text().strip().splitlines()
   print('\n'.join(lines))
   # Segment layer3.0 stacked from the walk's input, layer3.1 stacked on the stacked activations
   # (the stage target changes it), layer4.* and the head once per group with one copy.
