@@ -165,7 +165,7 @@ class Forward:
 
 
 def _apply_segment(module: nn.Module, variables: dict, x: jax.Array, k: int) -> jax.Array:
-  if k == 0:
+  if k == 0 and x.dtype == jnp.uint8:  # images as stored; float images come in [0, 1]
     x = x.astype(jnp.float32) / 255.0
   return module.apply(variables, x, k, k + 1)
 

@@ -305,7 +305,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   original['recovered_acc'] = 1.0 if has_labels else float('nan')
   evaluated = int(total['count'])  # the images that decoded
   if not store.done(0, schema.ORIGINAL):
-    store.append(_row(model, evaluated, schema.ORIGINAL, 0, 'none', None, original))
+    store.append(schema.row(model.model_id, evaluated, schema.ORIGINAL, 0, 'none', (), original))
 
   # ---------------------------------------------------------------- resets --------------------
   # Batch by batch, the original model runs segment by segment; a reset of a layer in segment
@@ -356,8 +356,8 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
           sums[key] = metrics.accumulate(sums.get(key), new)
           if final:
             measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
-            store.append(_row(model, evaluated, target.name, trial, settings.reset.mode,
-                              target, measured))
+            store.append(schema.row(model.model_id, evaluated, target.name, trial,
+                                    settings.reset.mode, target.layers, measured))
             progress.row(f'trial {trial} {target.name}', measured['criticality'])
         if not final:
           progress.segment(b, c, forward.names[k], len(items))
@@ -376,18 +376,6 @@ def _key(trial: int, target: layers_lib.Target) -> str:
 def _unkey(key: str) -> tuple[int, str]:
   trial, name = key.split('/', 1)
   return int(trial), name
-
-
-def _row(model: Model, num_images: int, layer: str, trial: int, mode: str,
-         target: layers_lib.Target | None, measured: dict) -> dict[str, Any]:
-  members = target.layers if target else ()
-  kinds = sorted({l.kind for l in members})
-  stages = sorted({l.stage for l in members})
-  return {'model_id': model.model_id, 'layer': layer, 'trial': trial, 'mode': mode,
-          'kind': '+'.join(kinds) if kinds else 'none',
-          'stage': stages[0] if len(stages) == 1 else ('+'.join(stages) or 'none'),
-          'num_params': sum(l.num_params for l in members), 'num_images': num_images,
-          **measured}
 
 
 class _Progress:

@@ -28,17 +28,18 @@ import jax.numpy as jnp
 
 from lc_jax.errors import UserError
 
-# 'attn_qkv', 'attn_proj' and 'mlp' are Linears of a transformer block's attention and MLP (a
+# 'groupnorm' occurs in models outside the registry (lc_jax.adapters); 'attn_qkv', 'attn_proj'
+# and 'mlp' are Linears of a transformer block's attention and MLP (a
 # ConvNeXt's MLP too, 1x1 convs in its small variants); 'embedding' is a position embedding or
 # class token, 'layer_scale' a per-channel branch scale (gamma).
 KINDS = ('conv', 'depthwise_conv', 'linear', 'attn_qkv', 'attn_proj', 'mlp', 'batchnorm',
-         'layernorm', 'embedding', 'layer_scale')
+         'layernorm', 'groupnorm', 'embedding', 'layer_scale')
 # A type a user selects -> the kinds it covers: a depthwise conv is a torch Conv2d, attention
 # and MLP layers are Linears.
 TYPES = {'conv': ('conv', 'depthwise_conv'), 'depthwise_conv': ('depthwise_conv',),
          'linear': ('linear', 'attn_qkv', 'attn_proj', 'mlp'), 'attn_qkv': ('attn_qkv',),
          'attn_proj': ('attn_proj',), 'mlp': ('mlp',), 'batchnorm': ('batchnorm',),
-         'layernorm': ('layernorm',), 'embedding': ('embedding',),
+         'layernorm': ('layernorm',), 'groupnorm': ('groupnorm',), 'embedding': ('embedding',),
          'layer_scale': ('layer_scale',)}
 DEFAULT_TYPES = ('conv', 'linear')  # the paper's released results: every Conv2d and Linear
 GRANULARITIES = ('layer', 'block', 'stage')

@@ -81,8 +81,10 @@ def zero(variables: dict, layers: Iterable[Layer]) -> dict:
 
 
 def interpolate(variables: dict, layers: Iterable[Layer], source: dict, alpha: float) -> dict:
-  """(1 - alpha) * source + alpha * variables on `layers`: alpha 0 is a full reset, 1 none."""
-  if not 0.0 <= alpha <= 1.0:
+  """(1 - alpha) * source + alpha * variables on `layers`: alpha 0 is a full reset, 1 none.
+
+  `alpha` may be traced: `jax.vmap` over alphas gives one model per alpha."""
+  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise UserError(f'interpolation alpha must lie in [0, 1], got {alpha}')
   return map_layers(variables, layers, lambda layer, collection, leaf, value: _like(
       (1 - alpha) * jnp.asarray(_get(source[collection], layer.path)[leaf]) + alpha * value,

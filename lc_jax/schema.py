@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 RESULTS = 'results.csv'
 RUN = 'run.json'
@@ -44,6 +44,20 @@ def run_id(run_info: Mapping[str, Any]) -> str:
   identity = {key: run_info.get(key) for key in RUN_IDENTITY}
   text = json.dumps(identity, sort_keys=True, separators=(',', ':'), default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def row(model_id: str, num_images: int, layer: str, trial: int, mode: str,
+        members: Sequence[Any], measured: Mapping[str, float]) -> dict[str, Any]:
+  """A row of `layer` (a reset target, or ORIGINAL) from the metrics `measured`
+  (lc_jax.metrics.finalize); `members` are the target's layers (lc_jax.layers.Layer, none for
+  the original), which give its kind, stage and parameter count. run_id is the writer's."""
+  kinds = sorted({l.kind for l in members})
+  stages = sorted({l.stage for l in members})
+  return {'model_id': model_id, 'layer': layer, 'trial': trial, 'mode': mode,
+          'kind': '+'.join(kinds) if kinds else 'none',
+          'stage': stages[0] if len(stages) == 1 else ('+'.join(stages) or 'none'),
+          'num_params': sum(l.num_params for l in members), 'num_images': num_images,
+          **measured}
 
 
 def cells(row: Mapping[str, Any]) -> dict[str, str]:

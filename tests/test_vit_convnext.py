@@ -279,17 +279,18 @@ def test_prefix_reuse_chunks_and_spread_resets_give_the_whole_runs_results(check
   # segments: the very same file.
   assert ((runs['whole'] / 'results.csv').read_bytes()
           == (runs['reused'] / 'results.csv').read_bytes())
-  # Resets spread over 4 groups of 2 of 8 devices (a process of its own), and batches of 4 in
-  # chunks of 2: equal within float32 rounding.
+  # Resets spread over 2 groups of 2 of 4 devices (a process of its own; more host devices
+  # starve XLA's CPU collectives on a loaded 2-core machine), and batches of 4 in chunks of 2:
+  # equal within float32 rounding.
   runs['spread'] = tmp_path / 'spread'
   spread = subprocess.run(
       [sys.executable, 'run.py', '--config=configs/demo.py', f'--workdir={runs["spread"]}',
-       *_flags(_settings(arch, path, runs['spread'], tmp_path, spread_resets=4))],
-      cwd=ROOT, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+       *_flags(_settings(arch, path, runs['spread'], tmp_path, spread_resets=2))],
+      cwd=ROOT, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
       capture_output=True, text=True, check=False)
   assert spread.returncode == 0, spread.stderr
   want = _numbers(runs['whole'])
-  assert len(want) > 20  # the original and every selected layer
+  assert len(want) > 15  # the original and every selected layer
   for name in ('chunked', 'spread'):
     got = _numbers(runs[name])
     assert got.keys() == want.keys()

@@ -34,7 +34,7 @@ def _trials_note(layers: Sequence[LayerSummary]) -> str | None:
     trials = max(s.trials for s in layers)
     return (f'note: the interval over trials is wider than the one over images for {wider} of '
             f'{len(both)} layers: the draw of the fresh weights dominates, and {trials} trials '
-            'may not be enough (raise --config.trials).')
+            'may not be enough (raise the number of trials).')
   return None
 
 

@@ -1,0 +1,220 @@
+"""lc_jax.criticality for research code: on a registered model it gives run.py's numbers; on any
+linen or NNX model each layer's value is what a hand-written replace-and-apply loop gives; resets
+vmap over alphas; the examples run.
+"""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+
+import lc_jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from lc_jax import adapters
+from lc_jax import config as lc_config
+from lc_jax import data
+from lc_jax import experiment
+from lc_jax import layers as layers_lib
+from lc_jax import models
+from lc_jax import reset
+from lc_jax import schema
+from lc_jax import torch_reference
+from lc_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 16
+
+
+def _images(count=10, seed=0):
+  return np.random.RandomState(seed).rand(count, SIZE, SIZE, 3).astype(np.float32)
+
+
+def _criticality(ref_logits, logits):
+  """1 - cos(softmax(ref), softmax(logits)) per image, in numpy float64."""
+  def softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+  p, q = softmax(ref_logits), softmax(logits)
+  return 1 - (p * q).sum(-1) / np.linalg.norm(p, axis=-1) / np.linalg.norm(q, axis=-1)
+
+
+# ------------------------------------------------------------------ a registered model -------
+
+def test_a_registered_resnet18_gives_run_pys_results(tmp_path):
+  torch.manual_seed(0)
+  model = torch_reference.calibrated(timm.create_model('resnet18'),
+                                     np.random.RandomState(0).rand(4, 64, 64, 3).astype(np.float32))
+  torch.save(model.state_dict(), tmp_path / 'resnet18.pth')
+  config = lc_config.default()
+  config.model.checkpoint = str(tmp_path / 'resnet18.pth')
+  config.data.source, config.data.num_images, config.data.order = 'photos', 6, 'sorted'
+  config.data.resize_size, config.data.crop_size, config.data.batch_size = 72, 64, 4
+  config.reset.layer_types, config.reset.layers = 'conv,linear,batchnorm', 'conv1,layer2.*,fc'
+  config.trials, config.seed, config.progress = 2, 5, False
+  config.cache_dir = str(tmp_path / 'cache')
+  rows = experiment.run(config, str(tmp_path / 'run'))
+
+  images, _, _ = data.load(lc_config.check(config).data, cache_dir=config.cache_dir)
+  module, variables, _ = models.load(str(tmp_path / 'run' / 'model'))
+  result = lc_jax.criticality(module, variables, images, layers='conv,linear,batchnorm',
+                              pattern='conv1,layer2.*,fc', trials=2, key=jax.random.key(5),
+                              batch_size=4, model_id=rows[0]['model_id'])
+  assert [(r['layer'], r['trial']) for r in result.rows] == [
+      (r['layer'], r['trial']) for r in rows]
+  worst = 0.0
+  for ours, theirs in zip(result.rows, rows):
+    for column in schema.METRICS:
+      a, b = ours[column], theirs[column]
+      assert np.isnan(a) == np.isnan(b), column
+      if not np.isnan(a):
+        worst = max(worst, abs(a - b))
+    assert (ours['kind'], ours['stage'], ours['num_params'], ours['num_images']) == (
+        theirs['kind'], theirs['stage'], theirs['num_params'], theirs['num_images'])
+  print(f'lc_jax.criticality vs run.py: {len(rows)} rows, largest metric difference {worst:.2g}')
+  assert worst <= 1e-6
+
+
+# ------------------------------------------------------------------ any Flax model -----------
+
+class LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x)))
+    x = nn.Conv(8, (3, 3), feature_group_count=8, name='depthwise')(x)
+    x = nn.LayerNorm()(nn.Conv(16, (3, 3), strides=2)(x)).mean((1, 2))
+    return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
+
+
+def test_a_linen_model_equals_replacing_each_layer_by_hand():
+  module, images = LinenCNN(), _images()
+  variables = module.init(jax.random.key(1), images)
+  key, trials = jax.random.key(7), 2
+  result = lc_jax.criticality(module, variables, images, layers='conv,linear,batchnorm,layernorm',
+                              trials=trials, key=key, batch_size=4, keep_per_image=True)
+  reference = module.apply(variables, images)
+  names = ['Conv_0', 'BatchNorm_0', 'depthwise', 'Conv_1', 'LayerNorm_0', 'Dense_1', 'Dense_0']
+  assert [r['layer'] for r in result.rows[1::trials]] == names  # call order
+  kinds = {r['layer']: r['kind'] for r in result.rows}
+  assert (kinds['BatchNorm_0'], kinds['depthwise'], kinds['LayerNorm_0']) == (
+      'batchnorm', 'depthwise_conv', 'layernorm')
+  worst = 0.0
+  for trial in range(trials):
+    fresh = module.init(jax.random.fold_in(key, trial), images[:1])  # the layers' own inits
+    for name in names:
+      by_hand = {c: {**tree, name: fresh[c][name]} if name in tree else tree
+                 for c, tree in variables.items()}
+      values = _criticality(reference, module.apply(by_hand, images))
+      row = next(r for r in result.rows if (r['layer'], r['trial']) == (name, trial))
+      worst = max(worst, abs(row['criticality'] - values.mean()),
+                  np.abs(result.per_image[(trial, name)] - values).max())
+  print(f'linen: largest difference to the loop by hand {worst:.2g}')
+  assert worst <= 1e-6
+
+
+class NNXModel(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.norm = nnx.BatchNorm(8, rngs=rngs)
+    self.layers = nnx.List([nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 10, rngs=rngs)])
+
+  def __call__(self, x):
+    x = nnx.relu(self.norm(self.conv(x))).mean((1, 2))
+    return self.layers[1](nnx.relu(self.layers[0](x)))
+
+
+def test_an_nnx_model_equals_replacing_each_layer_by_hand():
+  model, images = NNXModel(nnx.Rngs(0)), _images()  # in training mode, as constructed
+  key, trials = jax.random.key(3), 2
+  result = lc_jax.criticality(model, None, images, layers='conv,linear,batchnorm', trials=trials,
+                              key=key, batch_size=4, fresh=lambda k: NNXModel(nnx.Rngs(k)))
+  assert model.norm.use_running_average is False  # evaluated in eval mode, on a copy
+  model.eval()
+  reference = model(images)
+  assert [r['layer'] for r in result.rows[1::trials]] == ['conv', 'norm', 'layers.0', 'layers.1']
+  worst = 0.0
+  for trial in range(trials):
+    fresh = NNXModel(nnx.Rngs(jax.random.fold_in(key, trial)))
+    for path in (('conv',), ('norm',), ('layers', 0), ('layers', 1)):
+      by_hand = nnx.clone(model)
+      parent, fresh_parent = by_hand, fresh
+      for part in path[:-1]:
+        parent, fresh_parent = getattr(parent, part), getattr(fresh_parent, part)
+      if isinstance(path[-1], int):
+        parent[path[-1]] = nnx.clone(fresh_parent[path[-1]])
+      else:
+        setattr(parent, path[-1], nnx.clone(getattr(fresh_parent, path[-1])))
+      by_hand.eval()
+      name = '.'.join(map(str, path))
+      row = next(r for r in result.rows if (r['layer'], r['trial']) == (name, trial))
+      worst = max(worst, abs(row['criticality'] - _criticality(reference, by_hand(images)).mean()))
+  print(f'nnx: largest difference to the loop by hand {worst:.2g}')
+  assert worst <= 1e-6
+
+
+def test_interpolation_vmaps_over_alphas():
+  module, images = LinenCNN(), _images(4)
+  variables = module.init(jax.random.key(1), images)
+  initial = module.init(jax.random.key(2), images)
+  found = adapters.linen_inventory(module, images[:1])
+  target = layers_lib.select(found, ['conv'], 'Conv_1')[0]
+  alphas = jnp.asarray([0.0, 0.3, 0.7, 1.0])
+
+  def logits(alpha):
+    return module.apply(reset.interpolate(variables, target.layers, initial, alpha), images)
+  stacked = jax.vmap(logits)(alphas)
+  for i, alpha in enumerate(alphas.tolist()):
+    np.testing.assert_allclose(stacked[i], logits(alpha), atol=1e-6, err_msg=str(alpha))
+  np.testing.assert_allclose(stacked[-1], module.apply(variables, images), atol=1e-6)
+  # ... and over trials: fresh trees stacked along a leading axis, one reset vmapped.
+  sources = [module.init(jax.random.key(k), images) for k in (3, 4)]
+  stacked_sources = jax.tree.map(lambda *leaves: jnp.stack(leaves), *sources)
+  both = jax.vmap(lambda src: module.apply(reset.replace(variables, target.layers, src),
+                                           images))(stacked_sources)
+  for i, source in enumerate(sources):
+    np.testing.assert_allclose(both[i], module.apply(
+        reset.replace(variables, target.layers, source), images), atol=1e-6)
+
+
+def test_results_write_read_and_plot(tmp_path):
+  module, images = LinenCNN(), _images()
+  variables = module.init(jax.random.key(1), images)
+  result = lc_jax.criticality(module, variables, images, labels=np.arange(10) % 10, trials=2)
+  result.to_csv(str(tmp_path / 'results.csv'))
+  result.plot(str(tmp_path / 'criticality.png'))
+  from lc_jax import report  # pylint: disable=g-import-not-at-top
+  assert len(report.read.load(str(tmp_path / 'results.csv'))) == len(result.rows)
+  assert (tmp_path / 'criticality.png').stat().st_size > 1000
+  assert 'most critical first' in result.table() and 'original top-1 ' in result.table()
+  assert set(result.criticality()) == {'Conv_0', 'depthwise', 'Conv_1', 'Dense_1', 'Dense_0'}
+
+
+def test_bad_input_is_one_clear_error():
+  module, images = LinenCNN(), _images(2)
+  variables = module.init(jax.random.key(1), images)
+  with pytest.raises(UserError, match='the image set is empty'):
+    lc_jax.criticality(module, variables, images[:0])
+  with pytest.raises(UserError, match='3 labels for 2 images'):
+    lc_jax.criticality(module, variables, images, labels=np.zeros(3, int))
+  with pytest.raises(UserError, match='unknown layer'):
+    lc_jax.criticality(module, variables, images, pattern='Conv_9')
+  with pytest.raises(UserError, match='needs the other checkpoint'):
+    lc_jax.criticality(module, variables, images, mode='checkpoint')
+
+
+@pytest.mark.parametrize('script,expect', [
+    ('linen_cnn.py', 'most critical first'), ('nnx_cnn.py', 'most critical first'),
+    ('module_criticality.py', 'alpha*')])
+def test_examples_run(script, expect):
+  out = subprocess.run([sys.executable, os.path.join('examples', script)], cwd=ROOT,
+                       capture_output=True, text=True, check=False, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert expect in out.stdout
