@@ -2,6 +2,7 @@
 
 import csv
 import ctypes
+import importlib.util
 import json
 import math
 import os
@@ -145,16 +146,47 @@ def checkpoint(tmp_path_factory):
   return str(path)
 
 
+# Images of 32 px: what is tested needs no more (ResNet-18 runs the same blocks, down to 1x1 in
+# layer4), and XLA's CPU convolutions take a quarter of the time they take at 64 px.
+SMALL = ('--config.data.resize_size=36', '--config.data.crop_size=32')
+
+
 def _run_args(checkpoint, workdir, cache, *extra):
   return [sys.executable, 'run.py', '--config=configs/demo.py', f'--workdir={workdir}',
-          f'--config.model.checkpoint={checkpoint}', '--config.model.arch=resnet18',
-          '--config.data.resize_size=72', '--config.data.crop_size=64',
+          f'--config.model.checkpoint={checkpoint}', '--config.model.arch=resnet18', *SMALL,
           '--config.data.batch_size=4', '--config.reset.layer_types=conv,linear',
           '--config.trials=2', f'--config.cache_dir={cache}', *extra]
 
 
 def _run(*args):
   return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def _config(checkpoint, cache, *extra):
+  """The config that `python run.py *_run_args(...)` runs (configs/demo.py and the same
+  overrides), for a run in this process: the same measured fields, so a workdir of either is
+  the other's, without a new interpreter's imports, conversion and report."""
+  spec = importlib.util.spec_from_file_location('demo_config',
+                                                os.path.join(ROOT, 'configs', 'demo.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  overrides = [a for a in _run_args(checkpoint, 'unused', cache, *extra)
+               if a.startswith('--config.')]
+  for override in overrides:
+    path, value = override[len('--config.'):].split('=', 1)
+    *parents, name = path.split('.')
+    holder = config
+    for parent in parents:
+      holder = holder[parent]
+    kind = type(holder[name])
+    holder[name] = ({'true': True, 'false': False}[value] if kind is bool else kind(value))
+  return config
+
+
+def _run_here(config, workdir):
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  return experiment.run(config, str(workdir))
 
 
 def _rows(workdir):
@@ -164,14 +196,14 @@ def _rows(workdir):
 
 def test_killed_run_resumes_to_the_same_results(checkpoint, tmp_path):
   cache = tmp_path / 'cache'
-  full = _run(*_run_args(checkpoint, tmp_path / 'full', cache))
-  assert full.returncode == 0, full.stderr
+  # The uninterrupted run to compare with, in this process (its results.csv is what run.py
+  # writes: the resumed run.py run below must give it byte for byte).
+  _run_here(_config(checkpoint, cache), tmp_path / 'full')
   rows = _rows(tmp_path / 'full')
   assert len(rows) == 1 + 2 * 21  # the original, then 2 trials of ResNet-18's 21 conv + fc
   assert rows[0]['layer'] == 'original' and rows[1]['layer'] == 'conv1'
   assert {r['num_images'] for r in rows} == {'7'}  # 7 photos in batches of 4: one pad row
-  for name in ('run.json', 'criticality.png'):
-    assert os.path.isfile(tmp_path / 'full' / name), name
+  assert os.path.isfile(tmp_path / 'full' / 'run.json')
 
   killed = tmp_path / 'killed'
   process = subprocess.Popen(_run_args(checkpoint, killed, cache), cwd=ROOT,
@@ -192,13 +224,15 @@ def test_killed_run_resumes_to_the_same_results(checkpoint, tmp_path):
   assert resumed.returncode == 0, resumed.stderr
   assert f'resuming: {done_before - 1} of 42 resets already in results.csv' in resumed.stderr
   assert (killed / 'results.csv').read_bytes() == (tmp_path / 'full' / 'results.csv').read_bytes()
+  for name in ('run.json', 'criticality.png'):  # what run.py leaves besides results.csv
+    assert os.path.isfile(killed / name), name
 
 
 def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, tmp_path):
   cache = tmp_path / 'cache'
   workdir = tmp_path / 'run'
-  first = _run(*_run_args(checkpoint, workdir, cache, '--config.reset.layers=layer1.*'))
-  assert first.returncode == 0, first.stderr
+  # The finished run, in this process; every command below is run.py's.
+  _run_here(_config(checkpoint, cache, '--config.reset.layers=layer1.*'), workdir)
   before = (workdir / 'results.csv').read_bytes()
 
   cases = [
@@ -247,7 +281,7 @@ def test_every_reset_mode_runs(checkpoint, tmp_path, mode, extra, rows, moved):
   config = lc_config.default()
   config.model.checkpoint = checkpoint
   config.data.update(source='photos', num_images=0, order='sorted', batch_size=4,
-                     resize_size=72, crop_size=64)
+                     resize_size=36, crop_size=32)
   config.reset.mode = mode
   config.reset.update({k: checkpoint if v == 'SELF' else v for k, v in extra.items()})
   config.trials, config.progress, config.cache_dir = 2, False, str(tmp_path / 'cache')
@@ -265,32 +299,42 @@ def _numbers(workdir):
           for r in _rows(workdir)}
 
 
-def test_prefix_reuse_and_eight_devices_give_the_same_results(checkpoint, tmp_path):
+# Runs on eight CPU devices need an interpreter of their own (the device count is fixed when
+# jax starts): both of them in one, one after the other, on configs made here.
+_EIGHT_DEVICES = """
+import json, sys
+import ml_collections
+from lc_jax import experiment
+for workdir, config in json.loads(sys.argv[1]):
+  experiment.run(ml_collections.ConfigDict(config), workdir)
+"""
+
+
+def test_prefix_reuse_and_eight_devices_give_the_same_results(checkpoint, tmp_path, capsys):
   cache = tmp_path / 'cache'
   args = ('--config.reset.layers=conv1,layer1.*,layer4.1.*,fc', '--config.trials=1')
-  reused = _run(*_run_args(checkpoint, tmp_path / 'reused', cache, *args))
-  assert reused.returncode == 0, reused.stderr
+  _run_here(_config(checkpoint, cache, *args), tmp_path / 'reused')
   # Without prefix reuse every reset runs the whole network through the same compiled
   # segments: the very same file.
-  whole = _run(*_run_args(checkpoint, tmp_path / 'whole', cache, *args,
-                          '--config.reuse_prefix=false'))
-  assert whole.returncode == 0, whole.stderr
+  _run_here(_config(checkpoint, cache, *args, '--config.reuse_prefix=false'), tmp_path / 'whole')
   assert ((tmp_path / 'whole' / 'results.csv').read_bytes()
           == (tmp_path / 'reused' / 'results.csv').read_bytes())
   # Over 8 devices, batches of 4 padded to 8 and sharded, or resets spread over 4 groups of 2
   # devices each; or on one device, each batch of 4 in chunks of 2 (chunk_size=3 splits it
   # evenly): equal within float32 rounding.
   eight = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  runs = [(str(tmp_path / name), _config(checkpoint, cache, *args, *extra).to_dict())
+          for name, extra in (('sharded', ()), ('spread', ('--config.spread_resets=4',)))]
+  result = subprocess.run([sys.executable, '-c', _EIGHT_DEVICES, json.dumps(runs)], cwd=ROOT,
+                          env=eight, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  capsys.readouterr()
+  _run_here(_config(checkpoint, cache, *args, '--config.chunk_size=3'), tmp_path / 'chunked')
+  chunked = capsys.readouterr().err
+  assert 'for a chunk of 2 (2 per batch of 4)' in chunked
+  assert '[batch 1/2 chunk 2/2]' in chunked
   want = _numbers(tmp_path / 'reused')
-  for name, extra, env in (('sharded', (), eight),
-                           ('spread', ('--config.spread_resets=4',), eight),
-                           ('chunked', ('--config.chunk_size=3',), os.environ)):
-    result = subprocess.run(_run_args(checkpoint, tmp_path / name, cache, *args, *extra),
-                            cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    if name == 'chunked':
-      assert 'for a chunk of 2 (2 per batch of 4)' in result.stderr
-      assert '[batch 1/2 chunk 2/2]' in result.stderr
+  for name in ('sharded', 'spread', 'chunked'):
     got = _numbers(tmp_path / name)
     assert want.keys() == got.keys() and len(want) == 9
     # Within 1e-6; relative to the value for those above 1 (KL and loss, in nats, unbounded).
@@ -305,8 +349,7 @@ def test_two_processes_give_the_single_process_results(checkpoint, tmp_path):
   half of every batch, the first writes the workdir; the numbers are one process's."""
   cache = tmp_path / 'cache'
   args = ('--config.reset.layers=conv1,layer4.1.*,fc', '--config.trials=1')
-  one = _run(*_run_args(checkpoint, tmp_path / 'one', cache, *args))
-  assert one.returncode == 0, one.stderr
+  _run_here(_config(checkpoint, cache, *args), tmp_path / 'one')  # one process: this one
   with socket.socket() as probe:
     probe.bind(('localhost', 0))
     port = probe.getsockname()[1]
@@ -365,7 +408,7 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
   config = lc_config.default()
   config.model.checkpoint = checkpoint
   config.data.update(source='photos', num_images=0, order='sorted', batch_size=3,
-                     resize_size=72, crop_size=64)  # 7 photos: 3 batches
+                     resize_size=36, crop_size=32)  # 7 photos: 3 batches
   config.reset.layers = 'layer2.*,fc'
   config.trials, config.progress, config.cache_dir = 2, False, str(tmp_path / 'cache')
   full = experiment.run(config, str(tmp_path / 'full'))
