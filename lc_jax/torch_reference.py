@@ -61,7 +61,8 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, mean: Sequence[float] |
   try:
     outputs = []
     for start in range(0, len(images), batch_size):
-      batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+      # A copy: the images may be read-only (a memory-mapped cache), which torch warns about.
+      batch = torch.from_numpy(np.array(images[start:start + batch_size]))
       x = batch.to(device).permute(0, 3, 1, 2).to(torch.float32) / 255
       x = (x - mean_t) / std_t
       outputs.append(model(x).to(torch.float32).cpu())
@@ -145,17 +146,27 @@ def _restore(model: torch.nn.Module, backup: Mapping[str, torch.Tensor]) -> None
   model.load_state_dict(backup, strict=True)
 
 
+def _tensors(model: torch.nn.Module, layer_name: str) -> dict[str, torch.Tensor]:
+  """The parameters and buffers of layer `layer_name` by state_dict key: a module's, or a
+  free-standing parameter's (a ViT's ``cls_token``, a ConvNeXt block's ``gamma``). A name that
+  is neither raises AttributeError."""
+  try:
+    module = model.get_submodule(layer_name)
+  except AttributeError:
+    return {layer_name: model.get_parameter(layer_name)}
+  return {f'{layer_name}.{name}': tensor
+          for name, tensor in module.state_dict(keep_vars=True).items()}
+
+
 @torch.no_grad()
 def _load_fresh(model: torch.nn.Module, layer_name: str, fresh: Mapping[str, Any]) -> None:
-  """Overwrites the parameters and buffers of module `layer_name` with those in `fresh`."""
-  module = model.get_submodule(layer_name)
+  """Overwrites the parameters and buffers of layer `layer_name` with those in `fresh`."""
   missing, wrong = [], []
-  for name, tensor in module.state_dict(keep_vars=True).items():
-    key = f'{layer_name}.{name}'
+  for key, tensor in _tensors(model, layer_name).items():
     if key not in fresh:
       # num_batches_tracked only steers momentum in training; fresh trees converted from Flax
       # do not have it and it cannot change an eval-mode forward.
-      if not name.endswith('num_batches_tracked'):
+      if not key.endswith('num_batches_tracked'):
         missing.append(key)
       continue
     value = fresh[key]
@@ -172,9 +183,10 @@ def _load_fresh(model: torch.nn.Module, layer_name: str, fresh: Mapping[str, Any
 
 @torch.no_grad()
 def _zero(model: torch.nn.Module, layer_name: str) -> None:
-  """Sets the learnable parameters of module `layer_name` to zero; buffers are kept."""
-  for parameter in model.get_submodule(layer_name).parameters():
-    parameter.zero_()
+  """Sets the learnable parameters of layer `layer_name` to zero; buffers are kept."""
+  for tensor in _tensors(model, layer_name).values():
+    if isinstance(tensor, torch.nn.Parameter):
+      tensor.zero_()
 
 
 def run_protocol(model: torch.nn.Module, fresh_state_dicts: Sequence[Mapping[str, Any]] | None,
@@ -183,7 +195,8 @@ def run_protocol(model: torch.nn.Module, fresh_state_dicts: Sequence[Mapping[str
                  batch_size: int = 500, mode: str = 'fresh') -> list[dict[str, Any]]:
   """The paper's loop: every layer of `layer_names` reset in turn, trial by trial.
 
-  For trial t and each layer: the trained weights are restored, the layer is reset (mode
+  A layer is a torch module name, or the name of a free-standing parameter (a ViT's
+  ``pos_embed``). For trial t and each layer: the trained weights are restored, the layer is reset (mode
   'fresh': its parameters and buffers, BatchNorm running statistics included, are taken from
   `fresh_state_dicts[t]`, a full state_dict of torch tensors or numpy arrays such as
   `converters.mapping.to_state_dict` returns; mode 'zero': its parameters are zeroed and its
@@ -201,7 +214,7 @@ def run_protocol(model: torch.nn.Module, fresh_state_dicts: Sequence[Mapping[str
     raise ValueError("mode 'fresh' needs one fresh state_dict per trial")
   trials = list(fresh_state_dicts) if fresh_state_dicts else [None]
   for name in layer_names:
-    model.get_submodule(name)  # fail before any work on a name that does not exist
+    _tensors(model, name)  # fail before any work on a name that does not exist
 
   backup = _clone_state(model)
   ref_logits = evaluate(model, images, mean, std, batch_size)
