@@ -11,7 +11,8 @@ Fields (RunConfig):
   trust_pickle, offline and mirrors (for zoo:ID, see lc_jax.zoo);
 - data: see lc_jax.data.config (source, path, num_images, batch_size, seed, order, sizes, ...);
 - reset: mode (fresh, zero, checkpoint, interpolate, skip), layer_types ('conv,linear'; add
-  batchnorm for the reference code's default), layers (a pattern; empty: all), granularity
+  batchnorm for the reference code's default; layernorm, embedding, layer_scale, attn_qkv,
+  attn_proj, mlp for transformers and ConvNeXts: lc_jax.layers.TYPES), layers (a pattern; empty: all), granularity
   (layer, block, stage), init_scheme (empty: the architecture's), init_checkpoint (for mode
   checkpoint), alpha (the trained weights' share for mode interpolate, in [0, 1]);
 - trials, seed: trial t of a random mode draws its fresh model from fold_in(key(seed), t);
