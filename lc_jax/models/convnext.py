@@ -197,7 +197,7 @@ class ConvNeXt(nn.Module):
     if start == 0 < stop:
       x = common.normalize(x, self.mean, self.std, self.dtype)
       x = Stem(self.dims[0], self.dtype, name='stem')(x)
-    if any(True for _ in common.stage_ranges(self.depths, start, stop)):
+    if start < head and stop > 1:  # segments 1 .. head - 1 are the blocks
       x = Stages(self.depths, self.dims, self.conv_mlp, self.dtype, name='stages')(x, start, stop)
     if start <= head < stop:
       x = Head(self.num_classes, self.dtype, name='head')(jnp.mean(x, axis=(1, 2)))
