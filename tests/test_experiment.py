@@ -2,7 +2,6 @@
 
 import csv
 import ctypes
-import importlib.util
 import json
 import math
 import os
@@ -26,6 +25,7 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
 import numpy_metrics  # pylint: disable=g-import-not-at-top
+import run_config  # pylint: disable=g-import-not-at-top
 from lc_jax import torch_reference as torch_models  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,25 +163,9 @@ def _run(*args):
 
 
 def _config(checkpoint, cache, *extra):
-  """The config that `python run.py *_run_args(...)` runs (configs/demo.py and the same
-  overrides), for a run in this process: the same measured fields, so a workdir of either is
-  the other's, without a new interpreter's imports, conversion and report."""
-  spec = importlib.util.spec_from_file_location('demo_config',
-                                                os.path.join(ROOT, 'configs', 'demo.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  overrides = [a for a in _run_args(checkpoint, 'unused', cache, *extra)
-               if a.startswith('--config.')]
-  for override in overrides:
-    path, value = override[len('--config.'):].split('=', 1)
-    *parents, name = path.split('.')
-    holder = config
-    for parent in parents:
-      holder = holder[parent]
-    kind = type(holder[name])
-    holder[name] = ({'true': True, 'false': False}[value] if kind is bool else kind(value))
-  return config
+  """The config of `python run.py *_run_args(checkpoint, ..., cache, *extra)`, for a run in
+  this process (tests/run_config.py)."""
+  return run_config.of(_run_args(checkpoint, 'unused', cache, *extra))[0]
 
 
 def _run_here(config, workdir):

@@ -2,9 +2,11 @@
 model, rows tied to their run, checks before anything is written, one line for bad input.
 
 The runs use the bundled EfficientNet-Lite0 (real weights, no torch) on scikit-image's photos,
-at 64 px and two layers, so that each takes seconds.
+at 64 px and two layers, so that each takes seconds. A run whose command line is not what is
+tested (a set-up, a run whose results are checked) runs in the test's own process.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -21,6 +23,7 @@ import pytest
 from lc_jax import data
 from lc_jax import metrics
 from lc_jax import schema
+import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ('--config.data.resize_size=72', '--config.data.crop_size=64',
@@ -38,6 +41,29 @@ def _run(*args, cwd=ROOT):
   return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, check=False)
 
 
+def _run_here(*args):
+  """The run of `python run.py *args` in this process (tests/run_config.py), for a run whose
+  results a test needs rather than its command line; returns its rows."""
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  return experiment.run(*run_config.of(args))
+
+
+@contextlib.contextmanager
+def _sigint_not_ignored():
+  """Children started inside do not inherit an ignored SIGINT. A test process started in the
+  background of a shell without job control ignores SIGINT, and a child Python keeps that (no
+  KeyboardInterrupt), which failed the Ctrl-C test whatever run.py does; a handled signal is
+  the default again after exec."""
+  previous = signal.getsignal(signal.SIGINT)
+  if previous == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    yield
+  finally:
+    if previous == signal.SIG_IGN:
+      signal.signal(signal.SIGINT, previous)
+
+
 def _one_error_line(result):
   lines = result.stderr.strip().splitlines()
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
@@ -53,10 +79,14 @@ def _rows(workdir):
 
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
-  """A finished small run: (workdir, cache, results.csv bytes)."""
+  """A finished small run: (workdir, cache, results.csv bytes). It compiles its programs into
+  an empty compilation cache of its own, programs/ next to the workdir (its stderr, saying so,
+  is in stderr.txt there): the first process of test_a_second_process_reads_its_programs_..."""
   root = tmp_path_factory.mktemp('finished')
-  result = _run(*_args(root / 'run', root / 'cache', '--quiet'))
+  result = _run(*_args(root / 'run', root / 'cache',
+                       f'--config.compilation_cache_dir={root / "programs"}'))
   assert result.returncode == 0, result.stderr
+  (root / 'stderr.txt').write_text(result.stderr)
   return root / 'run', root / 'cache', (root / 'run' / schema.RESULTS).read_bytes()
 
 
@@ -98,15 +128,23 @@ def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_one_leaves_no_stal
   assert len(keys) == len(set(keys)) == 1 + 3 * 8
 
 
-def test_two_runs_started_at_once_on_an_empty_workdir_give_one_run(tmp_path):
-  workdir, cache = tmp_path / 'run', tmp_path / 'cache'
+@pytest.fixture(scope='module')
+def raced(tmp_path_factory):
+  """Two runs at batch size 1 started at once on one empty workdir: (workdir, [exit status],
+  [(stdout, stderr)]). The winner's run is also the uninterrupted run of the Ctrl-C test."""
+  workdir, cache = tmp_path_factory.mktemp('raced') / 'run', tmp_path_factory.mktemp('cache')
   processes = [subprocess.Popen(_args(workdir, cache, '--config.data.batch_size=1', '--quiet'),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for _ in range(2)]
   outputs = [p.communicate(timeout=600) for p in processes]
-  codes = sorted(p.returncode for p in processes)
+  return workdir, [p.returncode for p in processes], outputs
+
+
+def test_two_runs_started_at_once_on_an_empty_workdir_give_one_run(raced):
+  workdir, returncodes, outputs = raced
+  codes = sorted(returncodes)
   assert codes == [0, 1], outputs
-  loser = outputs[[p.returncode for p in processes].index(1)][1]
+  loser = outputs[returncodes.index(1)][1]
   assert 'Traceback' not in loser and loser.strip().splitlines()[-1].startswith(
       f'error: {workdir} is in use by another run (pid ')
   keys = [(r['layer'], r['trial']) for r in _rows(workdir)]
@@ -162,8 +200,7 @@ def test_a_run_on_changed_images_refuses_the_workdir_of_the_old_ones(tmp_path):
     _photo(root / label / '0.ppm', seed=ord(label), size=(80, 80))
   args = ('--config.data.source=imagefolder', f'--config.data.path={root}',
           '--config.data.num_images=0', '--config.data.order=sorted', '--quiet')
-  first = _run(*_args(tmp_path / 'run', tmp_path / 'cache', *args))
-  assert first.returncode == 0, first.stderr
+  _run_here(*_args(tmp_path / 'run', tmp_path / 'cache', *args))  # the first run, in-process
   _photo(root / 'b' / '0.ppm', seed=7, size=(80, 80))
   again = _run(*_args(tmp_path / 'run', tmp_path / 'cache', *args))
   assert again.returncode == 1
@@ -179,15 +216,14 @@ def _damage(model_dir):
   return largest
 
 
-def test_a_damaged_converted_model_is_converted_again(finished, tmp_path):
+def test_a_damaged_converted_model_is_converted_again(finished, tmp_path, capsys):
   workdir, cache, before = finished
   copy = tmp_path / 'run'
   shutil.copytree(workdir, copy)
   os.remove(copy / schema.RESULTS)  # the rows are redone from the model
   _damage(copy / 'model')
-  result = _run(*_args(copy, cache))
-  assert result.returncode == 0, result.stderr
-  assert 'was damaged; converting the checkpoint again' in result.stderr
+  _run_here(*_args(copy, cache))
+  assert 'was damaged; converting the checkpoint again' in capsys.readouterr().err
   assert (copy / schema.RESULTS).read_bytes() == before
 
 
@@ -203,8 +239,7 @@ def test_rows_of_another_run_are_refused_when_run_json_is_gone(finished, tmp_pat
   assert other.returncode == 1
   assert 'holds rows of another run (run_id ' in _one_error_line(other)
   assert not (copy / schema.RUN).exists() and (copy / schema.RESULTS).read_bytes() == before
-  same = _run(*_args(copy, cache))
-  assert same.returncode == 0, same.stderr
+  _run_here(*_args(copy, cache))  # the same run (in-process)
   assert (copy / schema.RESULTS).read_bytes() == before  # adopted, nothing recomputed
   with open(copy / schema.RUN) as f:
     assert json.load(f)['run_id'] == _rows(copy)[0]['run_id']
@@ -293,15 +328,23 @@ def test_settings_are_checked_before_the_workdir_exists(finished, tmp_path):
 
 
 def test_run_py_finds_its_default_config_from_another_folder(finished, tmp_path):
+  # The finished run's workdir without its rows: run.json holds the demo config (another config
+  # would be refused) and the converted model is reused, so the rows are computed again and
+  # nothing is converted.
+  shutil.copytree(finished[0], tmp_path / 'run')
+  os.remove(tmp_path / 'run' / schema.RESULTS)
   result = _run(*_args(tmp_path / 'run', finished[1], '--quiet'), cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   assert (tmp_path / 'run' / schema.RESULTS).read_bytes() == finished[2]
 
 
-def test_ctrl_c_ends_in_one_line_and_the_run_resumes_to_the_same_file(finished, tmp_path):
+def test_ctrl_c_ends_in_one_line_and_the_run_resumes_to_the_same_file(finished, raced,
+                                                                     tmp_path):
   workdir = tmp_path / 'run'
-  process = subprocess.Popen(_args(workdir, finished[1], '--config.data.batch_size=1'),
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  with _sigint_not_ignored():
+    process = subprocess.Popen(_args(workdir, finished[1], '--config.data.batch_size=1'),
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
   assert _wait_for(lambda: (workdir / schema.PARTIAL).exists(), process)
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=120)
@@ -311,11 +354,12 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes_to_the_same_file(finished, 
   assert 'Traceback' not in stderr
   resumed = _run(*_args(workdir, finished[1], '--config.data.batch_size=1'))
   assert resumed.returncode == 0, resumed.stderr
-  # Batch size is measured (it sets the reference's batches): compare with a whole run of it.
-  whole = _run(*_args(tmp_path / 'whole', finished[1], '--config.data.batch_size=1'))
-  assert whole.returncode == 0, whole.stderr
-  assert (workdir / schema.RESULTS).read_bytes() == (tmp_path / 'whole' / schema.RESULTS
-                                                     ).read_bytes()
+  # Batch size is measured (it sets the reference's batches): compare with a whole run of it,
+  # the run that won the race of two (the same command; --quiet and the cache folder change
+  # nothing measured).
+  whole, returncodes, outputs = raced
+  assert 0 in returncodes, outputs
+  assert (workdir / schema.RESULTS).read_bytes() == (whole / schema.RESULTS).read_bytes()
 
 
 def test_folders_that_cannot_be_written_end_in_one_line(tmp_path, monkeypatch):
@@ -351,8 +395,7 @@ def test_skipped_images_are_not_counted_and_are_listed(tmp_path):
   args = ('--config.data.source=imagefolder', f'--config.data.path={root}',
           '--config.data.num_images=0', '--config.data.order=sorted',
           '--config.data.on_error=skip', '--quiet')
-  result = _run(*_args(tmp_path / 'run', tmp_path / 'cache', *args))
-  assert result.returncode == 0, result.stderr
+  _run_here(*_args(tmp_path / 'run', tmp_path / 'cache', *args))
   assert {r['num_images'] for r in _rows(tmp_path / 'run')} == {'4'}
   with open(tmp_path / 'run' / schema.RUN) as f:
     run = json.load(f)
@@ -372,12 +415,14 @@ def test_the_original_row_is_exactly_zero_at_any_batch_size(batch):
 
 
 def test_a_second_process_reads_its_programs_from_the_compilation_cache(finished, tmp_path):
+  # The first process is `finished`'s run, on an empty compilation cache of its own.
+  first = (finished[0].parent / 'stderr.txt').read_text()
+  second = _run(*_args(tmp_path / 'second', finished[1],
+                       f'--config.compilation_cache_dir={finished[0].parent / "programs"}'))
+  assert second.returncode == 0, second.stderr
   counts = []
-  for name in ('first', 'second'):
-    result = _run(*_args(tmp_path / name, finished[1],
-                         f'--config.compilation_cache_dir={tmp_path / "programs"}'))
-    assert result.returncode == 0, result.stderr
-    line = [l for l in result.stderr.splitlines() if l.startswith('compiled ')][-1]
+  for name, stderr in (('first', first), ('second', second.stderr)):
+    line = [l for l in stderr.splitlines() if l.startswith('compiled ')][-1]
     print(f'{name}: {line}')
     counts.append(line)
   assert not counts[0].startswith('compiled 0 ')
