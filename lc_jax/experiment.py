@@ -187,22 +187,26 @@ def _versions() -> dict[str, str]:
   return found
 
 
-def run(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> list[dict[str, Any]]:
+def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
+        timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
   """Runs (or resumes) the experiment of `config` in `workdir`; returns all result rows.
 
   Every setting is checked before the workdir is touched; the first process then holds the
-  workdir's lock for the whole run (a second run on it is refused at once)."""
+  workdir's lock for the whole run (a second run on it is refused at once). `timings`, when
+  given, is filled with the run's wall time in seconds and its phases (see `Phases`)."""
   settings = check(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   primary = jax.process_index() == 0  # with several processes (hosts), the one that writes
   use_compilation_cache(settings.compilation_cache_dir)
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
+  start = time.perf_counter()
   with lock, jax.default_matmul_precision(settings.matmul_precision):
     store = None
     try:
-      with evaluate.Compiles() as compiles:
-        store, model, images, labels, info, targets = _open(settings, workdir, primary)
-        _evaluate(settings, store, model, images, labels, info, targets, primary)
+      with evaluate.Compiles() as compiles, Phases() as phases:
+        store, model, images, labels, info, targets = _open(settings, workdir, primary, phases)
+        with phases('compute'):
+          _evaluate(settings, store, model, images, labels, info, targets, primary)
       if settings.progress and primary:
         print(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s'
               + (f', {compiles.from_cache} more read from the compilation cache'
@@ -210,7 +214,56 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> list[dic
     finally:
       if store is not None:
         store.close()
+  if timings is not None:
+    timings.update(phases.seconds, wall=time.perf_counter() - start)
   return store.rows
+
+
+class Phases:
+  """Wall time of a run's phases in seconds, `seconds`: 'conversion' (hashing the checkpoint,
+  converting it or reading an earlier conversion), 'images' (loading the images), 'compute'
+  (evaluating the original and the resets) and 'compile' (tracing, lowering and compiling
+  programs, or reading them from the persistent cache, in whichever phase it happened, and
+  taken out of that phase). Open while the run is: `with Phases() as phases:`, then
+  `with phases('images'): ...` around each phase."""
+
+  def __init__(self):
+    self.seconds = {'conversion': 0.0, 'images': 0.0, 'compile': 0.0, 'compute': 0.0}
+    self.compiling = 0.0  # seconds of the compile events seen while open
+
+  def __enter__(self) -> 'Phases':
+    _OPEN_PHASES.append(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    _OPEN_PHASES.remove(self)
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    start, compiled = time.perf_counter(), self.compiling
+    try:
+      yield
+    finally:
+      compiling = self.compiling - compiled
+      self.seconds['compile'] += compiling
+      self.seconds[name] += time.perf_counter() - start - compiling
+
+
+_OPEN_PHASES: list[Phases] = []
+# JAX times each program it makes in three steps (a jit cache hit makes none of them).
+_COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+                   '/jax/core/compile/jaxpr_to_mlir_module_duration',
+                   '/jax/core/compile/backend_compile_duration')
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+  del kwargs
+  if event in _COMPILE_EVENTS:
+    for phases in _OPEN_PHASES:
+      phases.compiling += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
 def use_compilation_cache(folder: str) -> None:
@@ -229,15 +282,17 @@ def use_compilation_cache(folder: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def _open(settings: RunConfig, workdir: str, primary: bool):
+def _open(settings: RunConfig, workdir: str, primary: bool, phases: Phases):
   """The run's store, model, images and targets; refuses another run's workdir before its
   model is converted into it."""
   show = settings.progress and primary
-  sha256 = converters.source_sha256(settings.model.checkpoint,
-                                    offline=settings.model.offline or None,
-                                    mirrors=settings.model.mirrors)
-  results.refuse_other_run(workdir, {'config': settings.measured(), 'checkpoint_sha256': sha256})
-  model = prepare_model(settings, workdir, sha256)
+  with phases('conversion'):
+    sha256 = converters.source_sha256(settings.model.checkpoint,
+                                      offline=settings.model.offline or None,
+                                      mirrors=settings.model.mirrors)
+    results.refuse_other_run(workdir,
+                             {'config': settings.measured(), 'checkpoint_sha256': sha256})
+    model = prepare_model(settings, workdir, sha256)
   size = getattr(model.module, 'img_size', None)  # a ViT's position embedding fixes its input
   if size is not None and size != settings.data.crop_size:
     raise UserError(f'this {model.card["arch"]} takes {size}x{size} images (its position '
@@ -257,7 +312,8 @@ def _open(settings: RunConfig, workdir: str, primary: bool):
       raise UserError(f'the images have labels up to {int(labels.max())} but the model has '
                       f'{num_classes} classes; point data.path at a matching image set')
     return images, labels, info
-  images, labels, info = sharding.agreed('loading the images', load_images)
+  with phases('images'):
+    images, labels, info = sharding.agreed('loading the images', load_images)
   run_info = {
       'config': settings.measured(), 'checkpoint_sha256': model.card['sha256'],
       'images': {'fingerprint': info.fingerprint, 'content': _content(info)},

@@ -72,9 +72,12 @@ def model_config(config: ml_collections.ConfigDict, model_id: str) -> ml_collect
   return config
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
+        timings: dict[str, dict[str, float]] | None = None) -> dict:
   """Runs (or resumes) every model of `models` into WORKDIR/<id>; returns the sweep's state
-  {'models', 'done', 'failed': {id: reason}}. The root lock keeps a second sweep out."""
+  {'models', 'done', 'failed': {id: reason}}. The root lock keeps a second sweep out.
+  `timings`, when given, gets the phases of each model finished here: {id: the timings of
+  experiment.run}."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   for model_id in models:  # every setting checked before anything is written or downloaded
     experiment.check(model_config(config, model_id))
@@ -91,8 +94,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]) 
         continue
       if show:
         print(f'=== model {k + 1}/{len(models)}: {model_id}', file=sys.stderr, flush=True)
+      spent = {}
       try:
-        experiment.run(model_config(config, model_id), os.path.join(workdir, model_id))
+        experiment.run(model_config(config, model_id), os.path.join(workdir, model_id), spent)
       except UserError as e:
         state['failed'][model_id] = str(e)
         if show:
@@ -100,6 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]) 
       else:
         state['done'].append(model_id)
         finished_here += 1
+        if timings is not None:
+          timings[model_id] = spent
       if primary:
         _write_state(workdir, state)
       if show:
