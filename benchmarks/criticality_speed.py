@@ -34,7 +34,6 @@ A leg that fails is reported with its exit status and last error line; the other
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import json
 import math
 import os
@@ -50,6 +49,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import _shared  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lc_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'JPEGs to generate and evaluate.')
@@ -167,98 +167,11 @@ def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, t
 # ------------------------------------------------------------------------ set-up --------------
 
 
-def make_checkpoint(path: str) -> None:
-  """The timm ARCH drawn with seed 0, BatchNorm calibrated on smooth random images, saved."""
-  import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from lc_jax import torch_reference  # pylint: disable=g-import-not-at-top
-
-  torch.manual_seed(SEED)
-  model = timm.create_model(_ARCH.value, pretrained=False)
-  # Low-frequency noise upsampled to 224x224 (closer to photos than white noise), normalised
-  # as the model's input is, so the calibrated statistics fit normalised photos.
-  noise = F.interpolate(torch.rand(16, 3, 14, 14), size=224, mode='bicubic', align_corners=False)
-  mean = torch.tensor(model.pretrained_cfg['mean']).view(1, 3, 1, 1)
-  std = torch.tensor(model.pretrained_cfg['std']).view(1, 3, 1, 1)
-  images = ((noise.clamp(0, 1) - mean) / std).permute(0, 2, 3, 1)
-  torch_reference.calibrated(model, images, seed=SEED)
-  # timm's random head gives logits of std ~0.3 (softmax ~uniform, every reset looks harmless);
-  # scale it to a trained ResNet-50's logit spread (std ~3 over the classes).
-  with torch.no_grad():
-    logits = model(images.permute(0, 3, 1, 2))
-    head = model.get_classifier()
-    head.weight.mul_(3.0 / logits.std(-1).mean())
-    head.bias.zero_()
-  torch.save(model.state_dict(), path)
-
-
-def make_images(root: str, count: int) -> int:
-  """Writes benchmarks/decode.py's JPEGs; returns their total bytes.
-
-  A child process writes them: importing decode here would define its absl flags (--num_images)
-  a second time.
-  """
-  out = subprocess.run(
-      [sys.executable, '-c', 'import sys; from benchmarks import decode; '
-       'print(decode.make_images(sys.argv[1], int(sys.argv[2])))', root, str(count)],
-      cwd=ROOT, capture_output=True, text=True, check=False)
-  if out.returncode:
-    lines = out.stderr.strip().splitlines()
-    raise RuntimeError(f'writing the images failed: {lines[-1] if lines else out.returncode}')
-  return int(out.stdout.split()[-1])
-
-
-def layer_flops() -> list[tuple[str, int]]:
-  """(torch module name, FLOPs per 224x224 image) of every Conv2d and Linear, in forward order."""
-  import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-
-  model = timm.create_model(_ARCH.value, pretrained=False).eval()
-  found = []
-
-  def hook(name):
-    def count(module, unused_inputs, output):
-      if isinstance(module, torch.nn.Conv2d):
-        kh, kw = module.kernel_size
-        macs = output.numel() * module.in_channels // module.groups * kh * kw
-      else:
-        macs = output.numel() * module.in_features
-      found.append((name, 2 * macs))
-    return count
-
-  for name, module in model.named_modules():
-    if type(module) in (torch.nn.Conv2d, torch.nn.Linear):
-      module.register_forward_hook(hook(name))
-  with torch.no_grad():
-    model(torch.zeros(1, 3, 224, 224))
-  return found
-
-
-def block_of(name: str) -> str:
-  """'stem' for conv1, 'layerS.I' for layerS.I.*, 'head' for fc."""
-  parts = name.split('.')
-  if parts[0].startswith('layer'):
-    return '.'.join(parts[:2])
-  return 'head' if parts[0] == 'fc' else 'stem'
-
-
 def flops_per_leg(flops: list[tuple[str, int]], num_images: int) -> dict[str, float]:
   """Model FLOPs each procedure executes, and the protocol's minimum, for `num_images`."""
-  per_layer = [f for _, f in flops]
-  full = sum(per_layer)
-  blocks = []  # blocks in forward order with their FLOPs
-  for name, f in flops:
-    if not blocks or blocks[-1][0] != block_of(name):
-      blocks.append([block_of(name), 0])
-    blocks[-1][1] += f
-  block_index = {b: i for i, (b, _) in enumerate(blocks)}
-  from_block = [sum(f for _, f in blocks[i:]) for i in range(len(blocks))]
-  walk = full - sum(f for b, f in blocks if b == 'head')
-  ours = full + walk + sum(from_block[block_index[block_of(n)]] for n, _ in flops)
-  minimum = full + sum(sum(per_layer[i:]) for i in range(len(per_layer)))
-  return {'a': ours * num_images, 'b': (1 + TRIALS * len(flops)) * full * num_images,
-          'c': (1 + TRIALS * len(flops)) * full * num_images, 'min': minimum * num_images}
+  counted = _shared.run_flops(flops, TRIALS)
+  return {'a': counted['ours'] * num_images, 'b': counted['whole'] * num_images,
+          'c': counted['whole'] * num_images, 'min': counted['minimum'] * num_images}
 
 
 def jax_backend() -> str:
@@ -271,13 +184,6 @@ def jax_backend() -> str:
     return out.stdout.strip()
   except (subprocess.SubprocessError, OSError) as e:
     return f'unknown ({type(e).__name__})'
-
-
-def version(package: str) -> str:
-  try:
-    return importlib.metadata.version(package)
-  except importlib.metadata.PackageNotFoundError:
-    return 'not installed'
 
 
 # ------------------------------------------------------------------------ running legs --------
@@ -335,6 +241,7 @@ def compare(tmp: str) -> None:
   threads = _THREADS.value or len(available)
   cores = available[:threads] if threads < len(available) else None
 
+  version = _shared.version
   print(f'machine: {os.cpu_count()} CPUs ({len(available)} usable, legs run on {threads}); '
         f'python {sys.version.split()[0]}, jax {version("jax")}, jaxlib {version("jaxlib")}, '
         f'torch {version("torch")}, torchvision {version("torchvision")}, '
@@ -342,12 +249,12 @@ def compare(tmp: str) -> None:
 
   images = os.path.join(tmp, 'images')
   shutil.rmtree(images, ignore_errors=True)
-  size = make_images(images, num_images)
+  size = _shared.make_images(images, num_images)
   checkpoint = os.path.abspath(_CHECKPOINT.value) if _CHECKPOINT.value else os.path.join(
       tmp, f'{_ARCH.value}.pth')
   if not _CHECKPOINT.value and not os.path.exists(checkpoint):
-    make_checkpoint(checkpoint)
-  flops = layer_flops()
+    _shared.make_checkpoint(checkpoint, _ARCH.value, SEED)
+  flops = _shared.layer_flops(_ARCH.value)
   print(f'{_ARCH.value}: {checkpoint}; {len(flops)} conv + linear layers, {TRIALS} trial, fresh '
         f'resets; {num_images} JPEGs ({size / num_images / 1024:.0f} KiB on average) in '
         f'{images}, batch {batch_size}', flush=True)

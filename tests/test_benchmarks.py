@@ -1,0 +1,86 @@
+"""The benchmark scripts run end to end in tiny configurations and print complete tables of
+finite numbers: benchmarks/precision.py on a random ResNet-18 (3 layers, 2 trials, 2 photos at
+32 px), benchmarks/sweep_speed.py on two random ResNet-50s (2 layers, 4 images at 32 px).
+Nothing is downloaded: the photos are scikit-image's, the models are drawn with timm here."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+pytest.importorskip('timm')  # the benchmarks draw their models with timm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER = r'-?(?:\d+\.\d+|nan|inf)'
+
+
+def _run(script, *args):
+  out = subprocess.run([sys.executable, os.path.join('benchmarks', script), *args], cwd=ROOT,
+                       capture_output=True, text=True, check=False, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout.splitlines()
+
+
+def _numbers(line, count):
+  """The last `count` numbers of a table row, each finite."""
+  found = [float(v) for v in re.findall(NUMBER, line)][-count:]
+  assert len(found) == count and all(math.isfinite(v) for v in found), line
+  return found
+
+
+def test_precision_benchmark_prints_every_setting(tmp_path):
+  lines = _run('precision.py', f'--workdir={tmp_path}', '--config=configs/paper.py',
+               '--random_arch=resnet18', '--config.data.source=photos',
+               '--config.data.order=sorted', '--config.data.num_images=2',
+               '--config.data.batch_size=2', '--config.data.crop_size=32',
+               '--config.data.resize_size=37', '--config.reset.layers=first:3',
+               '--config.trials=2', f'--config.cache_dir={tmp_path / "cache"}')
+  print('\n'.join(lines))
+  assert lines[0].startswith('resnet18: fresh resets of 3 layers, 2 trials, 2 images')
+  assert lines[1].split() == ['setting', 'mean', 'crit', '%', 'max|d|', 'pp', 'mean|d|', 'pp',
+                              'max|d|/sp', 'mean|d|/sp', 'spearman', 'wall', 's', 'compile',
+                              's', 'compute', 's']
+  rows = {}
+  for line, name in zip(lines[2:5], ('float32, matmul highest (reference)',
+                                     'float32, matmul default', 'bfloat16')):
+    assert line.strip().startswith(name), line
+    rows[name] = _numbers(line, 9)
+  reference = rows['float32, matmul highest (reference)']
+  assert reference[1:5] == [0, 0, 0, 0] and reference[5] == 1
+  if jax.default_backend() == 'cpu':  # where matmul precision 'default' is float32 too
+    assert rows['float32, matmul default'][:6] == reference[:6]
+  assert rows['bfloat16'][1] > 0
+  assert lines[5].strip().startswith('pp: percentage points') and len(lines) == 6
+  _numbers(lines[5], 2)  # the median spread and the trials' rank correlation
+
+
+def test_sweep_benchmark_splits_each_models_time(tmp_path):
+  lines = _run('sweep_speed.py', f'--workdir={tmp_path}', '--num_models=2', '--num_images=4',
+               '--batch_size=4', '--image_size=32', '--layers=first:2', '--quiet')
+  print('\n'.join(lines))
+  assert lines[0].startswith('sweep of 2 resnet50s (random weights, seeds 0-1): 2 layers, '
+                             '1 trial(s), 4 images at 32 px, batch 4')
+  assert lines[1].split() == ['model', 'wall', 's', 'conversion', 's', 'compile', 's', 'images',
+                              's', 'compute', 's', 'rest', 's', 'busy', '%', 'GFLOP', 'x',
+                              'min', 'GFLOP/s']
+  models = []
+  for line, name in zip(lines[2:5], ('1 resnet50_', '2 resnet50_', 'all models')):
+    assert line.strip().startswith(name), line
+    models.append(_numbers(line, 10))
+  for wall, conversion, compiled, images, compute, rest, busy, gflop, ratio, rate in models:
+    assert abs(conversion + compiled + images + compute + rest - wall) < 0.2
+    assert 0 < busy < 100 and gflop > 0 and ratio >= 1 and rate > 0
+  assert [sum(m[k] for m in models[:2]) for k in (0, 7)] == pytest.approx(
+      [models[2][0], models[2][7]], abs=0.2)
+  assert lines[5].strip().startswith('sweep wall time')
+  overhead = _numbers(lines[6], 2)
+  assert lines[6].strip().startswith('overhead of model 2 (conversion + compile + images):')
+  assert overhead[1] == pytest.approx(100 * overhead[0] / models[0][0], abs=0.2)
+  assert lines[7].startswith("the paper's study: 51 resnet50s x 3 trials x 54 layers x 10000 "
+                             'images at 224 px:')
+  assert lines[8].strip().startswith('on H100 SXM, float32 at 67 TFLOP/s:')
+  assert lines[9].strip().startswith('on this machine at its measured rate') and len(lines) == 10
