@@ -20,6 +20,7 @@ import pytest
 from converters import mapping
 from lc_jax import models
 from lc_jax import schema
+import run_config
 
 torch = pytest.importorskip('torch')
 
@@ -86,11 +87,19 @@ def _files(root):
   return {name: (root / name / schema.RESULTS).read_bytes() for name in MODELS}
 
 
-def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path):
+def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch, capsys):
+  from lc_jax import sweep  # pylint: disable=g-import-not-at-top
+  # The uninterrupted sweep, in this process: the command's config and models, its environment.
   args, env = _sweep(tmp_path / 'full' / 'out', served, tmp_path / 'zoo')
-  full = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  assert full.returncode == 1, full.stderr[-3000:]  # the missing model
-  assert f'3 of 4 models done' in full.stdout and f'failed: {MISSING}' in full.stdout
+  for name in ('LC_JAX_ZOO_MIRRORS', 'LC_JAX_ZOO_DIR'):
+    monkeypatch.setenv(name, env[name])
+  monkeypatch.delenv('LC_JAX_OFFLINE', raising=False)
+  (models_flag,) = [a for a in args if a.startswith('--models=')]
+  config, workdir = run_config.of([a for a in args if a != models_flag])
+  capsys.readouterr()
+  sweep.run(config, workdir, sweep.select(models_flag.split('=', 1)[1]))
+  full_stderr = capsys.readouterr().err
+  monkeypatch.undo()
   out = tmp_path / 'full' / 'out'
   with open(out / 'sweep.json') as f:
     state = json.load(f)
@@ -99,7 +108,7 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path):
   assert (out / 'heatmap.png').exists()  # no scatter: the photos have no labels, so no top-1
   # One process, one architecture: the second and third models compile nothing, not even from
   # the persistent cache (the first may read its programs from there).
-  compiled = re.findall(r'compiled (\d+) programs in [\d.]+ s(, \d+ more read)?', full.stderr)
+  compiled = re.findall(r'compiled (\d+) programs in [\d.]+ s(, \d+ more read)?', full_stderr)
   print(compiled)
   assert len(compiled) == 3 and compiled[1:] == [('0', ''), ('0', '')]
   for model_id in MODELS:
@@ -121,7 +130,8 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path):
   process.wait()
   assert not (killed / MODELS[2]).exists()
   resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  assert resumed.returncode == 1, resumed.stderr[-3000:]
+  assert resumed.returncode == 1, resumed.stderr[-3000:]  # the missing model
+  assert f'3 of 4 models done' in resumed.stdout and f'failed: {MISSING}' in resumed.stdout
   assert _files(killed) == _files(out)
   with open(killed / 'sweep.json') as f:
     assert json.load(f) == state
