@@ -3,6 +3,7 @@ and run: the Flax logits equal those of the torch model the file was written fro
 
 import argparse
 import collections
+import functools
 import hashlib
 
 import jax
@@ -251,8 +252,15 @@ WRITERS = {
 }
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module, variables, images):
+  """The Flax logits, compiled once for every case (equal modules are one static argument);
+  op by op, each primitive of each shape was compiled on its own."""
+  return module.apply(variables, images)
+
+
 def _logits_diff(metadata, variables, images, logits):
-  flax_logits = np.asarray(models.create_from_card(metadata).apply(variables, images))
+  flax_logits = np.asarray(_apply(models.create_from_card(metadata), variables, images))
   return float(np.max(np.abs(flax_logits - logits))), float(np.max(np.abs(logits)))
 
 
@@ -287,7 +295,7 @@ def test_a_reset_runs_on_a_converted_layout(reference, tmp_path):
   inventory = layers_lib.inventory(module, models.get('resnet50').block_depth)
   layer = next(layer for layer in inventory if layer.name == 'layer1.0.conv1')
   zeroed = reset.make('zero', inventory)(variables, layers_lib.Target(layer.name, (layer,)))
-  moved = np.max(np.abs(np.asarray(module.apply(zeroed, images)) - logits))
+  moved = np.max(np.abs(np.asarray(_apply(module, zeroed, images)) - logits))
   assert moved > 1e-2 * np.max(np.abs(logits)), 'zeroing a conv moves the logits'
   assert not np.any(jax.tree.leaves(zeroed['params']['layer1']['0']['conv1']))
 

@@ -1,5 +1,7 @@
 """Flax ResNets compute what timm's and torchvision's ResNets compute, stage by stage."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -64,13 +66,19 @@ def test_converted_variables_mirror_torch_names():
   assert 'downsample' not in shapes['params']['layer1']['1']
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module, variables, images):
+  """The Flax logits as one compiled program (op by op, every primitive compiled on its own)."""
+  return module.apply(variables, images)
+
+
 @pytest.mark.parametrize('arch', ['resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'])
 def test_architecture_is_inferred(arch, tmp_path):
-  torch.save(getattr(torchvision.models, arch)(weights=None).state_dict(), tmp_path / 'm.pth')
+  model = getattr(torchvision.models, arch)(weights=None)  # one model: its file and its count
+  torch.save(model.state_dict(), tmp_path / 'm.pth')
   found, variables, metadata = converters.convert(str(tmp_path / 'm.pth'))
   assert found == arch
-  assert metadata['num_parameters'] == sum(
-      p.numel() for p in getattr(torchvision.models, arch)(weights=None).parameters())
+  assert metadata['num_parameters'] == sum(p.numel() for p in model.parameters())
 
 
 def test_classifier_size_comes_from_the_checkpoint(tmp_path):
@@ -78,7 +86,8 @@ def test_classifier_size_comes_from_the_checkpoint(tmp_path):
   torch.save(model.state_dict(), tmp_path / 'm.pth')
   _, variables, metadata = converters.convert(str(tmp_path / 'm.pth'))
   assert metadata['num_classes'] == 10
-  logits = models.create_from_card(metadata).apply(variables, np.zeros((1, 64, 64, 3), np.float32))
+  logits = _apply(models.create_from_card(metadata), variables,
+                  np.zeros((1, 64, 64, 3), np.float32))
   assert logits.shape == (1, 10)
 
 
@@ -95,8 +104,8 @@ def test_saved_model_restores_exactly(tmp_path):
   assert original.keys() == loaded.keys()
   for key, value in original.items():
     np.testing.assert_array_equal(loaded[key], value, err_msg=key)
-  np.testing.assert_array_equal(module.apply(restored, images),
-                                models.create_from_card(metadata).apply(variables, images))
+  np.testing.assert_array_equal(_apply(module, restored, images),
+                                _apply(models.create_from_card(metadata), variables, images))
 
 
 def _flat(tree):
