@@ -19,10 +19,10 @@ time is its conversion, compiles and compute.
 Prints, per setting: the model-level mean criticality; against the reference, per layer (the
 mean over trials), the largest and the mean absolute difference in percentage points, the same
 in units of the reference's trial spread (the half-width of its 95% interval over trials,
-lc_jax.report.stats; over the layers whose spread is not zero) and Spearman's rank correlation
-of the layer profile; then its wall time, compile time and compute time (lc_jax.experiment's
-phases). Below the table, the yardsticks: the reference's median trial spread, and the rank
-correlation between two of its own trials.
+lc_jax.report.stats; over the layers whose spread is more than rounding, SPREAD_FLOOR) and
+Spearman's rank correlation of the layer profile; then its wall time, compile time and compute
+time (lc_jax.experiment's phases). Below the table, the yardsticks: the reference's median
+trial spread, and the rank correlation between two of its own trials.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ from lc_jax import errors
 from lc_jax import experiment
 from lc_jax import report
 # pylint: enable=g-import-not-at-top,wrong-import-position
+
+# A layer's trial spread below this (a fraction) is rounding: its trials drew the same reset
+# (BatchNorm's fresh reset is the same constants in every trial), and differences in its units
+# would be meaningless.
+SPREAD_FLOOR = 1e-5
 
 # name: (matmul_precision, precision, what it is)
 SETTINGS = {
@@ -84,7 +89,7 @@ def compare(reference, other) -> dict[str, float]:
   if other_names != names:
     raise ValueError('the settings evaluated different layers')
   diff = np.abs(other_crit - crit)
-  wide = spread > 0  # NaN (one trial) and 0 (a reset drawn the same in every trial) drop out
+  wide = spread > SPREAD_FLOOR  # NaN (one trial) drops out too
   return {'mean_crit': float(np.mean(other_crit)), 'max_diff': float(diff.max()),
           'mean_diff': float(diff.mean()),
           'max_spread': float((diff[wide] / spread[wide]).max()) if wide.any() else np.nan,
@@ -154,10 +159,10 @@ def benchmark(workdir: str) -> None:
           f'{100 * c["mean_diff"]:10.3f} {c["max_spread"]:9.3f} {c["mean_spread"]:10.3f} '
           f'{c["spearman"]:8.4f} {timings["wall"]:7.1f} {timings["compile"]:9.1f} '
           f'{timings["compute"]:9.1f}')
-  wide = spread > 0
+  wide = spread > SPREAD_FLOOR
   print(f'  pp: percentage points of criticality, per layer (mean over trials); sp: the '
         f'reference\'s trial spread (95% half-width over trials), over the {int(wide.sum())} '
-        f'of {len(layers)} layers where it is not zero; median spread '
+        f'of {len(layers)} layers where it is above {100 * SPREAD_FLOOR:g} pp; median spread '
         f'{100 * np.median(spread[wide]) if wide.any() else float("nan"):.3f} pp; '
         f'spearman of the reference\'s trial 0 against its trial 1: '
         f'{trial_agreement(reference_rows):.4f}')
