@@ -85,18 +85,18 @@ def layer_flops(arch: str, image_size: int = 224) -> list[tuple[str, int]]:
   return found
 
 
-def block_of(name: str) -> str:
-  """'stem' for conv1, 'layerS.I' for layerS.I.*, 'head' for fc (a ResNet's segments)."""
-  parts = name.split('.')
-  if parts[0].startswith('layer'):
-    return '.'.join(parts[:2])
-  return 'head' if parts[0] == 'fc' else 'stem'
+def segments_of(arch: str) -> dict[str, str]:
+  """{layer name: the segment (block) lc-jax runs it in} of a registered architecture; torch
+  module names are the layer names."""
+  from lc_jax import layers, models  # pylint: disable=g-import-not-at-top
+  spec = models.get(arch)
+  return {layer.name: layer.block for layer in layers.inventory(spec.create(), spec.block_depth)}
 
 
-def run_flops(flops: list[tuple[str, int]], trials: int,
-              selected: list[str] | None = None) -> dict[str, int]:
+def run_flops(flops: list[tuple[str, int]], trials: int, selected: list[str] | None = None,
+              arch: str = 'resnet50') -> dict[str, int]:
   """Model FLOPs per image of a run that resets each `selected` layer (default: every layer of
-  `flops`, a ResNet's in forward order) in each of `trials`:
+  `flops`, the Conv2d and Linear layers of `arch` in forward order) in each of `trials`:
 
   - 'full': one forward;
   - 'ours': ours with prefix reuse: the original, the walk up to the last reset layer's block,
@@ -107,6 +107,8 @@ def run_flops(flops: list[tuple[str, int]], trials: int,
   """
   names = [n for n, _ in flops]
   selected = names if selected is None else selected
+  segment = segments_of(arch)
+  block_of = lambda name: segment.get(name, 'head')
   full = sum(f for _, f in flops)
   blocks = []  # blocks in forward order with their FLOPs
   for name, f in flops:

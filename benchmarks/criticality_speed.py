@@ -169,7 +169,7 @@ def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, t
 
 def flops_per_leg(flops: list[tuple[str, int]], num_images: int) -> dict[str, float]:
   """Model FLOPs each procedure executes, and the protocol's minimum, for `num_images`."""
-  counted = _shared.run_flops(flops, TRIALS)
+  counted = _shared.run_flops(flops, TRIALS, arch=_ARCH.value)
   return {'a': counted['ours'] * num_images, 'b': counted['whole'] * num_images,
           'c': counted['whole'] * num_images, 'min': counted['minimum'] * num_images}
 
