@@ -38,14 +38,6 @@ SIZES = {'vit': 224, 'convnext': 64}
 SMALL = ('vit_tiny_patch16_224', 'convnext_atto')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def highest_precision():
-  previous = jax.config.jax_default_matmul_precision
-  jax.config.update('jax_default_matmul_precision', 'highest')
-  yield
-  jax.config.update('jax_default_matmul_precision', previous)
-
-
 def _randomised(model, seed=0):
   """`model` (timm) with its norms' weights and biases, layer scales and tokens drawn far from
   their initial 1, 0, 1e-6 and ~0, in eval mode."""
