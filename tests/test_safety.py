@@ -1,9 +1,11 @@
 """Safety of a run: one writer per workdir, caches that never serve stale pixels or a damaged
 model, rows tied to their run, checks before anything is written, one line for bad input.
 
-The runs use the bundled EfficientNet-Lite0 (real weights, no torch) on scikit-image's photos,
-at 64 px and two layers, so that each takes seconds. A run whose command line is not what is
-tested (a set-up, a run whose results are checked) runs in the test's own process.
+The runs use the bundled EfficientNet-Lite0 (real weights) on scikit-image's photos, at 64 px
+and two layers, so that each takes seconds; its weights are written once as a .safetensors file,
+which a run reads without torch (the bundled file is a legacy torch pickle: torch.load, and
+seconds of importing torch, in every run that converts it). A run whose command line is not what
+is tested (a set-up, a run whose results are checked) runs in the test's own process.
 """
 
 import contextlib
@@ -29,12 +31,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ('--config.data.resize_size=72', '--config.data.crop_size=64',
          '--config.reset.layer_types=conv,linear', '--config.reset.layers=first:2',
          '--config.trials=1')
+_WEIGHTS = []  # the checkpoint flag of every run, set once by the `weights` fixture
+
+
+@pytest.fixture(scope='module', autouse=True)
+def weights(tmp_path_factory):
+  """The bundled EfficientNet-Lite0's tensors as efficientnet_lite0.safetensors (the same model
+  id); without torch, the runs take the bundled file itself."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    checkpoint = 'bundled:efficientnet_lite0'
+  else:
+    from converters import reader  # pylint: disable=g-import-not-at-top
+    state = torch.load(reader.resolve('bundled:efficientnet_lite0'), map_location='cpu',
+                       weights_only=True)
+    checkpoint = str(tmp_path_factory.mktemp('weights') / 'efficientnet_lite0.safetensors')
+    save_file({k: v.numpy() for k, v in state.items()}, checkpoint)
+  _WEIGHTS[:] = [f'--config.model.checkpoint={checkpoint}']
+  yield checkpoint
+  _WEIGHTS.clear()
 
 
 def _args(workdir, cache, *extra):
   files = [e for e in extra if e.startswith('--config=')]  # before any --config.a.b override
   return [sys.executable, os.path.join(ROOT, 'run.py'), *files, f'--workdir={workdir}',
-          f'--config.cache_dir={cache}', *SMALL, *[e for e in extra if e not in files]]
+          f'--config.cache_dir={cache}', *_WEIGHTS, *SMALL,
+          *[e for e in extra if e not in files]]
 
 
 def _run(*args, cwd=ROOT):
@@ -78,10 +102,11 @@ def _rows(workdir):
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, weights):
   """A finished small run: (workdir, cache, results.csv bytes). It compiles its programs into
   an empty compilation cache of its own, programs/ next to the workdir (its stderr, saying so,
   is in stderr.txt there): the first process of test_a_second_process_reads_its_programs_..."""
+  del weights  # in every run's arguments
   root = tmp_path_factory.mktemp('finished')
   result = _run(*_args(root / 'run', root / 'cache',
                        f'--config.compilation_cache_dir={root / "programs"}'))
@@ -129,9 +154,10 @@ def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_one_leaves_no_stal
 
 
 @pytest.fixture(scope='module')
-def raced(tmp_path_factory):
+def raced(tmp_path_factory, weights):
   """Two runs at batch size 1 started at once on one empty workdir: (workdir, [exit status],
   [(stdout, stderr)]). The winner's run is also the uninterrupted run of the Ctrl-C test."""
+  del weights  # in every run's arguments
   workdir, cache = tmp_path_factory.mktemp('raced') / 'run', tmp_path_factory.mktemp('cache')
   processes = [subprocess.Popen(_args(workdir, cache, '--config.data.batch_size=1', '--quiet'),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
