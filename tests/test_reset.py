@@ -284,7 +284,7 @@ def test_modes_change_what_they_should(trained_and_fresh, resnet50_layers):
   block_in = before['intermediates']['layer2']['0']['__call__'][0]
   block_out = after['intermediates']['layer2']['1']['__call__'][0]
   np.testing.assert_array_equal(block_out, block_in)  # the block returns its shortcut
-  with pytest.raises(UserError, match='not a residual block'):
+  with pytest.raises(UserError, match='has no residual branch among its selected layers'):
     reset.make('skip', resnet50_layers)(trained, layers_lib.Target('fc', (by_name['fc'],)))
   with pytest.raises(UserError, match='alpha must lie in'):
     reset.make('interpolate', resnet50_layers, source=fresh, alpha=2.0)(trained, bn)
