@@ -21,8 +21,9 @@ mean over trials), the largest and the mean absolute difference in percentage po
 in units of the reference's trial spread (the half-width of its 95% interval over trials,
 lc_jax.report.stats; over the layers whose spread is more than rounding, SPREAD_FLOOR) and
 Spearman's rank correlation of the layer profile; then its wall time, compile time and compute
-time (lc_jax.experiment's phases). Below the table, the yardsticks: the reference's median
-trial spread, and the rank correlation between two of its own trials.
+time (lc_jax.experiment's phases). Below the table, the yardsticks of the reference: a layer's
+median trial spread, the trial spread of the model-level mean, and the rank correlation between
+two of its trials.
 """
 
 from __future__ import annotations
@@ -97,16 +98,25 @@ def compare(reference, other) -> dict[str, float]:
           'spearman': report.stats.spearman(crit, other_crit)}
 
 
-def trial_agreement(rows) -> float:
-  """Spearman's rho between the layer profiles of trial 0 and trial 1 (NaN with one trial)."""
-  by_trial = {}
+def by_trial(rows) -> dict[int, dict[str, float]]:
+  """{trial: {layer: criticality}} of one run's rows."""
+  found = {}
   for row in rows:
     if row['layer'] != 'original':
-      by_trial.setdefault(row['trial'], {})[row['layer']] = row['criticality']
-  if len(by_trial) < 2:
-    return float('nan')
-  layers = list(by_trial[0])
-  return report.stats.spearman([by_trial[0][l] for l in layers], [by_trial[1][l] for l in layers])
+      found.setdefault(row['trial'], {})[row['layer']] = row['criticality']
+  return found
+
+
+def yardsticks(rows) -> tuple[float, float]:
+  """Of one run's rows: the half-width of the 95% interval over trials of the model-level mean,
+  and Spearman's rho between the layer profiles of trial 0 and trial 1 (NaN with one trial)."""
+  trials = by_trial(rows)
+  _, spread = report.stats.interval([np.mean(list(t.values())) for t in trials.values()])
+  if len(trials) < 2:
+    return spread, float('nan')
+  layers = list(trials[0])
+  return spread, report.stats.spearman([trials[0][l] for l in layers],
+                                       [trials[1][l] for l in layers])
 
 
 def benchmark(workdir: str) -> None:
@@ -162,13 +172,16 @@ def benchmark(workdir: str) -> None:
   wide = spread > SPREAD_FLOOR
   print(f'  pp: percentage points of criticality, per layer (mean over trials); sp: the '
         f'reference\'s trial spread (95% half-width over trials), over the {int(wide.sum())} '
-        f'of {len(layers)} layers where it is above {100 * SPREAD_FLOOR:g} pp; median spread '
-        f'{100 * np.median(spread[wide]) if wide.any() else float("nan"):.3f} pp; '
-        f'spearman of the reference\'s trial 0 against its trial 1: '
-        f'{trial_agreement(reference_rows):.4f}')
+        f'of {len(layers)} layers where it is above {100 * SPREAD_FLOOR:g} pp')
+  mean_spread, agreement = yardsticks(reference_rows)
+  print(f'  yardsticks, of the reference: median trial spread of a layer '
+        f'{100 * np.median(spread[wide]) if wide.any() else float("nan"):.3f} pp; trial spread '
+        f'of the model-level mean {100 * mean_spread:.3f} pp; spearman of trial 0 against trial '
+        f'1 {agreement:.4f}')
 
 
 def jax_device() -> str:
+  """This process's devices, as '1 x cpu'."""
   import jax  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   return f'{len(devices)} x {devices[0].device_kind}'

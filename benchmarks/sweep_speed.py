@@ -2,8 +2,9 @@ r"""Where a sweep's time goes: N ResNet-50s of the zoo through `lc_jax.sweep`, e
 time split into conversion, compile, image load and compute, and the paper's whole study
 projected onto an accelerator.
 
-    python benchmarks/sweep_speed.py --num_models=3 --num_images=500 --batch_size=500 --trials=1
-    python benchmarks/sweep_speed.py ... --peak_tflops=989 --accelerator='H100 SXM, TF32'
+    python benchmarks/sweep_speed.py --num_models=3 --num_images=500 --batch_size=500 --trials=1 \
+      --layers='layer4.*,fc'
+    python benchmarks/sweep_speed.py ... --peak_tflops=495 --accelerator='H100 SXM, TF32 dense'
 
 Draws NUM_MODELS random ResNet-50s (the timm resnet50 with seeds 0, 1, ..., BatchNorm calibrated
 on images of --image_size, benchmarks/_shared.make_checkpoint; kept in WORKDIR/checkpoints and

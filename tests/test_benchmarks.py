@@ -54,8 +54,9 @@ def test_precision_benchmark_prints_every_setting(tmp_path):
   if jax.default_backend() == 'cpu':  # where matmul precision 'default' is float32 too
     assert rows['float32, matmul default'][:6] == reference[:6]
   assert rows['bfloat16'][1] > 0
-  assert lines[5].strip().startswith('pp: percentage points') and len(lines) == 6
-  _numbers(lines[5], 2)  # the median spread and the trials' rank correlation
+  assert lines[5].strip().startswith('pp: percentage points')
+  assert lines[6].strip().startswith('yardsticks, of the reference:') and len(lines) == 7
+  _numbers(lines[6], 3)  # a layer's median spread, the mean's spread, the trials' correlation
 
 
 def test_sweep_benchmark_splits_each_models_time(tmp_path):
