@@ -19,9 +19,10 @@ cache and reuse the programs. Only the sweep is timed, not the set-up.
 Prints, per model and in total: the wall time of its run (lc_jax.experiment's phases:
 conversion = hashing and converting the checkpoint; compile = XLA compiling; images = loading
 them, decoded or from the cache; compute = evaluating the original and every reset, compiles
-taken out; rest = the run's other work), the busy fraction (compute / wall: the share of the
-wall time in which the device computed; on an accelerator an upper bound, as the compute phase
-includes the host's dispatching), the model FLOPs it executed (2 * MACs of every conv and linear,
+taken out; rest = the run's other work; ahead = the seconds its conversion took in the
+background while the model before it computed, not part of its wall time), the device's busy
+fraction (the run's measured `device_busy` / wall: the share of the wall time in which the
+device had reset work unfinished, lc_jax.evaluate.Busy; a lower bound), the model FLOPs it executed (2 * MACs of every conv and linear,
 counted on the timm model with forward hooks, padding rows included) against the protocol's
 minimum (the original, and per reset the forward from the reset layer on, over the images), and
 the executed FLOP/s while computing. Then the overhead (conversion + compile + images) of each
@@ -161,21 +162,26 @@ def benchmark(workdir: str) -> None:
         f'{_shared.version("jax")} on {len(devices)} x {devices[0].device_kind}, '
         f'{len(os.sched_getaffinity(0))} CPU cores')
   print(f'  {"model":38s} {"wall s":>8s} ' + ' '.join(f'{p + " s":>12s}' for p in PHASES)
-        + f' {"rest s":>7s} {"busy %":>6s} {"GFLOP":>10s} {"x min":>5s} {"GFLOP/s":>8s}')
+        + f' {"rest s":>7s} {"ahead s":>7s} {"busy %":>6s} {"GFLOP":>10s} {"x min":>5s}'
+        f' {"GFLOP/s":>8s}')
 
   def line(name, t):
     rest = t['wall'] - sum(t[p] for p in PHASES)
     count = executed * t['models']
     print(f'  {name:38s} {t["wall"]:8.1f} ' + ' '.join(f'{t[p]:12.1f}' for p in PHASES)
-          + f' {rest:7.1f} {100 * t["compute"] / t["wall"]:6.1f} {count / 1e9:10.1f} '
-          f'{count / (minimum * t["models"]):5.2f} {count / t["compute"] / 1e9:8.1f}')
+          + f' {rest:7.1f} {t["converted_ahead"]:7.1f} {100 * t["device_busy"] / t["wall"]:6.1f}'
+          f' {count / 1e9:10.1f} {count / (minimum * t["models"]):5.2f}'
+          f' {count / t["compute"] / 1e9:8.1f}')
 
+  for model_id in ids:
+    timings[model_id].setdefault('converted_ahead', 0.0)  # the first model converts in front
   for k, model_id in enumerate(ids):
     line(f'{k + 1} {model_id}', {**timings[model_id], 'models': 1})
-  total = {p: sum(timings[i][p] for i in ids) for p in (*PHASES, 'wall')}
+  total = {p: sum(timings[i][p] for i in ids)
+           for p in (*PHASES, 'wall', 'converted_ahead', 'device_busy')}
   line('all models', {**total, 'models': len(ids)})
   print(f'  sweep wall time {total_wall:.1f} s (the models, and the checks and figures '
-        f'around them); busy {100 * total["compute"] / total_wall:.1f}%')
+        f'around them); device busy {100 * total["device_busy"] / total_wall:.1f}%')
 
   first = timings[ids[0]]['wall']
   for k, model_id in enumerate(ids[1:], 2):
@@ -190,7 +196,7 @@ def benchmark(workdir: str) -> None:
   study = _shared.run_flops(full_flops, protocol.trials)
   study_flops = study['ours'] * study_images * study_models
   peak = _PEAK_TFLOPS.value * 1e12
-  busy = total['compute'] / total_wall
+  busy = total['device_busy'] / total_wall
   later = ids[1:] or ids
   overhead = sum(timings[i][p] for i in later for p in ('conversion', 'compile', 'images')
                  ) / len(later)

@@ -24,6 +24,7 @@ into R groups and `many` evaluates R resets at once, one per group, each on the 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -234,6 +235,37 @@ def _on_event(event: str, **kwargs) -> None:
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 jax.monitoring.register_event_listener(_on_event)
+
+
+class Busy:
+  """How long the device was busy, measured from the host without stopping it: work dispatched
+  at time t that is not ready at time t' kept the device busy from t to t' (it or work queued
+  before it was running). `dispatched(array)` after dispatching work whose result is `array`,
+  `poll()` whenever the host looks (before and after it waits for a result); `seconds` is the
+  busy time seen so far, a lower bound that is tight when the host polls often (it misses at
+  most the time between a result becoming ready and the next poll), `fraction` its share of the
+  wall time since the clock started. Works on every backend: it only asks arrays whether they
+  are ready."""
+
+  def __init__(self):
+    self.start = self.covered = time.perf_counter()
+    self.seconds = 0.0
+    self._pending: list[tuple[float, jax.Array]] = []
+
+  def dispatched(self, array: jax.Array) -> None:
+    self.poll()
+    self._pending.append((time.perf_counter(), array))
+
+  def poll(self) -> None:
+    now = time.perf_counter()
+    self._pending = [(t, a) for t, a in self._pending if not a.is_ready()]
+    if self._pending:  # busy since the oldest unfinished work was dispatched, at least
+      self.seconds += now - max(self.covered, self._pending[0][0])
+    self.covered = now
+
+  @property
+  def fraction(self) -> float:
+    return self.seconds / max(time.perf_counter() - self.start, 1e-9)
 
 
 def segment_paths(names: Sequence[str], layers: Sequence[layers_lib.Layer]

@@ -10,8 +10,12 @@ and every (trial, target) not yet in WORKDIR/results.csv is evaluated from the s
 holds the target: reset the variables (a pure function), run the compiled segments from there
 on the original's activations, add the batch's metric sums. After each batch the running sums
 are saved (after every batch but the last); on the last batch each finished row is appended
-durably. A killed run resumes where
-it stopped and writes the same file.
+durably. A killed run resumes where it stopped and writes the same file.
+
+The host keeps the device fed: the next batch is put on the devices while the current one
+computes, and each step's values are read only once the next step is dispatched, so the device
+has work queued while the host adds up, writes and reports (progress shows the device's busy
+share, evaluate.Busy).
 
 Work done per batch, for T targets in a model of S segments: one forward for the reference,
 one for the walk, and for each target only the segments from its own on; the paper's procedure
@@ -26,7 +30,7 @@ import importlib.metadata
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -63,38 +67,49 @@ class Model:
   model_id: str
 
 
+@dataclasses.dataclass
+class Converted:
+  """A run's checkpoint converted ahead of the run (`preconvert`): the source's sha256 and
+  (module, variables, card) as `models.load` gives them."""
+
+  sha256: str
+  loaded: tuple
+
+
+def preconvert(config: RunConfig | ml_collections.ConfigDict, workdir: str) -> Converted | None:
+  """The conversion phase of `run(config, workdir)` done ahead, by this process alone: hashes the
+  checkpoint (downloading a zoo:ID not yet cached), refuses a workdir that holds another run,
+  converts the checkpoint into WORKDIR/model or finds an earlier conversion. `run(config,
+  workdir, converted=...)` then starts from it. A sweep does this for the next model while the
+  current one computes. It writes outside the workdir's lock: the caller keeps other runs out
+  (a sweep holds its folder's lock). Returns None on every process but the first (the others
+  read the conversion in `run`, as always)."""
+  if jax.process_index() != 0:
+    return None
+  settings = lc_config.check(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  sha256 = _source_sha256(settings)
+  results.refuse_other_run(workdir, _identity(settings, sha256))
+  return Converted(sha256, _convert(settings.model, os.path.join(workdir, 'model'), sha256))
+
+
 def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
-                  source_sha256: str | None = None) -> Model:
+                  source_sha256: str | None = None, converted: Converted | None = None) -> Model:
   """Converts `config.model.checkpoint` into WORKDIR/model, or reuses an earlier conversion of
   the same file (same sha256, computed here unless given; same lc-jax version; variables that
-  match their recorded digest), and returns the model with its layer inventory. A damaged
-  conversion is made again. With several processes the first converts and the others wait,
-  then read it."""
+  match their recorded digest), or what `preconvert` gave (`converted`), and returns the model
+  with its layer inventory. A damaged conversion is made again. With several processes the
+  first converts and the others wait, then read it."""
   settings = lc_config.check(config)
   model_dir = os.path.join(workdir, 'model')
-
   wanted = settings.model
-  zoo_model = wanted.checkpoint.startswith(converters.ZOO)
 
   def convert():
     if jax.process_index() != 0:
       return None
-    sha256 = source_sha256 or converters.source_sha256(
-        wanted.checkpoint, offline=wanted.offline or None, mirrors=wanted.mirrors)
-    # The workdir's own conversion, or (zoo:ID) the zoo cache's, keyed by the source's sha256.
-    places = [model_dir] + ([_zoo_converted(sha256)] if zoo_model else [])
-    for place in places:
-      loaded = _reusable(place, wanted.arch, sha256)
-      if loaded is not None:
-        if place != model_dir:
-          converters.save(model_dir, loaded[2]['arch'], loaded[1], loaded[2], overwrite=True)
-        return loaded
-    arch, variables, card = converters.convert(
-        wanted.checkpoint, wanted.arch or None, trust_pickle=wanted.trust_pickle,
-        offline=wanted.offline or None, mirrors=wanted.mirrors)
-    for place in places:
-      converters.save(place, arch, variables, card, overwrite=True)
-    return models.load(model_dir)
+    if converted is not None:
+      return converted.loaded
+    return _convert(wanted, model_dir, source_sha256 or _source_sha256(settings))
   loaded = sharding.agreed('converting the checkpoint', convert)
   module, variables, card = sharding.agreed('reading the converted model',
                                             lambda: loaded or models.load(model_dir))
@@ -102,6 +117,38 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
   model_id = wanted.id or _default_id(wanted.checkpoint)
   return Model(module, jax.tree.map(jnp.asarray, variables), card, spec,
                layers_lib.inventory(module, spec.block_depth), model_id)
+
+
+def _source_sha256(settings: RunConfig) -> str:
+  """The checkpoint's sha256 (for zoo:ID, of the cached file, downloaded first if missing)."""
+  wanted = settings.model
+  return converters.source_sha256(wanted.checkpoint, offline=wanted.offline or None,
+                                  mirrors=wanted.mirrors)
+
+
+def _identity(settings: RunConfig, sha256: str) -> dict:
+  """What a workdir's earlier run must share with this one to be resumed by it."""
+  return {'config': settings.measured(), 'checkpoint_sha256': sha256}
+
+
+def _convert(wanted, model_dir: str, sha256: str) -> tuple:
+  """(module, variables, card) of the checkpoint `wanted.checkpoint` (of sha256 `sha256`)
+  converted into `model_dir`: the one already there or (zoo:ID) in the zoo's cache of
+  conversions, keyed by the source's sha256, when intact; otherwise converted now."""
+  places = [model_dir] + ([_zoo_converted(sha256)]
+                          if wanted.checkpoint.startswith(converters.ZOO) else [])
+  for place in places:
+    loaded = _reusable(place, wanted.arch, sha256)
+    if loaded is not None:
+      if place != model_dir:
+        converters.save(model_dir, loaded[2]['arch'], loaded[1], loaded[2], overwrite=True)
+      return loaded
+  arch, variables, card = converters.convert(
+      wanted.checkpoint, wanted.arch or None, trust_pickle=wanted.trust_pickle,
+      offline=wanted.offline or None, mirrors=wanted.mirrors)
+  for place in places:
+    converters.save(place, arch, variables, card, overwrite=True)
+  return models.load(model_dir)
 
 
 def _reusable(model_dir: str, arch: str, sha256: str) -> tuple | None:
@@ -188,12 +235,15 @@ def _versions() -> dict[str, str]:
 
 
 def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
-        timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        timings: dict[str, float] | None = None,
+        converted: Converted | None = None) -> list[dict[str, Any]]:
   """Runs (or resumes) the experiment of `config` in `workdir`; returns all result rows.
 
   Every setting is checked before the workdir is touched; the first process then holds the
   workdir's lock for the whole run (a second run on it is refused at once). `timings`, when
-  given, is filled with the run's wall time in seconds and its phases (see `Phases`)."""
+  given, is filled with the run's wall time in seconds, its phases (see `Phases`) and
+  'device_busy': the seconds in which the device was busy with the resets (evaluate.Busy).
+  `converted`: the checkpoint's conversion, done ahead by `preconvert`."""
   settings = check(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   primary = jax.process_index() == 0  # with several processes (hosts), the one that writes
@@ -204,9 +254,10 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
     store = None
     try:
       with evaluate.Compiles() as compiles, Phases() as phases:
-        store, model, images, labels, info, targets = _open(settings, workdir, primary, phases)
+        store, model, images, labels, info, targets = _open(settings, workdir, primary, phases,
+                                                            converted)
         with phases('compute'):
-          _evaluate(settings, store, model, images, labels, info, targets, primary)
+          busy = _evaluate(settings, store, model, images, labels, info, targets, primary)
       if settings.progress and primary:
         print(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s'
               + (f', {compiles.from_cache} more read from the compilation cache'
@@ -215,7 +266,7 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
       if store is not None:
         store.close()
   if timings is not None:
-    timings.update(phases.seconds, wall=time.perf_counter() - start)
+    timings.update(phases.seconds, wall=time.perf_counter() - start, device_busy=busy)
   return store.rows
 
 
@@ -282,17 +333,15 @@ def use_compilation_cache(folder: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def _open(settings: RunConfig, workdir: str, primary: bool, phases: Phases):
+def _open(settings: RunConfig, workdir: str, primary: bool, phases: Phases,
+          converted: Converted | None):
   """The run's store, model, images and targets; refuses another run's workdir before its
-  model is converted into it."""
+  model is converted into it (`converted`: what `preconvert` did of this already)."""
   show = settings.progress and primary
   with phases('conversion'):
-    sha256 = converters.source_sha256(settings.model.checkpoint,
-                                      offline=settings.model.offline or None,
-                                      mirrors=settings.model.mirrors)
-    results.refuse_other_run(workdir,
-                             {'config': settings.measured(), 'checkpoint_sha256': sha256})
-    model = prepare_model(settings, workdir, sha256)
+    sha256 = converted.sha256 if converted else _source_sha256(settings)
+    results.refuse_other_run(workdir, _identity(settings, sha256))
+    model = prepare_model(settings, workdir, sha256, converted)
   size = getattr(model.module, 'img_size', None)  # a ViT's position embedding fixes its input
   if size is not None and size != settings.data.crop_size:
     raise UserError(f'this {model.card["arch"]} takes {size}x{size} images (its position '
@@ -332,8 +381,9 @@ def _open(settings: RunConfig, workdir: str, primary: bool, phases: Phases):
 
 
 def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, labels, info,
-              targets: list[layers_lib.Target], primary: bool) -> None:
-  """The original's row, then every (trial, target) row not yet in the store."""
+              targets: list[layers_lib.Target], primary: bool) -> float:
+  """The original's row, then every (trial, target) row not yet in the store; returns the
+  seconds the device was busy with the resets (evaluate.Busy)."""
   show = settings.progress and primary
   module = evaluate.with_precision(model.module, settings.precision)
   forward = evaluate.Forward(module, model.layers, sharding.make_mesh(settings.spread_resets))
@@ -342,21 +392,29 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   trials = settings.num_trials
 
   # A batch runs through the model in chunks of at most settings.chunk_size images, each a
-  # multiple of this process's devices (padded and masked once, by the data layer).
+  # multiple of this process's devices (padded and masked once, by the data layer). A batch is
+  # put on the devices when the one before it is taken: its transfer runs during that one's
+  # compute.
   chunk = data.chunk_rows(info.local_batch_size, settings.chunk_size, forward.rows_multiple)
 
-  def chunks():
-    for pieces in data.chunks(images, labels, info, chunk):
-      yield [tuple(forward.put(part) for part in piece) for piece in pieces]
+  def batches(first: int = 0):
+    host = (pieces for b, pieces in enumerate(data.chunks(images, labels, info, chunk))
+            if b >= first)
+    return _one_ahead([tuple(forward.put(part) for part in piece) for piece in pieces]
+                      for pieces in host)
 
   # ---------------------------------------------------------------- the original --------------
-  # Its logits on every chunk are the reference of every reset (kept on the device).
-  reference, total = [], None
-  for pieces in chunks():
+  # Its logits on every chunk are the reference of every reset (kept on the device); its values
+  # are read once everything is dispatched.
+  reference, values = [], []
+  for pieces in batches():
     reference.append([])
     for x, y, mask in pieces:
       reference[-1].append(forward(variables, x))
-      total = metrics.accumulate(total, metrics.per_image(reference[-1][-1], None, y, mask))
+      values.append(metrics.per_image(reference[-1][-1], None, y, mask))
+  total = None
+  for new in values:
+    total = metrics.accumulate(total, new)
   original = metrics.finalize(total, has_labels)
   original['recovered_acc'] = 1.0 if has_labels else float('nan')
   evaluated = int(total['count'])  # the images that decoded
@@ -393,36 +451,63 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
            if settings.reuse_prefix else 'no prefix reuse: every reset runs from the images; '
            'the largest segment input is ') + f'at most {max(kept) / 2**20:.0f} MiB for {what}',
           file=sys.stderr)
-  progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks, show)
+  busy = evaluate.Busy()
+  progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks, show,
+                       busy)
   starts = list(todo)  # segments with resets, in order
-  for b, pieces in enumerate(chunks()):
-    if b < first_batch or not todo:
-      continue
-    for c, (x, y, mask) in enumerate(pieces):
-      final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
-      h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
-      for k, next_k in zip(starts, starts[1:] + [None]):
-        items = todo[k]
-        logits = forward.many([resets[t](variables, target) for t, target in items], h, k)
-        values = [metrics.per_image(reference[b][c], z, y, mask) for z in logits]
-        if next_k is not None:  # dispatched before the values are read: the device keeps busy
-          h = forward(variables, h, k, next_k)
-        for (trial, target), new in zip(items, values):
-          key = _key(trial, target)
-          sums[key] = metrics.accumulate(sums.get(key), new)
-          if final:
-            measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
-            store.append(schema.row(model.model_id, evaluated, target.name, trial,
-                                    settings.reset.mode, target.layers, measured))
-            progress.row(f'trial {trial} {target.name}', measured['criticality'])
-        if not final:
-          progress.segment(b, c, forward.names[k], len(items))
-    if b < info.num_batches - 1:
+
+  def dispatched():
+    """The work of the run in order, one step per segment with resets, each dispatched when
+    asked for: (batch, chunk, segment, its (trial, target)s, their per-image values)."""
+    for b, pieces in enumerate(batches(first_batch) if todo else (), first_batch):
+      for c, (x, y, mask) in enumerate(pieces):
+        h = forward(variables, x, 0, starts[0])  # the input of the first segment with a target
+        for k, next_k in zip(starts, starts[1:] + [None]):
+          logits = forward.many([resets[t](variables, target) for t, target in todo[k]], h, k)
+          values = [metrics.per_image(reference[b][c], z, y, mask) for z in logits]
+          if next_k is not None:
+            h = forward(variables, h, k, next_k)
+          busy.dispatched(values[-1]['count'])
+          yield b, c, k, values
+
+  # Each step's values are read once the step after it is dispatched (the next batch's first
+  # step at the end of a batch), so the device always has work queued while the host adds up,
+  # writes and reports.
+  for b, c, k, values in _one_ahead(dispatched()):
+    final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
+    busy.poll()
+    for (trial, target), new in zip(todo[k], values):
+      key = _key(trial, target)
+      sums[key] = metrics.accumulate(sums.get(key), new)
+      if final:
+        measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
+        store.append(schema.row(model.model_id, evaluated, target.name, trial,
+                                settings.reset.mode, target.layers, measured))
+        progress.row(f'trial {trial} {target.name}', measured['criticality'])
+    busy.poll()
+    if not final:
+      progress.segment(b, c, forward.names[k], len(todo[k]))
+    if b < info.num_batches - 1 and c == num_chunks - 1 and k == starts[-1]:
       store.save_partial(b + 1, sums)
   missing = [key for key in pending if not store.done(*_unkey(key))]
   if missing:
     raise RuntimeError(f'{len(missing)} resets were not written, e.g. {missing[0]}')
   store.clear_partial()
+  return busy.seconds
+
+
+def _one_ahead(items: Iterable[Any]) -> Iterator[Any]:
+  """`items`, each yielded once the item after it has been made: whatever making an item starts
+  (a transfer, dispatched work) is under way while the one before it is used."""
+  items = iter(items)
+  current = next(items, _END)
+  while current is not _END:
+    following = next(items, _END)
+    yield current
+    current = following
+
+
+_END = object()
 
 
 def _key(trial: int, target: layers_lib.Target) -> str:
@@ -437,11 +522,13 @@ def _unkey(key: str) -> tuple[int, str]:
 class _Progress:
   """Progress on stderr: after each segment of a chunk before the last one, the resets evaluated
   on it; on the last chunk of the last batch, one line per finished row with its criticality.
-  Both give image-resets per second (images times resets evaluated on them) and the time left."""
+  Both give image-resets per second (images times resets evaluated on them), the share of the
+  time the device was busy (at least; evaluate.Busy) and the time left."""
 
   def __init__(self, todo: int, total: int, info, first_batch: int, num_chunks: int,
-               enabled: bool):
+               enabled: bool, busy: evaluate.Busy):
     self.todo, self.total, self.info, self.enabled = todo, total, info, enabled
+    self.busy = busy
     self.num_chunks = num_chunks
     self.work = todo * (info.num_batches - first_batch)  # evaluations of one batch each
     self.worked = 0.0
@@ -470,8 +557,8 @@ class _Progress:
     elapsed = time.perf_counter() - self.start
     rate = self.worked * self.info.num_images / self.info.num_batches / elapsed
     left = elapsed / self.worked * max(self.work - self.worked, 0)
-    print(f'{what}  {rate:8.0f} image-resets/s  {duration(left)} left', file=sys.stderr,
-          flush=True)
+    print(f'{what}  {rate:8.0f} image-resets/s  device busy {100 * self.busy.fraction:3.0f}%  '
+          f'{duration(left)} left', file=sys.stderr, flush=True)
 
 
 def duration(seconds: float) -> str:

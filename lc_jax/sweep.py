@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -77,7 +78,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
   """Runs (or resumes) every model of `models` into WORKDIR/<id>; returns the sweep's state
   {'models', 'done', 'failed': {id: reason}}. The root lock keeps a second sweep out.
   `timings`, when given, gets the phases of each model finished here: {id: the timings of
-  experiment.run}."""
+  experiment.run, with 'conversion' counting the wait for its conversion in the background and
+  'converted_ahead' the seconds that conversion took while the model before it computed}.
+
+  While a model computes, the next one is downloaded and converted in a background thread
+  (`experiment.preconvert`), so a model's own conversion is mostly a wait that has ended."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   for model_id in models:  # every setting checked before anything is written or downloaded
     experiment.check(model_config(config, model_id))
@@ -89,19 +94,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
     state['models'] = list(models)
     state['failed'] = {}  # failures are tried again
     start, finished_here = time.perf_counter(), 0
+    ahead = None  # the next model's conversion, under way in the background
     for k, model_id in enumerate(models):
       if model_id in state['done']:
         continue
       if show:
         print(f'=== model {k + 1}/{len(models)}: {model_id}', file=sys.stderr, flush=True)
+      path = os.path.join(workdir, model_id)
       spent = {}
       try:
-        experiment.run(model_config(config, model_id), os.path.join(workdir, model_id), spent)
+        began, converted = time.perf_counter(), None
+        if ahead is not None and ahead.model_id == model_id:
+          converted = ahead.result()
+          spent['converted_ahead'] = ahead.seconds if converted else 0.0
+        converted = converted or experiment.preconvert(model_config(config, model_id), path)
+        here = time.perf_counter() - began  # waiting for the background, or converting here
+        following = next((m for m in models[k + 1:] if m not in state['done']), None)
+        ahead = _Ahead(config, workdir, following) if following and primary else None
+        experiment.run(model_config(config, model_id), path, spent, converted)
       except UserError as e:
         state['failed'][model_id] = str(e)
         if show:
           print(f'{model_id}: skipped: {e}', file=sys.stderr, flush=True)
       else:
+        spent['conversion'] += here
+        spent['wall'] += here
         state['done'].append(model_id)
         finished_here += 1
         if timings is not None:
@@ -117,6 +134,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
     if primary and state['done']:
       _figures(workdir, [m for m in models if m in state['done']])
   return state
+
+
+class _Ahead:
+  """The conversion of the next model (experiment.preconvert: download, hash, convert, save)
+  in a background thread while the current model computes. `result()` waits for it and gives
+  its experiment.Converted, or None when it failed: the model's own turn then does the work
+  again in the foreground and reports what fails. `seconds`: how long it took."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, model_id: str):
+    self.model_id, self.seconds, self._converted = model_id, 0.0, None
+    self._thread = threading.Thread(
+        target=self._convert, args=(model_config(config, model_id),
+                                    os.path.join(workdir, model_id)),
+        name=f'converting {model_id}', daemon=True)  # a killed sweep does not wait for it
+    self._thread.start()
+
+  def _convert(self, config: ml_collections.ConfigDict, path: str) -> None:
+    start = time.perf_counter()
+    try:
+      self._converted = experiment.preconvert(config, path)
+    except Exception:  # pylint: disable=broad-except  # reported by the model's own turn
+      pass
+    finally:
+      self.seconds = time.perf_counter() - start
+
+  def result(self) -> experiment.Converted | None:
+    self._thread.join()
+    return self._converted
 
 
 def _read_state(workdir: str) -> dict:

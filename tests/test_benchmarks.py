@@ -66,17 +66,19 @@ def test_sweep_benchmark_splits_each_models_time(tmp_path):
   assert lines[0].startswith('sweep of 2 resnet50s (random weights, seeds 0-1): 2 layers, '
                              '1 trial(s), 4 images at 32 px, batch 4')
   assert lines[1].split() == ['model', 'wall', 's', 'conversion', 's', 'compile', 's', 'images',
-                              's', 'compute', 's', 'rest', 's', 'busy', '%', 'GFLOP', 'x',
-                              'min', 'GFLOP/s']
+                              's', 'compute', 's', 'rest', 's', 'ahead', 's', 'busy', '%',
+                              'GFLOP', 'x', 'min', 'GFLOP/s']
   models = []
   for line, name in zip(lines[2:5], ('1 resnet50_', '2 resnet50_', 'all models')):
     assert line.strip().startswith(name), line
-    models.append(_numbers(line, 10))
-  for wall, conversion, compiled, images, compute, rest, busy, gflop, ratio, rate in models:
+    models.append(_numbers(line, 11))
+  for wall, conversion, compiled, images, compute, rest, _, busy, gflop, ratio, rate in models:
     assert abs(conversion + compiled + images + compute + rest - wall) < 0.2
     assert 0 < busy < 100 and gflop > 0 and ratio >= 1 and rate > 0
-  assert [sum(m[k] for m in models[:2]) for k in (0, 7)] == pytest.approx(
-      [models[2][0], models[2][7]], abs=0.2)
+  # The second model was converted in the background while the first computed.
+  assert models[0][6] == 0 and models[1][6] > 0
+  assert [sum(m[k] for m in models[:2]) for k in (0, 6, 8)] == pytest.approx(
+      [models[2][0], models[2][6], models[2][8]], abs=0.2)
   assert lines[5].strip().startswith('sweep wall time')
   overhead = _numbers(lines[6], 2)
   assert lines[6].strip().startswith('overhead of model 2 (conversion + compile + images):')

@@ -4,6 +4,7 @@ equality with the whole forward, for every architecture, is in test_contract.py)
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -186,3 +187,30 @@ def test_spread_resets_give_each_resets_own_logits(eight_devices):
   assert len(lines) == 5
   for line in lines[1:]:
     assert float(line.split()[-1]) <= 1e-5, line
+
+
+def test_busy_counts_the_time_dispatched_work_was_unfinished():
+  """evaluate.Busy, the progress line's device busy share: the time from a dispatch until the
+  host sees its result ready counts (nearly all of it, polled often), idle time does not."""
+  x = jnp.full((512, 512), 1 / 512, jnp.float32)
+
+  @jax.jit
+  def work(x):
+    return jax.lax.fori_loop(0, 300, lambda _, a: jnp.tanh(a @ x), x)
+  work(x).block_until_ready()  # compiled
+  busy = evaluate.Busy()
+  time.sleep(0.2)  # idle: nothing dispatched
+  busy.poll()
+  assert busy.seconds == 0
+  start = time.perf_counter()
+  y = work(x)
+  busy.dispatched(y)
+  while not y.is_ready():
+    busy.poll()
+    time.sleep(0.002)
+  finished = time.perf_counter() - start
+  time.sleep(0.2)  # idle again
+  busy.poll()
+  print(f'busy {busy.seconds:.3f} s of {finished:.3f} s of work; fraction {busy.fraction:.2f}')
+  assert 0.8 * finished - 0.01 <= busy.seconds <= finished
+  assert busy.fraction < finished / (finished + 0.4) + 0.05
