@@ -5,6 +5,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -416,11 +417,28 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
   # The resumed run takes up the sums of the two batches done and adds the third.
   config.progress = True
   resumed = experiment.run(config, str(tmp_path / 'killed'))
-  assert 'resuming: 0 of 12 resets already in results.csv, 2 of 3 batches' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert 'resuming: 0 of 12 resets already in results.csv, 2 of 3 batches' in err
+  assert re.search(r'image-resets/s  device busy +\d+%  ', err), err  # progress lines
   assert [r['layer'] for r in resumed] == [r['layer'] for r in full]
   assert ((tmp_path / 'killed' / 'results.csv').read_bytes()
           == (tmp_path / 'full' / 'results.csv').read_bytes())
   assert not (tmp_path / 'killed' / 'partial.json').exists()
+
+
+def test_one_ahead_makes_the_next_item_before_handing_out_one():
+  """The pipelining of a run: the next batch's transfer, the next step's dispatch, start before
+  the current one is used."""
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  made = []
+
+  def items():
+    for k in range(3):
+      made.append(k)
+      yield k
+  assert [(k, list(made)) for k in experiment._one_ahead(items())] == [
+      (0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+  assert not list(experiment._one_ahead([]))
 
 
 _ARENAS = """
