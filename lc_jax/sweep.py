@@ -187,9 +187,7 @@ def _figures(workdir: str, done: Sequence[str]) -> None:
   rows = []
   for model_id in done:
     rows += report.load(os.path.join(workdir, model_id))
-  summaries = report.summarize(rows)
-  report.plot_heatmap(summaries, os.path.join(workdir, 'heatmap.png'))
-  report.plot_scatter(summaries, os.path.join(workdir, 'scatter.png'))
+  report.plot_study(report.summarize(rows), workdir)
 
 
 _FLAGS = None

@@ -32,6 +32,7 @@ from lc_jax.report.figures import layer_union
 from lc_jax.report.figures import plot_criticality
 from lc_jax.report.figures import plot_heatmap
 from lc_jax.report.figures import plot_scatter
+from lc_jax.report.figures import plot_study
 from lc_jax.report.read import ALIASES
 from lc_jax.report.read import clean_layer_name
 from lc_jax.report.read import guess_kind

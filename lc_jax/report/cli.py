@@ -11,7 +11,7 @@ from lc_jax import errors
 from lc_jax import workdir
 from lc_jax.errors import UserError
 from lc_jax.report import compare
-from lc_jax.report.figures import plot_criticality, plot_heatmap, plot_scatter
+from lc_jax.report.figures import plot_criticality, plot_study
 from lc_jax.report.read import load, resolve
 from lc_jax.report.stats import by_model, summarize
 from lc_jax.report.text import model_table, table
@@ -62,15 +62,12 @@ def main(argv: Sequence[str]) -> None:
   if top > 0:
     print(table(summaries, top), end='\n\n')
   print(model_table(summaries))
-  heatmap = os.path.join(out, 'heatmap.png')
-  scatter = os.path.join(out, 'scatter.png')
   try:
-    plot_heatmap(summaries, heatmap)
-    print(f'\nwrote {heatmap}')
-    skipped = plot_scatter(summaries, scatter)
+    heatmap, scatter, skipped = plot_study(summaries, out)
   except OSError as e:
     raise UserError(f'cannot write into the --out folder {out}: {e.strerror or e}') from None
-  if len(skipped) == len(by_model(summaries)):
+  print(f'\nwrote {heatmap}')
+  if scatter is None:
     print('no scatter plot: no model has labelled images (original top-1 unknown)')
   else:
     print(f'wrote {scatter}')

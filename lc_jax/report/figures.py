@@ -258,3 +258,14 @@ def plot_scatter(summaries: Sequence[LayerSummary], path: str) -> list[str]:
   _save(fig, path)
   plt.close(fig)
   return skipped
+
+
+def plot_study(summaries: Sequence[LayerSummary], folder: str) -> tuple[str, str | None, list[str]]:
+  """The paper's figures over every model of `summaries` into `folder`: heatmap.png and
+  scatter.png. Returns (the heatmap's path, the scatter's path or None when no model has labels,
+  the models left out of the scatter for lack of labels)."""
+  heatmap, scatter = os.path.join(folder, 'heatmap.png'), os.path.join(folder, 'scatter.png')
+  plot_heatmap(summaries, heatmap)
+  skipped = plot_scatter(summaries, scatter)
+  labelled = len(skipped) < len(by_model(summaries))
+  return heatmap, scatter if labelled else None, skipped
