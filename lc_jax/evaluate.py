@@ -239,29 +239,39 @@ jax.monitoring.register_event_listener(_on_event)
 
 class Busy:
   """How long the device was busy, measured from the host without stopping it: work dispatched
-  at time t that is not ready at time t' kept the device busy from t to t' (it or work queued
-  before it was running). `dispatched(array)` after dispatching work whose result is `array`,
-  `poll()` whenever the host looks (before and after it waits for a result); `seconds` is the
-  busy time seen so far, a lower bound that is tight when the host polls often (it misses at
-  most the time between a result becoming ready and the next poll), `fraction` its share of the
-  wall time since the clock started. Works on every backend: it only asks arrays whether they
-  are ready."""
+  at time t that is not finished at time t' kept the device busy from t to t' (it, or work
+  queued before it, was running). Call `dispatched(*arrays)` after dispatching work whose
+  results are `arrays`, `wait(*arrays)` to block until results are ready (the device was busy until they
+  were), and `poll()` whenever the host looks. `seconds` is the busy time seen so far: a lower
+  bound, missing only time between a result becoming ready and the host's next look when the
+  host was not waiting for it; `fraction` is its share of the wall time since the clock started.
+  Works on every backend: it only asks arrays whether they are ready."""
 
   def __init__(self):
     self.start = self.covered = time.perf_counter()
     self.seconds = 0.0
     self._pending: list[tuple[float, jax.Array]] = []
 
-  def dispatched(self, array: jax.Array) -> None:
+  def dispatched(self, *arrays: jax.Array) -> None:
     self.poll()
-    self._pending.append((time.perf_counter(), array))
-
-  def poll(self) -> None:
     now = time.perf_counter()
-    self._pending = [(t, a) for t, a in self._pending if not a.is_ready()]
-    if self._pending:  # busy since the oldest unfinished work was dispatched, at least
-      self.seconds += now - max(self.covered, self._pending[0][0])
-    self.covered = now
+    self._pending += [(now, array) for array in arrays]
+
+  def wait(self, *arrays: jax.Array) -> None:
+    for array in arrays:
+      array.block_until_ready()
+    self.poll(finished=arrays)
+
+  def poll(self, finished: Sequence[jax.Array] = ()) -> None:
+    """Credits the time since the last look if work was unfinished all along: some pending
+    result is not ready yet, or one of `finished` (just waited for) is pending."""
+    now = time.perf_counter()
+    waited = {id(a) for a in finished}
+    unfinished = [(t, a) for t, a in self._pending if not a.is_ready()]
+    began = [t for t, a in self._pending if id(a) in waited] + [t for t, _ in unfinished]
+    if began:
+      self.seconds += now - max(self.covered, min(began))
+    self._pending, self.covered = unfinished, now
 
   @property
   def fraction(self) -> float:

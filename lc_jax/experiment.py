@@ -467,7 +467,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
           values = [metrics.per_image(reference[b][c], z, y, mask) for z in logits]
           if next_k is not None:
             h = forward(variables, h, k, next_k)
-          busy.dispatched(values[-1]['count'])
+          busy.dispatched(*(v['count'] for v in values))
           yield b, c, k, values
 
   # Each step's values are read once the step after it is dispatched (the next batch's first
@@ -475,7 +475,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   # writes and reports.
   for b, c, k, values in _one_ahead(dispatched()):
     final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
-    busy.poll()
+    busy.wait(*(v['count'] for v in values))
     for (trial, target), new in zip(todo[k], values):
       key = _key(trial, target)
       sums[key] = metrics.accumulate(sums.get(key), new)
