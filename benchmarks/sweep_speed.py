@@ -186,7 +186,7 @@ def benchmark(workdir: str) -> None:
   first = timings[ids[0]]['wall']
   for k, model_id in enumerate(ids[1:], 2):
     overhead = sum(timings[model_id][p] for p in ('conversion', 'compile', 'images'))
-    print(f'  overhead of model {k} (conversion + compile + images): {overhead:.1f} s = '
+    print(f'  overhead of model {k} (conversion + compile + images): {overhead:.2f} s = '
           f'{100 * overhead / first:.2f}% of the first model\'s wall time')
 
   # ---------------------------------------------------------------- the paper's study ---------

@@ -23,9 +23,10 @@ into R groups and `many` evaluates R resets at once, one per group, each on the 
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -70,6 +71,8 @@ class Forward:
     program = _segment_program(self.mesh)
     self._segment = lambda variables, x, k: program(self.module, variables, x, k)
     self._spread: set[tuple[int, str]] = set()  # the (segment, kind) spread programs used
+    # Called with each segment's output as soon as the segment is dispatched (Busy.dispatched).
+    self.on_dispatch: Callable[[jax.Array], None] = lambda x: None
 
   @property
   def rows_multiple(self) -> int:
@@ -95,6 +98,7 @@ class Forward:
     for 0). Dispatches one compiled segment after the other; nothing waits for the device."""
     for k in range(start, len(self.names) if stop is None else stop):
       x = self._segment(self.replicate(self._variables_of(variables, k)), x, k)
+      self.on_dispatch(x)
     return x
 
   def input_bytes(self, variables: dict, images: jax.ShapeDtypeStruct) -> list[int]:
@@ -128,12 +132,15 @@ class Forward:
         if _same_leaves(own):
           if stacked:
             h = self._spread_segment(k, 'one variables')(self.replicate(own[0]), h)
+            self.on_dispatch(h)
           else:
             h = self._segment(self.replicate(own[0]), h, k)
+            self.on_dispatch(h)
         else:
           trees = jax.tree.map(lambda *leaves: jnp.stack(leaves),
                                *[self.replicate(tree) for tree in own])
           h = self._spread_segment(k, 'stacked' if stacked else 'one input')(trees, h)
+          self.on_dispatch(h)
           stacked = True
       logits += [h[i] for i in range(count)] if stacked else [h] * count
     return logits
@@ -241,37 +248,42 @@ class Busy:
   """How long the device was busy, measured from the host without stopping it: work dispatched
   at time t that is not finished at time t' kept the device busy from t to t' (it, or work
   queued before it, was running). Call `dispatched(*arrays)` after dispatching work whose
-  results are `arrays`, `wait(*arrays)` to block until results are ready (the device was busy until they
-  were), and `poll()` whenever the host looks. `seconds` is the busy time seen so far: a lower
-  bound, missing only time between a result becoming ready and the host's next look when the
-  host was not waiting for it; `fraction` is its share of the wall time since the clock started.
-  Works on every backend: it only asks arrays whether they are ready."""
+  results are `arrays` (a Forward reports every segment it dispatches through its
+  `on_dispatch`), `wait(*arrays)` to block until results are ready (the device was busy until
+  they were), and `poll()` whenever the host looks. `seconds` is the busy time seen so far: a
+  lower bound, missing only time between a result becoming ready and the host's next look when
+  the host was not waiting for it; `fraction` is its share of the wall time since the clock
+  started. Works on every backend: it only asks arrays whether they are ready."""
 
   def __init__(self):
     self.start = self.covered = time.perf_counter()
     self.seconds = 0.0
-    self._pending: list[tuple[float, jax.Array]] = []
+    # (dispatch time, result), in dispatch order; ready ones are dropped from the front, so a
+    # result is held at most until the first look after it is ready.
+    self._pending: collections.deque[tuple[float, jax.Array]] = collections.deque()
 
   def dispatched(self, *arrays: jax.Array) -> None:
     self.poll()
-    now = time.perf_counter()
-    self._pending += [(now, array) for array in arrays]
+    self._pending.extend((self.covered, array) for array in arrays)
 
   def wait(self, *arrays: jax.Array) -> None:
-    for array in arrays:
-      array.block_until_ready()
-    self.poll(finished=arrays)
+    self.poll()
+    if not all(array.is_ready() for array in arrays):  # the device computes them meanwhile
+      for array in arrays:
+        array.block_until_ready()
+      now = time.perf_counter()
+      self.seconds, self.covered = self.seconds + now - self.covered, now
+    self.poll()
 
-  def poll(self, finished: Sequence[jax.Array] = ()) -> None:
-    """Credits the time since the last look if work was unfinished all along: some pending
-    result is not ready yet, or one of `finished` (just waited for) is pending."""
+  def poll(self) -> None:
+    """Credits the time since the last look if the oldest pending result is not ready yet:
+    the device had work from its dispatch (or the last look) until now."""
     now = time.perf_counter()
-    waited = {id(a) for a in finished}
-    unfinished = [(t, a) for t, a in self._pending if not a.is_ready()]
-    began = [t for t, a in self._pending if id(a) in waited] + [t for t, _ in unfinished]
-    if began:
-      self.seconds += now - max(self.covered, min(began))
-    self._pending, self.covered = unfinished, now
+    while self._pending and self._pending[0][1].is_ready():
+      self._pending.popleft()
+    if self._pending:
+      self.seconds += now - max(self.covered, self._pending[0][0])
+    self.covered = now
 
   @property
   def fraction(self) -> float:

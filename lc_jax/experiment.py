@@ -242,7 +242,8 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
   Every setting is checked before the workdir is touched; the first process then holds the
   workdir's lock for the whole run (a second run on it is refused at once). `timings`, when
   given, is filled with the run's wall time in seconds, its phases (see `Phases`) and
-  'device_busy': the seconds in which the device was busy with the resets (evaluate.Busy).
+  'device_busy': the seconds in which the device was busy with the original and the resets
+  (evaluate.Busy).
   `converted`: the checkpoint's conversion, done ahead by `preconvert`."""
   settings = check(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -383,7 +384,7 @@ def _open(settings: RunConfig, workdir: str, primary: bool, phases: Phases,
 def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, labels, info,
               targets: list[layers_lib.Target], primary: bool) -> float:
   """The original's row, then every (trial, target) row not yet in the store; returns the
-  seconds the device was busy with the resets (evaluate.Busy)."""
+  seconds the device was busy with the original and the resets (evaluate.Busy)."""
   show = settings.progress and primary
   module = evaluate.with_precision(model.module, settings.precision)
   forward = evaluate.Forward(module, model.layers, sharding.make_mesh(settings.spread_resets))
@@ -405,13 +406,16 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
 
   # ---------------------------------------------------------------- the original --------------
   # Its logits on every chunk are the reference of every reset (kept on the device); its values
-  # are read once everything is dispatched.
+  # are read once everything is dispatched. The busy clock sees every segment dispatched.
+  busy = evaluate.Busy()
+  forward.on_dispatch = busy.dispatched
   reference, values = [], []
   for pieces in batches():
     reference.append([])
     for x, y, mask in pieces:
       reference[-1].append(forward(variables, x))
       values.append(metrics.per_image(reference[-1][-1], None, y, mask))
+  busy.wait(*(v['count'] for v in values))
   total = None
   for new in values:
     total = metrics.accumulate(total, new)
@@ -451,7 +455,6 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
            if settings.reuse_prefix else 'no prefix reuse: every reset runs from the images; '
            'the largest segment input is ') + f'at most {max(kept) / 2**20:.0f} MiB for {what}',
           file=sys.stderr)
-  busy = evaluate.Busy()
   progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks, show,
                        busy)
   starts = list(todo)  # segments with resets, in order
