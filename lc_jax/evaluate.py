@@ -247,24 +247,30 @@ jax.monitoring.register_event_listener(_on_event)
 class Busy:
   """How long the device was busy, measured from the host without stopping it: work dispatched
   at time t that is not finished at time t' kept the device busy from t to t' (it, or work
-  queued before it, was running). Call `dispatched(*arrays)` after dispatching work whose
-  results are `arrays` (a Forward reports every segment it dispatches through its
-  `on_dispatch`), `wait(*arrays)` to block until results are ready (the device was busy until
-  they were), and `poll()` whenever the host looks. `seconds` is the busy time seen so far: a
-  lower bound, missing only time between a result becoming ready and the host's next look when
-  the host was not waiting for it; `fraction` is its share of the wall time since the clock
-  started. Works on every backend: it only asks arrays whether they are ready."""
+  queued before it, was running). Call `dispatched(*arrays)` after dispatching work whose small
+  results are `arrays` (kept until seen ready), `segment(x)` after dispatching a segment whose
+  output is `x` (a Forward reports each one through its `on_dispatch`; only the newest is kept,
+  so the clock holds no activation the run has let go), `wait(*arrays)` to block until results
+  are ready (the device was busy until they were), and `poll()` whenever the host looks.
+  `seconds` is the busy time seen so far: a lower bound, missing only time between results
+  becoming ready and the host's next look when the host was not waiting for them; `fraction` is
+  its share of the wall time since the clock started. Works on every backend: it only asks
+  arrays whether they are ready."""
 
   def __init__(self):
     self.start = self.covered = time.perf_counter()
     self.seconds = 0.0
-    # (dispatch time, result), in dispatch order; ready ones are dropped from the front, so a
-    # result is held at most until the first look after it is ready.
+    # (dispatch time, result), in dispatch order; ready ones are dropped from the front.
     self._pending: collections.deque[tuple[float, jax.Array]] = collections.deque()
+    self._newest: tuple[float, jax.Array] | None = None  # the newest segment output
 
   def dispatched(self, *arrays: jax.Array) -> None:
     self.poll()
     self._pending.extend((self.covered, array) for array in arrays)
+
+  def segment(self, x: jax.Array) -> None:
+    self.poll()  # the segment before it, unfinished, shows a queue the dispatch may have waited on
+    self._newest = (self.covered, x)
 
   def wait(self, *arrays: jax.Array) -> None:
     self.poll()
@@ -276,13 +282,17 @@ class Busy:
     self.poll()
 
   def poll(self) -> None:
-    """Credits the time since the last look if the oldest pending result is not ready yet:
-    the device had work from its dispatch (or the last look) until now."""
+    """Credits the time since the last look if a result held is not ready yet: the device had
+    work from the oldest such result's dispatch (or the last look) until now."""
     now = time.perf_counter()
     while self._pending and self._pending[0][1].is_ready():
       self._pending.popleft()
-    if self._pending:
-      self.seconds += now - max(self.covered, self._pending[0][0])
+    if self._newest is not None and self._newest[1].is_ready():
+      self._newest = None
+    began = [t for t, _ in ([self._pending[0]] if self._pending else []) +
+             ([self._newest] if self._newest else [])]
+    if began:
+      self.seconds += now - max(self.covered, min(began))
     self.covered = now
 
   @property

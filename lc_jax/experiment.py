@@ -405,20 +405,24 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
                       for pieces in host)
 
   # ---------------------------------------------------------------- the original --------------
-  # Its logits on every chunk are the reference of every reset (kept on the device); its values
-  # are read once everything is dispatched. The busy clock sees every segment dispatched.
+  # Its logits on every chunk are the reference of every reset (kept on the device); a chunk's
+  # values are read once the next chunk is dispatched. The busy clock sees every segment.
   busy = evaluate.Busy()
-  forward.on_dispatch = busy.dispatched
-  reference, values = [], []
-  for pieces in batches():
-    reference.append([])
-    for x, y, mask in pieces:
-      reference[-1].append(forward(variables, x))
-      values.append(metrics.per_image(reference[-1][-1], None, y, mask))
-  busy.wait(*(v['count'] for v in values))
+  forward.on_dispatch = busy.segment
+  reference = []
+
+  def originals():
+    for pieces in batches():
+      reference.append([])
+      for x, y, mask in pieces:
+        reference[-1].append(forward(variables, x))
+        values = metrics.per_image(reference[-1][-1], None, y, mask)
+        busy.dispatched(values['count'])
+        yield values
   total = None
-  for new in values:
-    total = metrics.accumulate(total, new)
+  for values in _one_ahead(originals()):
+    busy.wait(values['count'])
+    total = metrics.accumulate(total, values)
   original = metrics.finalize(total, has_labels)
   original['recovered_acc'] = 1.0 if has_labels else float('nan')
   evaluated = int(total['count'])  # the images that decoded

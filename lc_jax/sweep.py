@@ -38,6 +38,7 @@ import ml_collections
 from lc_jax import errors
 from lc_jax import experiment
 from lc_jax import report
+from lc_jax import sharding
 from lc_jax import workdir as workdir_lib
 from lc_jax import zoo
 from lc_jax.errors import UserError
@@ -95,42 +96,52 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
     state['failed'] = {}  # failures are tried again
     start, finished_here = time.perf_counter(), 0
     ahead = None  # the next model's conversion, under way in the background
-    for k, model_id in enumerate(models):
-      if model_id in state['done']:
-        continue
-      if show:
-        print(f'=== model {k + 1}/{len(models)}: {model_id}', file=sys.stderr, flush=True)
-      path = os.path.join(workdir, model_id)
-      spent = {}
-      try:
-        began, converted = time.perf_counter(), None
-        if ahead is not None and ahead.model_id == model_id:
-          converted = ahead.result()
-          spent['converted_ahead'] = ahead.seconds if converted else 0.0
-        converted = converted or experiment.preconvert(model_config(config, model_id), path)
-        here = time.perf_counter() - began  # waiting for the background, or converting here
-        following = next((m for m in models[k + 1:] if m not in state['done']), None)
-        ahead = _Ahead(config, workdir, following) if following and primary else None
-        experiment.run(model_config(config, model_id), path, spent, converted)
-      except UserError as e:
-        state['failed'][model_id] = str(e)
+    try:
+      for k, model_id in enumerate(models):
+        if model_id in state['done']:
+          continue
         if show:
-          print(f'{model_id}: skipped: {e}', file=sys.stderr, flush=True)
-      else:
-        spent['conversion'] += here
-        spent['wall'] += here
-        state['done'].append(model_id)
-        finished_here += 1
-        if timings is not None:
-          timings[model_id] = spent
-      if primary:
-        _write_state(workdir, state)
-      if show:
-        left = [m for m in models[k + 1:] if m not in state['done']]
-        per_model = (time.perf_counter() - start) / max(finished_here, 1)
-        print(f'=== {len(state["done"])}/{len(models)} models done, {len(state["failed"])} '
-              f'failed; about {experiment.duration(per_model * len(left))} left', file=sys.stderr,
-              flush=True)
+          print(f'=== model {k + 1}/{len(models)}: {model_id}', file=sys.stderr, flush=True)
+        path = os.path.join(workdir, model_id)
+        spent = {}
+        try:
+          began = time.perf_counter()
+          # Every process passes here together, failing together if the first one's conversion
+          # failed (the others would otherwise wait for it inside the model's run).
+          converted = sharding.agreed('converting the checkpoint', lambda: (
+              ahead is not None and ahead.model_id == model_id and ahead.result()
+          ) or experiment.preconvert(model_config(config, model_id), path))
+          here = time.perf_counter() - began  # waiting for the background, or converting here
+          if ahead is not None and ahead.model_id == model_id:
+            spent['converted_ahead'] = ahead.seconds
+          following = next((m for m in models[k + 1:] if m not in state['done']), None)
+          ahead = _Ahead(config, workdir, following) if following and primary else None
+          experiment.run(model_config(config, model_id), path, spent, converted)
+        except UserError as e:
+          state['failed'][model_id] = str(e)
+          if show:
+            print(f'{model_id}: skipped: {e}', file=sys.stderr, flush=True)
+        else:
+          spent['conversion'] += here
+          spent['wall'] += here
+          state['done'].append(model_id)
+          finished_here += 1
+          if timings is not None:
+            timings[model_id] = spent
+        if primary:
+          _write_state(workdir, state)
+        if show:
+          left = [m for m in models[k + 1:] if m not in state['done']]
+          per_model = (time.perf_counter() - start) / max(finished_here, 1)
+          print(f'=== {len(state["done"])}/{len(models)} models done, '
+                f'{len(state["failed"])} failed; about '
+                f'{experiment.duration(per_model * len(left))} left', file=sys.stderr, flush=True)
+    except (KeyboardInterrupt, SystemExit):
+      ahead = None  # stopping does not wait for the conversion in the background (saves atomically)
+      raise
+    finally:  # otherwise the lock is not given up while that conversion writes
+      if ahead is not None:
+        ahead.result()
     if primary and state['done']:
       _figures(workdir, [m for m in models if m in state['done']])
   return state

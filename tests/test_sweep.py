@@ -124,8 +124,9 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
   for model_id in MODELS[1:]:
     assert timings[model_id]['converted_ahead'] > 0
     assert timings[model_id]['conversion'] < timings[model_id]['converted_ahead']
-  for t in timings.values():  # the device was busy at least part of the time, never more
-    assert 0 < t['device_busy'] <= t['compute'] + t['compile']
+  for t in timings.values():  # a lower bound of the time the device had work (a small program
+    # that XLA's CPU client runs inline, during its dispatch, is not seen)
+    assert 0 <= t['device_busy'] <= t['compute'] + t['compile']
   for model_id in MODELS:
     rows = (out / model_id / schema.RESULTS).read_text().splitlines()
     assert len(rows) == 1 + 1 + 3 and rows[1].startswith(f'{model_id},original,')
