@@ -106,14 +106,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
         spent = {}
         try:
           began = time.perf_counter()
+          mine = ahead if ahead is not None and ahead.model_id == model_id else None
           # Every process passes here together, failing together if the first one's conversion
           # failed (the others would otherwise wait for it inside the model's run).
           converted = sharding.agreed('converting the checkpoint', lambda: (
-              ahead is not None and ahead.model_id == model_id and ahead.result()
-          ) or experiment.preconvert(model_config(config, model_id), path))
+              mine and mine.result()) or experiment.preconvert(model_config(config, model_id),
+                                                               path))
           here = time.perf_counter() - began  # waiting for the background, or converting here
-          if ahead is not None and ahead.model_id == model_id:
-            spent['converted_ahead'] = ahead.seconds
+          if mine:
+            spent['converted_ahead'] = mine.seconds
           following = next((m for m in models[k + 1:] if m not in state['done']), None)
           ahead = _Ahead(config, workdir, following) if following and primary else None
           experiment.run(model_config(config, model_id), path, spent, converted)
