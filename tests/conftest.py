@@ -1,13 +1,25 @@
 """Shared test set-up: float32 at matmul precision 'highest' wherever parity is asserted."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 # torch's OpenMP threads sleep when idle instead of spinning (set before torch is imported, and
 # inherited by the runs the tests start): on a loaded CPU, or next to XLA's own threads in the
 # same process, spinning threads made a torch forward several times slower. It changes when
 # idle threads give up the CPU, not what they compute.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+# The caches a run keeps under ~/.cache/lc_jax (compiled programs, decoded images, zoo files) live
+# in a folder of this session's, inherited by the runs the tests start: a test never reads what an
+# earlier session left (on a developer's machine as on a fresh CI one) nor writes to the user's.
+_CACHES = tempfile.mkdtemp(prefix='lc_jax_test_caches_')
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+for _name, _folder in (('LC_JAX_COMPILATION_CACHE', 'compilation'), ('LC_JAX_CACHE_DIR', 'images'),
+                       ('LC_JAX_ZOO_DIR', 'zoo')):
+  os.environ[_name] = os.path.join(_CACHES, _folder)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
