@@ -23,8 +23,10 @@ class UserError(Exception):
   """Bad input from the user (a wrong path, a checkpoint that does not fit, an unknown name).
 
   Its message says what was wrong and what to do; command-line entry points print it alone,
-  without a traceback, and exit non-zero.
+  without a traceback, and exit non-zero. `shared`: every process raised it at the same step
+  (lc_jax.sharding.agreed), so all of them may go on together past it (a sweep's next model).
   """
+  shared: bool = False
 
 
 def did_you_mean(name: str, known, n: int = 3) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -206,14 +207,19 @@ def _spread_program(mesh: Mesh, module: nn.Module, k: int, kind: str):
 
 
 class Compiles:
-  """Counts the XLA programs compiled while it is open, and their compile time:
+  """Counts the XLA programs compiled on this thread while it is open, and their compile time:
   `with evaluate.Compiles() as compiles: ...; compiles.count, compiles.seconds`. Programs read
-  from JAX's persistent compilation cache are counted apart (`compiles.from_cache`)."""
+  from JAX's persistent compilation cache are counted apart (`compiles.from_cache`);
+  `compiles.making` is the time spent making programs at all (tracing, lowering, compiling or
+  reading them). Another thread's programs (a sweep converting the next model in the
+  background) are not this thread's work and are not counted."""
 
   def __init__(self):
-    self.count, self.seconds, self.from_cache = 0, 0.0, 0
+    self.count, self.seconds, self.from_cache, self.making = 0, 0.0, 0, 0.0
+    self.thread: int | None = None  # the thread that opened it
 
   def __enter__(self) -> 'Compiles':
+    self.thread = threading.get_ident()
     _OPEN.append(self)
     return self
 
@@ -222,20 +228,32 @@ class Compiles:
 
 
 _OPEN: list[Compiles] = []
+# JAX times each program it makes in three steps (a jit cache hit makes none of them). Its
+# listeners run on the thread that made the program.
+_MAKING = ('/jax/core/compile/jaxpr_trace_duration',
+           '/jax/core/compile/jaxpr_to_mlir_module_duration',
+           '/jax/core/compile/backend_compile_duration')
+
+
+def _open_here() -> list[Compiles]:
+  thread = threading.get_ident()
+  return [counter for counter in _OPEN if counter.thread == thread]
 
 
 def _on_duration(event: str, duration: float, **kwargs) -> None:
   del kwargs
-  if event == '/jax/core/compile/backend_compile_duration':
-    for counter in _OPEN:
-      counter.count += 1
-      counter.seconds += duration
+  if event in _MAKING:
+    for counter in _open_here():
+      counter.making += duration
+      if event == _MAKING[-1]:
+        counter.count += 1
+        counter.seconds += duration
 
 
 def _on_event(event: str, **kwargs) -> None:
   del kwargs
   if event == '/jax/compilation_cache/cache_hits':
-    for counter in _OPEN:  # a cache hit went through the compile timer too: not a compile
+    for counter in _open_here():  # a cache hit went through the compile timer too: not a compile
       counter.from_cache += 1
       counter.count -= 1
 

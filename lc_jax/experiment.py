@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import jax
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -117,6 +118,16 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
   model_id = wanted.id or _default_id(wanted.checkpoint)
   return Model(module, jax.tree.map(jnp.asarray, variables), card, spec,
                layers_lib.inventory(module, spec.block_depth), model_id)
+
+
+def _checkpoint_sha256(settings: RunConfig, converted: Converted | None) -> str:
+  """The checkpoint's sha256, hashed by the first process alone (a zoo:ID is downloaded there
+  when not cached) and sent to the others: they read its conversion, never the checkpoint."""
+  def first():
+    if jax.process_index() != 0:
+      return None
+    return converted.sha256 if converted else _source_sha256(settings)
+  return sharding.first_process_digest(sharding.agreed('hashing the checkpoint', first))
 
 
 def _source_sha256(settings: RunConfig) -> str:
@@ -254,7 +265,8 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
   with lock, jax.default_matmul_precision(settings.matmul_precision):
     store = None
     try:
-      with evaluate.Compiles() as compiles, Phases() as phases:
+      with evaluate.Compiles() as compiles:
+        phases = Phases(compiles)
         store, model, images, labels, info, targets = _open(settings, workdir, primary, phases,
                                                             converted)
         with phases('compute'):
@@ -276,46 +288,22 @@ class Phases:
   converting it or reading an earlier conversion), 'images' (loading the images), 'compute'
   (evaluating the original and the resets) and 'compile' (tracing, lowering and compiling
   programs, or reading them from the persistent cache, in whichever phase it happened, and
-  taken out of that phase). Open while the run is: `with Phases() as phases:`, then
-  `with phases('images'): ...` around each phase."""
+  taken out of that phase, as `compiles` counted it). `with phases('images'): ...` around
+  each phase, while `compiles` is open."""
 
-  def __init__(self):
+  def __init__(self, compiles: evaluate.Compiles):
     self.seconds = {'conversion': 0.0, 'images': 0.0, 'compile': 0.0, 'compute': 0.0}
-    self.compiling = 0.0  # seconds of the compile events seen while open
-
-  def __enter__(self) -> 'Phases':
-    _OPEN_PHASES.append(self)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    _OPEN_PHASES.remove(self)
+    self._compiles = compiles
 
   @contextlib.contextmanager
   def __call__(self, name: str):
-    start, compiled = time.perf_counter(), self.compiling
+    start, made = time.perf_counter(), self._compiles.making
     try:
       yield
     finally:
-      compiling = self.compiling - compiled
-      self.seconds['compile'] += compiling
-      self.seconds[name] += time.perf_counter() - start - compiling
-
-
-_OPEN_PHASES: list[Phases] = []
-# JAX times each program it makes in three steps (a jit cache hit makes none of them).
-_COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
-                   '/jax/core/compile/jaxpr_to_mlir_module_duration',
-                   '/jax/core/compile/backend_compile_duration')
-
-
-def _on_duration(event: str, duration: float, **kwargs) -> None:
-  del kwargs
-  if event in _COMPILE_EVENTS:
-    for phases in _OPEN_PHASES:
-      phases.compiling += duration
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration)
+      making = self._compiles.making - made
+      self.seconds['compile'] += making
+      self.seconds[name] += time.perf_counter() - start - making
 
 
 def use_compilation_cache(folder: str) -> None:
@@ -324,14 +312,19 @@ def use_compilation_cache(folder: str) -> None:
   so a second process running the same architecture reads its programs instead of compiling."""
   folder = folder or os.environ.get('LC_JAX_COMPILATION_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'lc_jax', 'compilation')
-  if folder == 'none':
+  enabled = folder != 'none'
+  folder = os.path.abspath(os.path.expanduser(folder)) if enabled else None
+  if jax.config.jax_enable_compilation_cache == enabled and (
+      not enabled or jax.config.jax_compilation_cache_dir == folder):
     return
-  folder = os.path.abspath(os.path.expanduser(folder))
-  if jax.config.jax_compilation_cache_dir == folder:
-    return
-  jax.config.update('jax_compilation_cache_dir', folder)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  jax.config.update('jax_enable_compilation_cache', enabled)
+  if enabled:
+    jax.config.update('jax_compilation_cache_dir', folder)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  # JAX opens its cache once per process, at the first compile: another folder (a second run in
+  # this process, a test's own) takes effect only once the opened one is let go.
+  compilation_cache.reset_cache()
 
 
 def _open(settings: RunConfig, workdir: str, primary: bool, phases: Phases,
@@ -340,8 +333,9 @@ def _open(settings: RunConfig, workdir: str, primary: bool, phases: Phases,
   model is converted into it (`converted`: what `preconvert` did of this already)."""
   show = settings.progress and primary
   with phases('conversion'):
-    sha256 = converted.sha256 if converted else _source_sha256(settings)
-    results.refuse_other_run(workdir, _identity(settings, sha256))
+    sha256 = _checkpoint_sha256(settings, converted)
+    sharding.agreed('reading the workdir', lambda: results.refuse_other_run(
+        workdir, _identity(settings, sha256)))
     model = prepare_model(settings, workdir, sha256, converted)
   size = getattr(model.module, 'img_size', None)  # a ViT's position embedding fixes its input
   if size is not None and size != settings.data.crop_size:
@@ -444,7 +438,8 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
                        if pending else (0, {}))
   sharding.same_everywhere([pending, first_batch], 'states of results.csv and partial.json')
   def source(trial):  # placed on the mesh once, not at every use
-    tree = reset_source(settings, model, trial)
+    tree = sharding.agreed('reading the reset weights',
+                           lambda: reset_source(settings, model, trial))
     return None if tree is None else forward.replicate(tree)
   resets = {trial: reset.make(settings.reset.mode, model.layers, source=source(trial),
                               alpha=settings.reset.alpha)
@@ -495,7 +490,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
     if not final:
       progress.segment(b, c, forward.names[k], len(todo[k]))
     if b < info.num_batches - 1 and c == num_chunks - 1 and k == starts[-1]:
-      store.save_partial(b + 1, sums)
+      sharding.agreed('saving the partial sums', lambda: store.save_partial(b + 1, sums))
   missing = [key for key in pending if not store.done(*_unkey(key))]
   if missing:
     raise RuntimeError(f'{len(missing)} resets were not written, e.g. {missing[0]}')

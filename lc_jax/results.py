@@ -60,8 +60,12 @@ class Store:
     """Writes one row (tagged with this run's run_id) and makes it durable (flush + fsync)."""
     row = {**row, 'run_id': self.run_id}
     if self.writer:
-      self._file.write(schema.format_row(row))
-      self._sync()
+      try:
+        self._file.write(schema.format_row(row))
+        self._sync()
+      except OSError as e:  # a full disk: the rows written before this one stay
+        raise UserError(f'cannot write {self.path}: {e.strerror}; the rows written so far are '
+                        'kept: make room and run again to resume') from None
     self.rows.append(schema.parse_row(schema.cells(row)))
     self._keys.add((int(row['trial']), str(row['layer'])))
 
@@ -94,7 +98,7 @@ class Store:
           and all(key in saved for key in keys)
           and all(field in saved[key] for key in keys for field in fields)):
         return done, {key: {f: float(saved[key][f]) for f in fields} for key in keys}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
       pass
     logging.warning('%s does not fit this run (another run, batch count or set of resets, or '
                     'sums of an older version): its unfinished rows start over from the first '
@@ -106,13 +110,20 @@ class Store:
     if not self.writer:
       return
     partial = os.path.join(self.workdir, schema.PARTIAL)
-    if os.path.exists(partial):
-      os.remove(partial)
+    try:
+      if os.path.exists(partial):
+        os.remove(partial)
+    except OSError as e:
+      raise UserError(f'cannot remove {partial}: {e.strerror} (every row is written; delete '
+                      'it by hand)') from None
 
   def close(self) -> None:
     if self._file is not None:
-      self._file.close()
-      self._file = None
+      file, self._file = self._file, None
+      try:
+        file.close()
+      except OSError:  # what a failed append left buffered; the reader cuts a half row off
+        pass
 
   def _sync(self) -> None:
     self._file.flush()

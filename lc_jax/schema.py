@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 RESULTS = 'results.csv'
 RUN = 'run.json'
 PARTIAL = 'partial.json'
+SWEEP = 'sweep.json'  # a sweep's folder: its models, those done, those that failed
 LOCK = '.lock'  # held by the run that writes the workdir (lc_jax.workdir)
 ORIGINAL = 'original'  # the layer of the row holding the original model's own metrics
 

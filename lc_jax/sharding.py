@@ -84,20 +84,36 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
 def agreed(step: str, work: Callable[[], Any]) -> Any:
   """`work()`; with several processes, also a barrier after which all of them fail if any did:
   the one that failed with its own message, the others saying so (no process is left waiting
-  in a collective for one that stopped)."""
+  in a collective for one that stopped). A UserError then comes out `shared` on every process;
+  any other failure comes out of the others as a RuntimeError, so that none of them goes on."""
   error, result = None, None
   try:
     result = work()
   except Exception as e:  # pylint: disable=broad-except  # re-raised below
     error = e
   if jax.process_count() > 1:
-    failed = multihost_utils.process_allgather(np.int32(error is not None))
-    if error is None and np.any(failed):
-      raise UserError(f'process {int(np.argmax(failed))} failed while {step}; its output says '
-                      'why')
+    kinds = multihost_utils.process_allgather(
+        np.int32(0 if error is None else 1 if isinstance(error, UserError) else 2))
+    failed = kinds > 0
+    if np.any(failed):
+      user_errors = bool(np.all(kinds[failed] == 1))
+      if error is None:
+        message = f'process {int(np.argmax(failed))} failed while {step}; its output says why'
+        error = UserError(message) if user_errors else RuntimeError(message)
+      if isinstance(error, UserError) and user_errors:
+        error.shared = True
   if error is not None:
     raise error
   return result
+
+
+def first_process_digest(digest: str | None) -> str:
+  """The hex sha256 `digest` of the first process, on every process (the others pass None)."""
+  if jax.process_count() == 1:
+    return digest
+  raw = np.frombuffer(bytes.fromhex(digest), np.uint8) if jax.process_index() == 0 else np.zeros(
+      32, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).hex()
 
 
 def same_everywhere(state: Any, what: str) -> None:

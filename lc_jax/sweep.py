@@ -38,12 +38,14 @@ import ml_collections
 from lc_jax import errors
 from lc_jax import experiment
 from lc_jax import report
+from lc_jax import results
+from lc_jax import schema
 from lc_jax import sharding
 from lc_jax import workdir as workdir_lib
 from lc_jax import zoo
 from lc_jax.errors import UserError
 
-STATE = 'sweep.json'
+STATE = schema.SWEEP
 
 
 def select(models: str) -> list[str]:
@@ -85,13 +87,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
   While a model computes, the next one is downloaded and converted in a background thread
   (`experiment.preconvert`), so a model's own conversion is mostly a wait that has ended."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  for model_id in models:  # every setting checked before anything is written or downloaded
-    experiment.check(model_config(config, model_id))
+  # Every setting checked before anything is written or downloaded.
+  settings = {model_id: experiment.check(model_config(config, model_id)) for model_id in models}
   primary = jax.process_index() == 0
   show = config.progress and primary
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   with lock:
     state = _read_state(workdir)
+    sharding.same_everywhere(state, STATE)
+    for model_id in state['done']:  # kept only when this sweep would measure it the same way
+      if model_id in settings:
+        results.refuse_other_run(os.path.join(workdir, model_id),
+                                 {'config': settings[model_id].measured()})
     state['models'] = list(models)
     state['failed'] = {}  # failures are tried again
     start, finished_here = time.perf_counter(), 0
@@ -107,24 +114,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
         try:
           began = time.perf_counter()
           mine = ahead if ahead is not None and ahead.model_id == model_id else None
+          ready = mine.result() if mine else None  # None: it failed; done again here
           # Every process passes here together, failing together if the first one's conversion
           # failed (the others would otherwise wait for it inside the model's run).
           converted = sharding.agreed('converting the checkpoint', lambda: (
-              mine and mine.result()) or experiment.preconvert(model_config(config, model_id),
-                                                               path))
+              ready or experiment.preconvert(model_config(config, model_id), path)))
           here = time.perf_counter() - began  # waiting for the background, or converting here
-          if mine:
+          if ready:
             spent['converted_ahead'] = mine.seconds
           following = next((m for m in models[k + 1:] if m not in state['done']), None)
           ahead = _Ahead(config, workdir, following) if following and primary else None
           experiment.run(model_config(config, model_id), path, spent, converted)
         except UserError as e:
+          if jax.process_count() > 1 and not e.shared:  # the other processes went on: all stop
+            raise
           state['failed'][model_id] = str(e)
           if show:
             print(f'{model_id}: skipped: {e}', file=sys.stderr, flush=True)
         else:
           spent['conversion'] += here
           spent['wall'] += here
+          if primary:  # its folder as run.py leaves it
+            _criticality_figure(path)
           state['done'].append(model_id)
           finished_here += 1
           if timings is not None:
@@ -139,6 +150,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
                 f'{experiment.duration(per_model * len(left))} left', file=sys.stderr, flush=True)
     except (KeyboardInterrupt, SystemExit):
       ahead = None  # stopping does not wait for the conversion in the background (saves atomically)
+      raise
+    except Exception:  # pylint: disable=broad-except  # reported once the lock can be given up
+      if ahead is not None and show:
+        print(f'stopping once the background conversion of {ahead.model_id} is saved',
+              file=sys.stderr, flush=True)
       raise
     finally:  # otherwise the lock is not given up while that conversion writes
       if ahead is not None:
@@ -193,6 +209,12 @@ def _read_state(workdir: str) -> dict:
 def _write_state(workdir: str, state: dict) -> None:
   workdir_lib.write_atomically(os.path.join(workdir, STATE),
                                json.dumps(state, indent=2) + '\n')
+
+
+def _criticality_figure(path: str) -> None:
+  """WORKDIR/<id>/criticality.png, as run.py draws it (none when no layer was reset)."""
+  with contextlib.suppress(UserError):
+    report.write_workdir_report(path)
 
 
 def _figures(workdir: str, done: Sequence[str]) -> None:

@@ -10,6 +10,7 @@ host and start time, which a refused run names.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -72,8 +73,12 @@ class Lock:
                       'does not support flock; use a local folder') from None
     holder = {'pid': os.getpid(), 'host': socket.gethostname(),
               'started': datetime.datetime.now().astimezone().isoformat(timespec='seconds')}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + '\n').encode(), 0)
+    try:  # who holds it, for the message a second run gets
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, (json.dumps(holder) + '\n').encode(), 0)
+    except OSError as e:
+      os.close(fd)
+      raise UserError(f'cannot write to the workdir {self.workdir}: {e.strerror}') from None
     self._fd = fd
     return self
 
@@ -103,6 +108,7 @@ def write_atomically(path: str, text: str) -> None:
       os.fsync(f.fileno())
     os.replace(partial, path)
   except OSError as e:
-    if os.path.exists(partial):
-      os.remove(partial)
     raise UserError(f'cannot write {path}: {e.strerror}') from None
+  finally:  # also when stopped (Ctrl-C) before the replace; after it, nothing is left
+    with contextlib.suppress(OSError):
+      os.remove(partial)

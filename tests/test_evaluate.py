@@ -224,3 +224,64 @@ def test_busy_counts_the_time_dispatched_work_was_unfinished():
   finished += waited
   print(f'busy {busy.seconds:.3f} s of {finished:.3f} s of work; fraction {busy.fraction:.2f}')
   assert busy.fraction < finished / (finished + 0.6) + 0.05
+
+
+def test_compiles_counts_this_threads_programs_and_a_new_cache_folder_takes_effect(tmp_path):
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  first, second = tmp_path / 'first', tmp_path / 'second'
+  experiment.use_compilation_cache(str(first))
+  with evaluate.Compiles() as compiles:
+    jax.jit(lambda x: x * 2 + 1)(np.arange(3.0, dtype=np.float32)).block_until_ready()
+    # A program made on another thread (a sweep converting the next model) is not this run's.
+    other = threading.Thread(
+        target=lambda: jax.jit(lambda x: x * 7 - 1)(np.arange(5.0, dtype=np.float32)).block_until_ready())
+    other.start()
+    other.join()
+  assert (compiles.count, compiles.from_cache) == (1, 0)
+  assert compiles.making >= compiles.seconds > 0
+  written = set(os.listdir(first))
+  assert written
+  # JAX opens its persistent cache once per process: a second folder must take over all the same.
+  experiment.use_compilation_cache(str(second))
+  jax.jit(lambda x: x * 3 + 1)(np.arange(3.0, dtype=np.float32)).block_until_ready()
+  assert os.listdir(second) and set(os.listdir(first)) == written
+  experiment.use_compilation_cache('none')
+  jax.jit(lambda x: x * 5 + 1)(np.arange(3.0, dtype=np.float32)).block_until_ready()
+  assert len(os.listdir(second)) == 1 and set(os.listdir(first)) == written
+  experiment.use_compilation_cache(str(first))
+  with evaluate.Compiles() as compiles:  # the first program again, from the first folder
+    jax.jit(lambda x: x * 2 + 1)(np.arange(3.0, dtype=np.float32)).block_until_ready()
+  assert (compiles.count, compiles.from_cache) == (0, 1)
+  experiment.use_compilation_cache('')  # back to the session's folder
+
+
+@pytest.mark.parametrize('here, there, raised, shared', [
+    (None, 0, None, None),
+    (None, 1, UserError, True),  # the other process's UserError: all of them skip it together
+    (None, 2, RuntimeError, None),  # its crash: none goes on
+    (UserError, 0, UserError, True),
+    (UserError, 2, UserError, False),  # a crash elsewhere: not to be skipped
+    (KeyError, 1, KeyError, None)])
+def test_agreed_fails_every_process_and_shares_only_user_errors(monkeypatch, here, there,
+                                                                raised, shared):
+  # Process 0 of two; process 1's outcome is `there` (0 done, 1 UserError, 2 another error).
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(sharding.multihost_utils, 'process_allgather',
+                      lambda kind: np.array([kind, there], np.int32))
+
+  def work():
+    if here is not None:
+      raise here('bad input here')
+    return 'result'
+  if raised is None:
+    assert sharding.agreed('reading', work) == 'result'
+    return
+  with pytest.raises(raised) as error:
+    sharding.agreed('reading', work)
+  if here is None:
+    assert str(error.value) == 'process 1 failed while reading; its output says why'
+  else:
+    assert 'bad input here' in str(error.value)
+  if shared is not None:
+    assert error.value.shared is shared

@@ -3,6 +3,7 @@ and the command line, on small hand-made CSVs with known values."""
 
 import csv
 import math
+import json
 import os
 import subprocess
 import sys
@@ -301,6 +302,24 @@ def test_cli_writes_heatmap_and_scatter(tmp_path):
   result = _cli([a, b, '--top', '0'], cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   assert (tmp_path / 'heatmap.png').exists() and (tmp_path / 'scatter.png').exists()
+
+
+def test_cli_reads_a_sweeps_folder_in_its_order(tmp_path):
+  sweep = tmp_path / 'sweep'
+  write_results(sweep / 'tv_resnet50', 'tv_resnet50', [[0.5, 0.4, 0.3, 0.2, 0.1]] * 3)
+  write_results(sweep / 'resnet50_dino', 'resnet50_dino', [[0.1, 0.2, 0.3, 0.4, 0.5]] * 3)
+  (sweep / 'resnet50_moco_v3_100ep').mkdir()  # failed: no results
+  (sweep / 'heatmap.png').write_bytes(b'\x89PNG')  # what a sweep draws beside its models
+  (sweep / 'sweep.json').write_text(json.dumps({
+      'models': ['tv_resnet50', 'resnet50_moco_v3_100ep', 'resnet50_dino'],
+      'done': ['tv_resnet50', 'resnet50_dino'], 'failed': {'resnet50_moco_v3_100ep': '404'}}))
+  assert report.results_of(str(sweep)) == [str(sweep / m / 'results.csv')
+                                           for m in ('tv_resnet50', 'resnet50_dino')]
+  result = _cli([str(sweep), '--out', str(tmp_path / 'figures')], cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.index('tv_resnet50') < result.stdout.index('resnet50_dino')
+  (sweep / 'sweep.json').write_text(json.dumps({'models': ['a'], 'done': [], 'failed': {}}))
+  _assert_one_error_line(_cli([str(sweep)], cwd=tmp_path), 'has no finished model yet')
 
 
 def _bad_inputs(tmp_path):

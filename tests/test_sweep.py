@@ -130,6 +130,7 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
   for model_id in MODELS:
     rows = (out / model_id / schema.RESULTS).read_text().splitlines()
     assert len(rows) == 1 + 1 + 3 and rows[1].startswith(f'{model_id},original,')
+    assert (out / model_id / 'criticality.png').exists()  # as run.py leaves its workdir
 
   # Killed in its second model, then run again with a fresh zoo cache of its own.
   args, env = _sweep(tmp_path / 'killed' / 'out', served, tmp_path / 'zoo_killed')
@@ -152,6 +153,14 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
   assert _files(killed) == _files(out)
   with open(killed / 'sweep.json') as f:
     assert json.load(f) == state
+
+  # Run again with other settings, a finished sweep is refused, not reported done.
+  from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  config.trials = 2
+  with pytest.raises(UserError, match=r'holds a run of another configuration \(config\.trials: 1 '
+                                      r'-> 2\); use a new --workdir'):
+    sweep.run(config, workdir, list(MODELS))
+  assert _files(out) == _files(killed)
 
 
 def test_models_are_selected_by_all_category_or_ids():

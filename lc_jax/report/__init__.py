@@ -3,8 +3,8 @@ r"""Tables and figures of layer criticality, from the runner's results.csv or th
     python -m lc_jax.report OUT1 OUT2 ... [--out DIR] [--top 10]
     python -m lc_jax.report --compare PAPER_CSV OUT1 OUT2 ...   # ours against the paper's
 
-Each argument is a workdir holding results.csv, or a results CSV itself: the runner's, or the
-paper's released raw-results/results.csv (github.com/paulgavrikov/layer_criticality), which holds
+Each argument is a workdir holding results.csv, a sweep's folder (every finished model in it), or
+a results CSV itself: the runner's, or the paper's released raw-results/results.csv (github.com/paulgavrikov/layer_criticality), which holds
 many models in one file. Writes DIR/heatmap.png (models x layers, the paper's Figure 1) and
 DIR/scatter.png (original top-1 against mean criticality), and prints a table per model.
 
@@ -38,6 +38,7 @@ from lc_jax.report.read import clean_layer_name
 from lc_jax.report.read import guess_kind
 from lc_jax.report.read import load
 from lc_jax.report.read import resolve
+from lc_jax.report.read import results_of
 from lc_jax.report.read import STAGE_PATTERN
 from lc_jax.report.read import WRAPPER_PREFIXES
 from lc_jax.report.stats import by_model

@@ -12,7 +12,7 @@ from lc_jax import workdir
 from lc_jax.errors import UserError
 from lc_jax.report import compare
 from lc_jax.report.figures import plot_criticality, plot_study
-from lc_jax.report.read import load, resolve
+from lc_jax.report.read import load, resolve, results_of
 from lc_jax.report.stats import by_model, summarize
 from lc_jax.report.text import model_table, table
 
@@ -41,12 +41,13 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   paths = argv[1:]
   if not paths:
-    raise UserError('give at least one workdir or results CSV: '
+    raise UserError('give at least one workdir, sweep folder or results CSV: '
                     'python -m lc_jax.report OUT1 OUT2 ... [--out DIR]')
   out, top = flags.FLAGS.out, flags.FLAGS.top
   rows = []
   for path in paths:
-    rows += load(path)
+    for csv_path in results_of(path):
+      rows += load(csv_path)
   if flags.FLAGS.compare:
     comparisons = compare.compare(load(flags.FLAGS.compare), rows)
     if not comparisons:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import json
 import math
 import os
 import re
@@ -36,6 +37,23 @@ def resolve(path: str) -> str:
   if not os.path.isfile(path):
     raise UserError(f'{path}: no such file or folder')
   return path
+
+
+def results_of(path: str) -> list[str]:
+  """The results CSVs that `path` names: a results CSV, a run's workdir, or a sweep's folder
+  (each finished model's results, in the sweep's order)."""
+  sweep = os.path.join(path, schema.SWEEP)
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, schema.RESULTS)) and (
+      os.path.isfile(sweep)):
+    try:
+      with open(sweep, encoding='utf-8') as f:
+        done = [str(model_id) for model_id in json.load(f)['done']]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise UserError(f'cannot read {sweep} ({e})') from None
+    if not done:
+      raise UserError(f'the sweep in {path} has no finished model yet')
+    return [resolve(os.path.join(path, model_id)) for model_id in done]
+  return [resolve(path)]
 
 
 def clean_layer_name(name: str) -> str:
