@@ -229,7 +229,7 @@ def _settings(arch, path, workdir, tmp_path, **extra):
   """A small run's settings as {dotted config key: value}."""
   size = SIZES[models.get(arch).family]
   return {'model.checkpoint': path, 'model.arch': arch, 'data.source': 'photos',
-          'data.num_images': 5, 'data.order': 'sorted', 'data.resize_size': size + size // 8,
+          'data.num_images': 4, 'data.order': 'sorted', 'data.resize_size': size + size // 8,
           'data.crop_size': size, 'data.batch_size': 4, 'trials': 1, 'progress': False,
           'reset.layer_types': 'conv,linear,layernorm,embedding,layer_scale',
           'reset.layers': RUN_LAYERS[arch], 'cache_dir': str(tmp_path / 'cache'),
