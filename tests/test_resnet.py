@@ -1,6 +1,7 @@
 """Flax ResNets compute what timm's and torchvision's ResNets compute, stage by stage."""
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -106,6 +107,33 @@ def test_saved_model_restores_exactly(tmp_path):
     np.testing.assert_array_equal(loaded[key], value, err_msg=key)
   np.testing.assert_array_equal(_apply(module, restored, images),
                                 _apply(models.create_from_card(metadata), variables, images))
+
+
+def test_two_writers_of_one_model_folder_take_turns(tmp_path):
+  # Two runs converting the same zoo model into its shared cache at once: before the writers took
+  # turns, saves failed (a move onto the other's variables/, a card already gone), and after such
+  # a failure orbax's next saves timed out.
+  import threading  # pylint: disable=g-import-not-at-top
+  shapes = models.variable_shapes(models.create('resnet18'), 32)
+  errors = []
+
+  def save(value):
+    variables = jax.tree.map(lambda s: np.full(s.shape, value, np.float32), shapes)
+    try:
+      models.save(str(tmp_path / 'm'), 'resnet18', variables, {'num_classes': 1000},
+                  overwrite=True)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  for _ in range(4):
+    writers = [threading.Thread(target=save, args=(value,)) for value in (1.0, 2.0)]
+    for writer in writers:
+      writer.start()
+    for writer in writers:
+      writer.join()
+    assert not errors, errors
+    _, variables, _ = models.load(str(tmp_path / 'm'))  # one writer's model, whole (digest checked)
+    assert len({float(np.asarray(leaf).flat[0]) for leaf in jax.tree.leaves(variables)}) == 1
+  assert sorted(os.listdir(tmp_path / 'm')) == ['.saving', 'model.json', 'variables']
 
 
 def _flat(tree):

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,14 +33,13 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
   """Writes `variables` of architecture `arch` and its card to `directory`; returns its path.
 
   The variables are written to a temporary folder first and moved in place, so an interrupted
-  save never leaves a half-written model behind.
+  save never leaves a half-written model behind. Writers of one folder (two runs converting the
+  same zoo model into its shared cache) take turns for the move; the last one's model stays.
   """
   directory = os.path.abspath(directory)
-  if os.path.exists(os.path.join(directory, CARD)):
-    if not overwrite:
-      raise UserError(f'{directory} already holds a converted model; choose another output '
-                      'folder or allow overwriting it')
-    os.remove(os.path.join(directory, CARD))
+  if os.path.exists(os.path.join(directory, CARD)) and not overwrite:
+    raise UserError(f'{directory} already holds a converted model; choose another output '
+                    'folder or allow overwriting it')
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:
@@ -49,18 +50,34 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
   try:
     with _checkpointer() as checkpointer:
       checkpointer.save(staging, variables)
-    # Without a card, variables/ left here is from an interrupted save: never a model to keep.
-    shutil.rmtree(os.path.join(directory, VARIABLES), ignore_errors=True)
-    os.replace(staging, os.path.join(directory, VARIABLES))
     card = dict(metadata or {}, arch=arch, variables_sha256=digest(variables))
     with open(os.path.join(directory, f'{CARD}.{unique}'), 'w') as f:
       json.dump(card, f, indent=2, sort_keys=True)
-    os.replace(os.path.join(directory, f'{CARD}.{unique}'), os.path.join(directory, CARD))
-  except PermissionError as e:
+    with _taking_turns(directory):
+      # Without a card, variables/ is never a model to keep (nor one an interrupted save left).
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(directory, CARD))
+      shutil.rmtree(os.path.join(directory, VARIABLES), ignore_errors=True)
+      os.replace(staging, os.path.join(directory, VARIABLES))
+      os.replace(os.path.join(directory, f'{CARD}.{unique}'), os.path.join(directory, CARD))
+  except OSError as e:
     raise UserError(f'cannot write the model to {directory}: {e.strerror}') from None
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(directory, f'{CARD}.{unique}'))
   return directory
+
+
+@contextlib.contextmanager
+def _taking_turns(directory: str):
+  """Holds DIR/.saving's lock (flock, waiting for it) while the block runs."""
+  fd = os.open(os.path.join(directory, '.saving'), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
 
 
 def digest(variables: dict) -> str:
