@@ -51,6 +51,7 @@ class Store:
       if self._file.tell() == 0:
         self._file.write(schema.header())
         self._sync()
+        workdir_lib.sync_folder(self.workdir)  # the new file's entry too
 
   def done(self, trial: int, layer: str) -> bool:
     """Whether the row of (trial, layer) is already stored."""

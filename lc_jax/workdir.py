@@ -112,3 +112,15 @@ def write_atomically(path: str, text: str) -> None:
   finally:  # also when stopped (Ctrl-C) before the replace; after it, nothing is left
     with contextlib.suppress(OSError):
       os.remove(partial)
+  sync_folder(os.path.dirname(path))
+
+
+def sync_folder(folder: str) -> None:
+  """fsyncs `folder` itself, so that a file just created or renamed in it survives a power loss
+  (where the filesystem allows it)."""
+  with contextlib.suppress(OSError):
+    fd = os.open(folder or '.', os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
