@@ -34,7 +34,7 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
 
   The variables are written to a temporary folder first and moved in place, so an interrupted
   save never leaves a half-written model behind. Writers of one folder (two runs converting the
-  same zoo model into its shared cache) take turns for the move; the last one's model stays.
+  same zoo model into its shared cache) take turns; the last one's model stays.
   """
   directory = os.path.abspath(directory)
   if os.path.exists(os.path.join(directory, CARD)) and not overwrite:
@@ -48,12 +48,12 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
   unique = f'{os.getpid()}.{uuid.uuid4().hex[:8]}.partial'
   staging = os.path.join(directory, f'.{VARIABLES}.{unique}')
   try:
-    with _checkpointer() as checkpointer:
-      checkpointer.save(staging, variables)
-    card = dict(metadata or {}, arch=arch, variables_sha256=digest(variables))
-    with open(os.path.join(directory, f'{CARD}.{unique}'), 'w') as f:
-      json.dump(card, f, indent=2, sort_keys=True)
     with _taking_turns(directory):
+      with _checkpointer() as checkpointer:
+        checkpointer.save(staging, variables)
+      card = dict(metadata or {}, arch=arch, variables_sha256=digest(variables))
+      with open(os.path.join(directory, f'{CARD}.{unique}'), 'w') as f:
+        json.dump(card, f, indent=2, sort_keys=True)
       # Without a card, variables/ is never a model to keep (nor one an interrupted save left).
       with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(directory, CARD))
