@@ -307,8 +307,8 @@ class Busy:
       self._pending.popleft()
     if self._newest is not None and self._newest[1].is_ready():
       self._newest = None
-    began = [t for t, _ in ([self._pending[0]] if self._pending else []) +
-             ([self._newest] if self._newest else [])]
+    began = [held[0] for held in (self._pending[0] if self._pending else None, self._newest)
+             if held is not None]
     if began:
       self.seconds += now - max(self.covered, min(began))
     self.covered = now

@@ -112,8 +112,9 @@ class Store:
       return
     partial = os.path.join(self.workdir, schema.PARTIAL)
     try:
-      if os.path.exists(partial):
-        os.remove(partial)
+      os.remove(partial)
+    except FileNotFoundError:
+      pass
     except OSError as e:
       raise UserError(f'cannot remove {partial}: {e.strerror} (every row is written; delete '
                       'it by hand)') from None

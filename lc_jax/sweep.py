@@ -45,8 +45,6 @@ from lc_jax import workdir as workdir_lib
 from lc_jax import zoo
 from lc_jax.errors import UserError
 
-STATE = schema.SWEEP
-
 
 def select(models: str) -> list[str]:
   """The zoo ids that `--models` names: 'all', 'category:C', or ids separated by commas."""
@@ -94,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   with lock:
     state = _read_state(workdir)
-    sharding.same_everywhere(state, STATE)
+    sharding.same_everywhere(state, schema.SWEEP)
     for model_id in state['done']:  # kept only when this sweep would measure it the same way
       if model_id in settings:
         results.refuse_other_run(os.path.join(workdir, model_id),
@@ -193,7 +191,7 @@ class _Ahead:
 
 
 def _read_state(workdir: str) -> dict:
-  path = os.path.join(workdir, STATE)
+  path = os.path.join(workdir, schema.SWEEP)
   if not os.path.exists(path):
     return {'models': [], 'done': [], 'failed': {}}
   try:
@@ -207,7 +205,7 @@ def _read_state(workdir: str) -> dict:
 
 
 def _write_state(workdir: str, state: dict) -> None:
-  workdir_lib.write_atomically(os.path.join(workdir, STATE),
+  workdir_lib.write_atomically(os.path.join(workdir, schema.SWEEP),
                                json.dumps(state, indent=2) + '\n')
 
 

@@ -88,6 +88,18 @@ class Lock:
       self._fd = None
 
 
+@contextlib.contextmanager
+def take_turns(path: str):
+  """Holds the `flock` of the file `path` for as long as the `with` block runs, waiting for it
+  while another writer holds it (unlike `Lock`, which refuses at once)."""
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
 def _holder(path: str) -> str:
   try:
     with open(path, encoding='utf-8') as f:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lc_jax import workdir
 from lc_jax.errors import UserError
 from lc_jax.models import registry
 
@@ -48,7 +48,7 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
   unique = f'{os.getpid()}.{uuid.uuid4().hex[:8]}.partial'
   staging = os.path.join(directory, f'.{VARIABLES}.{unique}')
   try:
-    with _taking_turns(directory):
+    with workdir.take_turns(os.path.join(directory, '.saving')):
       with _checkpointer() as checkpointer:
         checkpointer.save(staging, variables)
       card = dict(metadata or {}, arch=arch, variables_sha256=digest(variables))
@@ -67,17 +67,6 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(directory, f'{CARD}.{unique}'))
   return directory
-
-
-@contextlib.contextmanager
-def _taking_turns(directory: str):
-  """Holds DIR/.saving's lock (flock, waiting for it) while the block runs."""
-  fd = os.open(os.path.join(directory, '.saving'), os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    os.close(fd)
 
 
 def digest(variables: dict) -> str:
