@@ -11,19 +11,24 @@ A model's forward is a chain of segments (`module.segments()`: 'stem', each resi
 so the original model and every reset of it share the compiled code, and a run from segment k
 chains the compiled segments k, k+1, ... on the device without a host round trip. A segment is
 handed only its own variables (the layers the inventory assigns to its block), so a reset
-elsewhere does not even reach it.
+elsewhere does not even reach it. A block that a family can build on its own
+(`module.standalone(k)`: the block module and its variables' path) runs as that module on its
+variables re-rooted, so equal blocks (a stage's blocks after its first, all of a ViT's) are one
+program, compiled once.
 
 Devices (lc_jax.sharding): all devices (every process's, with several) form a `Mesh` with axes
 ('resets', 'batch'). Images are sharded along 'batch' (a batch comes padded to a multiple of its
-size, the padding masked out, from lc_jax.data.chunks) and variables are replicated. By default 'resets' has size 1: every device holds a slice of
-every batch. When batches are small next to the device count, `resets=R` splits the devices
-into R groups and `many` evaluates R resets at once, one per group, each on the whole batch
-(sharded within its group). On one device all of this is plain jit.
+size, the padding masked out, from lc_jax.data.chunks) and variables are replicated. By default
+'resets' has size 1: every device holds a slice of every batch. When batches are small next to
+the device count, `resets=R` splits the devices into R groups and `many` evaluates R resets at
+once, one per group, each on the whole batch (sharded within its group). On one device all of
+this is plain jit.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import threading
 import time
@@ -66,11 +71,15 @@ class Forward:
     self.index = {name: k for k, name in enumerate(self.names)}
     self.mesh = mesh or sharding.make_mesh()
     self._paths = segment_paths(self.names, layers)
+    # What each segment's program runs, and the path its variables are re-rooted from.
+    self._runs, self._roots = zip(*(_segment_run(module, k, self._paths[k])
+                                    for k in range(len(self.names))))
     # The variables are arguments, never constants, and the programs are shared by every
     # Forward of an equal module on the same mesh: a second model of the same architecture,
     # shapes and precision compiles nothing.
     program = _segment_program(self.mesh)
-    self._segment = lambda variables, x, k: program(self.module, variables, x, k)
+    self._segment = lambda variables, x, k: program(
+        self._runs[k], _rerooted(variables, self._roots[k]), x)
     self._spread: set[tuple[int, str]] = set()  # the (segment, kind) spread programs used
     # Called with each segment's output as soon as the segment is dispatched (Busy.dispatched).
     self.on_dispatch: Callable[[jax.Array], None] = lambda x: None
@@ -102,15 +111,24 @@ class Forward:
       self.on_dispatch(x)
     return x
 
+  def inputs(self, variables: dict, images: jax.ShapeDtypeStruct) -> list[jax.ShapeDtypeStruct]:
+    """Each segment's input for a batch of `images` (traced, nothing is computed)."""
+    shapes = [images]
+    for k in range(len(self.names) - 1):
+      shapes.append(jax.eval_shape(
+          self._runs[k], _rerooted(self._variables_of(variables, k), self._roots[k]), shapes[-1]))
+    return shapes
+
   def input_bytes(self, variables: dict, images: jax.ShapeDtypeStruct) -> list[int]:
-    """Bytes of each segment's input for a batch of `images` (traced, nothing is computed):
-    what the walk keeps while the resets of that segment run."""
-    sizes, x = [], images
-    for k in range(len(self.names)):
-      sizes.append(x.size * x.dtype.itemsize)
-      x = jax.eval_shape(lambda v, h, k=k: self._apply_segment(v, h, k),
-                         self._variables_of(variables, k), x)
-    return sizes
+    """Bytes of each segment's input for a batch of `images`: what the walk keeps while the
+    resets of that segment run."""
+    return [x.size * x.dtype.itemsize for x in self.inputs(variables, images)]
+
+  def programs(self, variables: dict, images: jax.ShapeDtypeStruct) -> int:
+    """How many segment programs a forward of `images` compiles: one per segment, except that
+    equal blocks on inputs of one shape share theirs."""
+    inputs = self.inputs(variables, images)
+    return len({(run, x.shape, x.dtype) for run, x in zip(self._runs, inputs)})
 
   def many(self, variables: Sequence[dict], x: jax.Array, start: int) -> list[jax.Array]:
     """Logits of every tree in `variables` from segment `start` on `x` (as `__call__`).
@@ -132,14 +150,15 @@ class Forward:
         own = [self._variables_of(tree, k) for tree in chunk]
         if _same_leaves(own):
           if stacked:
-            h = self._spread_segment(k, 'one variables')(self.replicate(own[0]), h)
+            h = self._spread_segment(k, 'one variables')(
+                self.replicate(_rerooted(own[0], self._roots[k])), h)
             self.on_dispatch(h)
           else:
             h = self._segment(self.replicate(own[0]), h, k)
             self.on_dispatch(h)
         else:
           trees = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                               *[self.replicate(tree) for tree in own])
+                               *[self.replicate(_rerooted(tree, self._roots[k])) for tree in own])
           h = self._spread_segment(k, 'stacked' if stacked else 'one input')(trees, h)
           self.on_dispatch(h)
           stacked = True
@@ -151,7 +170,7 @@ class Forward:
     group's variables on the walk's activation), 'stacked' (its variables on its activation)
     or 'one variables' (the same variables on each group's activation)."""
     self._spread.add((k, kind))
-    return _spread_program(self.mesh, self.module, k, kind)
+    return _spread_program(self.mesh, self._runs[k], kind)
 
   def _variables_of(self, variables: dict, k: int) -> dict:
     """The part of `variables` that segment k reads: its layers' subtrees, paths kept."""
@@ -169,36 +188,73 @@ class Forward:
         out[path[-1]] = node
     return own
 
-  def _apply_segment(self, variables: dict, x: jax.Array, k: int) -> jax.Array:
-    return _apply_segment(self.module, variables, x, k)
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What one segment program computes: segment `k` of `module`, or, with `k` None, `module`
+  whole (a block on its own). Static for jit and compared by value, so equal runs share one
+  program."""
+
+  module: nn.Module
+  k: int | None = None
+
+  def __call__(self, variables: dict, x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.uint8:  # images as stored; float images come in [0, 1]
+      x = x.astype(jnp.float32) / 255.0
+    if self.k is None:
+      return self.module.apply(variables, x)
+    return self.module.apply(variables, x, self.k, self.k + 1)
 
 
-def _apply_segment(module: nn.Module, variables: dict, x: jax.Array, k: int) -> jax.Array:
-  if k == 0 and x.dtype == jnp.uint8:  # images as stored; float images come in [0, 1]
-    x = x.astype(jnp.float32) / 255.0
-  return module.apply(variables, x, k, k + 1)
+def _segment_run(module: nn.Module, k: int, paths: Sequence[tuple[str, ...]]
+                 ) -> tuple[_Run, tuple[str, ...]]:
+  """(what segment k's program runs, the path its variables are re-rooted from): the family's
+  standalone block when it has one (`module.standalone(k)`), else the model's segment k."""
+  block = getattr(module, 'standalone', lambda k: None)(k)
+  if block is None:
+    return _Run(module, k), ()
+  block_module, root = block
+  outside = [path for path in paths if tuple(path[:len(root)]) != tuple(root)]
+  if outside:
+    raise ValueError(f'segment {k}: layer {"/".join(outside[0])} lies outside its block '
+                     f'{"/".join(root)}')
+  return _Run(block_module), tuple(root)
+
+
+def _rerooted(variables: dict, root: tuple[str, ...]) -> dict:
+  """`variables` (a segment's own) with every collection's subtree at `root` as its top."""
+  out = {}
+  for collection, tree in variables.items():
+    for part in root:
+      tree = tree[part]
+    out[collection] = tree
+  return out
+
+
+def _run(run: _Run, variables: dict, x: jax.Array) -> jax.Array:
+  return run(variables, x)
 
 
 @functools.lru_cache(maxsize=None)
 def _segment_program(mesh: Mesh):
-  """One jitted segment for every module on `mesh` (module and segment are static arguments:
-  jit compiles once per (module, segment, input shape), whichever Forward asks)."""
+  """One jitted segment for every module on `mesh` (what it runs is a static argument: jit
+  compiles once per (run, input shape), whichever Forward and whichever segment asks)."""
   sharded = NamedSharding(mesh, P('batch'))
-  return jax.jit(_apply_segment, static_argnums=(0, 3),
+  return jax.jit(_run, static_argnums=(0,),
                  in_shardings=(NamedSharding(mesh, P()), sharded), out_shardings=sharded)
 
 
 @functools.lru_cache(maxsize=None)
-def _spread_program(mesh: Mesh, module: nn.Module, k: int, kind: str):
+def _spread_program(mesh: Mesh, run: _Run, kind: str):
   stacked_vars, stacked_input = {'one input': (True, False), 'stacked': (True, True),
                                  'one variables': (False, True)}[kind]
 
   def body(tree, x):
     if not stacked_input:
-      return jax.lax.map(lambda t: _apply_segment(module, t, x, k), tree)
+      return jax.lax.map(lambda t: run(t, x), tree)
     if not stacked_vars:
-      return jax.lax.map(lambda h: _apply_segment(module, tree, h, k), x)
-    return jax.lax.map(lambda pair: _apply_segment(module, pair[0], pair[1], k), (tree, x))
+      return jax.lax.map(lambda h: run(tree, h), x)
+    return jax.lax.map(lambda pair: run(*pair), (tree, x))
   return jax.jit(jax.shard_map(
       body, mesh=mesh,
       in_specs=(P('resets') if stacked_vars else P(),

@@ -1,7 +1,8 @@
 """The contract every registered architecture keeps, checked for each of `models.names()`.
 
 A new family is a model file and a converter file; this test covers it without being edited:
-its segments chain to the whole forward, every variable belongs to exactly one segment, the
+its segments chain to the whole forward (equal blocks sharing one compiled program), every
+variable belongs to exactly one segment, the
 inventory's layers cover every variable, a checkpoint of its torch names converts back to the
 same variables (and is recognised as this architecture), and a fresh reset keeps shapes and
 dtypes.
@@ -80,11 +81,16 @@ def test_segments_chain_to_the_whole_forward(smallest):
   images = (np.random.RandomState(1).rand(2, SIZE, SIZE, 3) * 255).astype(np.uint8)
   whole = np.asarray(jax.jit(module.apply)(variables, images.astype(np.float32) / 255))
   x = forward.put(images)
-  chained = np.asarray(forward(variables, x))
+  with evaluate.Compiles() as compiles:  # no other test runs these segments at this size
+    chained = np.asarray(forward(variables, x))
   difference = np.abs(chained - whole).max()
-  print(f'{arch}: {len(forward.names)} segments; chained vs one program: max abs diff '
-        f'{difference:.2g} (largest logit {np.abs(whole).max():.3g})')
+  programs = forward.programs(variables, jax.ShapeDtypeStruct(images.shape, images.dtype))
+  print(f'{arch}: {len(forward.names)} segments in {programs} programs; chained vs one '
+        f'program: max abs diff {difference:.2g} (largest logit {np.abs(whole).max():.3g})')
   assert difference <= 1e-5 * max(1.0, np.abs(whole).max())
+  # Equal blocks (a stage's blocks after its first, all of a ViT's) are one program, its own
+  # module on its variables re-rooted: every family has some, and the chain compiles each once.
+  assert compiles.count + compiles.from_cache == programs < len(forward.names)
   # From a segment on, given the original's activation there: the chain's logits bit for bit.
   starts = sorted({1, len(forward.names) // 2, len(forward.names) - 1})
   for k in starts:

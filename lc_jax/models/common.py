@@ -83,6 +83,13 @@ def stage_ranges(depths: Sequence[int], start: int, stop: int):
     first += depth
 
 
+def block_at(depths: Sequence[int], k: int) -> tuple[int, int] | None:
+  """(stage, block) of segment k, or None for the stem and the head (see `stage_ranges`)."""
+  for stage, lo, _ in stage_ranges(depths, k, k + 1):
+    return stage, lo
+  return None
+
+
 def normalize(images, mean: Sequence[float], std: Sequence[float], dtype: Any):
   """Maps images in [0, 1] to the model's input space, (x - mean) / std per channel."""
   images = jnp.asarray(images, jnp.float32)

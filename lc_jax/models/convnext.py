@@ -169,6 +169,17 @@ class ConvNeXt(nn.Module):
                                  for stage, depth in enumerate(self.depths)
                                  for index in range(depth)])
 
+  @nn.nowrap  # builds a module of its own, not a child of this one
+  def standalone(self, k: int) -> tuple[nn.Module, tuple[str, ...]] | None:
+    """Segment k as a module of its own and the path of its variables, for a block that is only
+    a block (None for the stem, the head and a stage's block 0 after the first stage, which runs
+    the stage's downsample too): equal blocks run one compiled program (lc_jax.evaluate)."""
+    place = common.block_at(self.depths, k)
+    if place is None or (place[0] > 0 and place[1] == 0):
+      return None
+    stage, index = place
+    return Block(self.conv_mlp, self.dtype), ('stages', str(stage), 'blocks', str(index))
+
   def place(self, path: Sequence[str]) -> tuple[str, str] | None:
     """A stage's layers: block 'stages.N.blocks.M' (block 0 for the downsample), stage
     'stages.N'."""

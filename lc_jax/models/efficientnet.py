@@ -140,6 +140,17 @@ class InvertedResidual(nn.Module):
     return y
 
 
+def _make_block(stage: int, width: int, index: int, dtype: Any,
+                name: str | None = None) -> nn.Module:
+  """Block `index` of stage number `stage` (kernel, stride, expansion from the tables above);
+  only the first one strides."""
+  kernel, expansion = KERNELS[stage], EXPANSIONS[stage]
+  stride = STRIDES[stage] if index == 0 else 1
+  if expansion == 1:
+    return DepthwiseSeparable(width, kernel, stride, dtype, name=name)
+  return InvertedResidual(width, kernel, stride, expansion, dtype, name=name)
+
+
 class Stage(nn.Module):
   """Stage number `stage` (kernel, stride, expansion from the tables above) with `depth` blocks.
 
@@ -154,15 +165,8 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x, start: int = 0, stop: int | None = None):
     """Runs blocks [start, stop) of the stage (all by default)."""
-    kernel, expansion = KERNELS[self.stage], EXPANSIONS[self.stage]
     for index in range(start, self.depth if stop is None else stop):
-      stride = STRIDES[self.stage] if index == 0 else 1
-      if expansion == 1:
-        block = DepthwiseSeparable(self.width, kernel, stride, self.dtype, name=str(index))
-      else:
-        block = InvertedResidual(self.width, kernel, stride, expansion, self.dtype,
-                                 name=str(index))
-      x = block(x)
+      x = _make_block(self.stage, self.width, index, self.dtype, name=str(index))(x)
     return x
 
 
@@ -199,6 +203,17 @@ class EfficientNetLite(nn.Module):
     return common.segment_names([f'blocks.{stage}.{index}'
                                  for stage, depth in enumerate(self.depths)
                                  for index in range(depth)])
+
+  @nn.nowrap  # builds a module of its own, not a child of this one
+  def standalone(self, k: int) -> tuple[nn.Module, tuple[str, ...]] | None:
+    """Segment k as a module of its own and the path of its variables, for a block (None for
+    the stem and the head): equal blocks run one compiled program (lc_jax.evaluate)."""
+    place = common.block_at(self.depths, k)
+    if place is None:
+      return None
+    stage, index = place
+    return (_make_block(stage, self.widths[stage], index, self.dtype),
+            ('blocks', str(stage), str(index)))
 
   @nn.compact
   def __call__(self, x, start: int = 0, stop: int | None = None):

@@ -90,6 +90,15 @@ class Downsample(nn.Module):
     return bn(name='1')(x)
 
 
+def _make_block(block_cls: Any, planes: int, stage_stride: int, in_features: int, index: int,
+                dtype: Any, name: str | None = None) -> nn.Module:
+  """Block `index` of a stage: the first one strides, and projects its shortcut when the shape
+  changes."""
+  stride = stage_stride if index == 0 else 1
+  downsample = index == 0 and (stride != 1 or in_features != planes * block_cls.expansion)
+  return block_cls(planes, stride, downsample, dtype, name=name)
+
+
 class Stage(nn.Module):
   """``layerN`` of torch: a run of blocks named '0', '1', ...; the first one may downsample."""
 
@@ -103,11 +112,9 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x, start: int = 0, stop: int | None = None):
     """Runs blocks [start, stop) of the stage (all by default)."""
-    out_features = self.planes * self.block_cls.expansion
     for index in range(start, self.depth if stop is None else stop):
-      stride = self.stride if index == 0 else 1
-      downsample = index == 0 and (stride != 1 or self.in_features != out_features)
-      x = self.block_cls(self.planes, stride, downsample, self.dtype, name=str(index))(x)
+      x = _make_block(self.block_cls, self.planes, self.stride, self.in_features, index,
+                      self.dtype, name=str(index))(x)
     return x
 
 
@@ -131,6 +138,23 @@ class ResNet(nn.Module):
                                  for stage, depth in enumerate(self.stage_depths)
                                  for index in range(depth)])
 
+  @nn.nowrap  # builds a module of its own, not a child of this one
+  def standalone(self, k: int) -> tuple[nn.Module, tuple[str, ...]] | None:
+    """Segment k as a module of its own and the path of its variables, for a block (None for
+    the stem and the head): equal blocks run one compiled program (lc_jax.evaluate)."""
+    place = common.block_at(self.stage_depths, k)
+    if place is None:
+      return None
+    stage, index = place
+    block_cls = _BLOCKS[self.block]
+    block = _make_block(block_cls, *self._stage_settings(stage, block_cls), index, self.dtype)
+    return block, (f'layer{stage + 1}', str(index))
+
+  def _stage_settings(self, stage: int, block_cls: Any) -> tuple[int, int, int]:
+    """(planes, stride, input channels) of stage `stage`."""
+    planes = 64 * 2**stage
+    return planes, 1 if stage == 0 else 2, 64 if stage == 0 else planes // 2 * block_cls.expansion
+
   @nn.compact
   def __call__(self, x, start: int = 0, stop: int | None = None):
     """Logits of NHWC images in [0, 1].
@@ -139,7 +163,7 @@ class ResNet(nn.Module):
     segment `start` (the images when 0) and the result the output of segment `stop - 1`.
     """
     conv, bn = common.conv_bn_factories(self.dtype)
-    block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
+    block_cls = _BLOCKS[self.block]
     head = len(self.segments()) - 1
     stop = head + 1 if stop is None else stop
 
@@ -151,10 +175,9 @@ class ResNet(nn.Module):
       self.sow('intermediates', 'maxpool', x)
 
     for stage, lo, hi in common.stage_ranges(self.stage_depths, start, stop):
-      planes = 64 * 2**stage
-      in_features = 64 if stage == 0 else planes // 2 * block_cls.expansion
-      x = Stage(block_cls, planes, self.stage_depths[stage], 1 if stage == 0 else 2, in_features,
-                self.dtype, name=f'layer{stage + 1}')(x, lo, hi)
+      planes, stride, in_features = self._stage_settings(stage, block_cls)
+      x = Stage(block_cls, planes, self.stage_depths[stage], stride, in_features, self.dtype,
+                name=f'layer{stage + 1}')(x, lo, hi)
 
     if start <= head < stop:
       x = jnp.mean(x, axis=(1, 2))
@@ -163,6 +186,8 @@ class ResNet(nn.Module):
       x = x.astype(jnp.float32)
     return x
 
+
+_BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
 _DEPTHS = {
     'resnet18': ('basic', (2, 2, 2, 2)),
