@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -83,10 +83,20 @@ def stage_ranges(depths: Sequence[int], start: int, stop: int):
     first += depth
 
 
-def block_at(depths: Sequence[int], k: int) -> tuple[int, int] | None:
-  """(stage, block) of segment k, or None for the stem and the head (see `stage_ranges`)."""
-  for stage, lo, _ in stage_ranges(depths, k, k + 1):
-    return stage, lo
+# What a family's `standalone(k)` returns: a segment's block as a module of its own and the
+# path of its variables, or None.
+Standalone = Optional[tuple[nn.Module, tuple[str, ...]]]
+
+
+def standalone(depths: Sequence[int], k: int,
+               build: Callable[[int, int], Standalone]) -> Standalone:
+  """What a family's `standalone(k)` returns for segment k of a model of stages of `depths`
+  blocks: `build(stage, index)` for a block (the block module, built outside the model, and
+  its variables' path; None where the block alone is not the whole segment), None for the stem
+  and the head. lc_jax.evaluate runs such a segment as that module on its variables re-rooted,
+  so equal blocks share one compiled program."""
+  for stage, index, _ in stage_ranges(depths, k, k + 1):
+    return build(stage, index)
   return None
 
 

@@ -170,15 +170,11 @@ class ConvNeXt(nn.Module):
                                  for index in range(depth)])
 
   @nn.nowrap  # builds a module of its own, not a child of this one
-  def standalone(self, k: int) -> tuple[nn.Module, tuple[str, ...]] | None:
-    """Segment k as a module of its own and the path of its variables, for a block that is only
-    a block (None for the stem, the head and a stage's block 0 after the first stage, which runs
-    the stage's downsample too): equal blocks run one compiled program (lc_jax.evaluate)."""
-    place = common.block_at(self.depths, k)
-    if place is None or (place[0] > 0 and place[1] == 0):
-      return None
-    stage, index = place
-    return Block(self.conv_mlp, self.dtype), ('stages', str(stage), 'blocks', str(index))
+  def standalone(self, k: int) -> common.Standalone:
+    """Segment k's block on its own (common.standalone); not the first block of a stage after
+    the first, whose segment runs the stage's downsample too."""
+    return common.standalone(self.depths, k, lambda stage, index: None if stage and not index else (
+        Block(self.conv_mlp, self.dtype), ('stages', str(stage), 'blocks', str(index))))
 
   def place(self, path: Sequence[str]) -> tuple[str, str] | None:
     """A stage's layers: block 'stages.N.blocks.M' (block 0 for the downsample), stage

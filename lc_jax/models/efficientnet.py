@@ -205,15 +205,11 @@ class EfficientNetLite(nn.Module):
                                  for index in range(depth)])
 
   @nn.nowrap  # builds a module of its own, not a child of this one
-  def standalone(self, k: int) -> tuple[nn.Module, tuple[str, ...]] | None:
-    """Segment k as a module of its own and the path of its variables, for a block (None for
-    the stem and the head): equal blocks run one compiled program (lc_jax.evaluate)."""
-    place = common.block_at(self.depths, k)
-    if place is None:
-      return None
-    stage, index = place
-    return (_make_block(stage, self.widths[stage], index, self.dtype),
-            ('blocks', str(stage), str(index)))
+  def standalone(self, k: int) -> common.Standalone:
+    """Segment k's block on its own (common.standalone)."""
+    return common.standalone(self.depths, k, lambda stage, index: (
+        _make_block(stage, self.widths[stage], index, self.dtype),
+        ('blocks', str(stage), str(index))))
 
   @nn.compact
   def __call__(self, x, start: int = 0, stop: int | None = None):

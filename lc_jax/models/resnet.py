@@ -139,16 +139,12 @@ class ResNet(nn.Module):
                                  for index in range(depth)])
 
   @nn.nowrap  # builds a module of its own, not a child of this one
-  def standalone(self, k: int) -> tuple[nn.Module, tuple[str, ...]] | None:
-    """Segment k as a module of its own and the path of its variables, for a block (None for
-    the stem and the head): equal blocks run one compiled program (lc_jax.evaluate)."""
-    place = common.block_at(self.stage_depths, k)
-    if place is None:
-      return None
-    stage, index = place
+  def standalone(self, k: int) -> common.Standalone:
+    """Segment k's block on its own (common.standalone)."""
     block_cls = _BLOCKS[self.block]
-    block = _make_block(block_cls, *self._stage_settings(stage, block_cls), index, self.dtype)
-    return block, (f'layer{stage + 1}', str(index))
+    return common.standalone(self.stage_depths, k, lambda stage, index: (
+        _make_block(block_cls, *self._stage_settings(stage, block_cls), index, self.dtype),
+        (f'layer{stage + 1}', str(index))))
 
   def _stage_settings(self, stage: int, block_cls: Any) -> tuple[int, int, int]:
     """(planes, stride, input channels) of stage `stage`."""

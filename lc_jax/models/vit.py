@@ -125,13 +125,11 @@ class VisionTransformer(nn.Module):
     return common.segment_names([f'blocks.{index}' for index in range(self.depth)])
 
   @nn.nowrap  # builds a module of its own, not a child of this one
-  def standalone(self, k: int) -> tuple[nn.Module, tuple[str, ...]] | None:
-    """Segment k as a module of its own and the path of its variables, for a block (None for
-    the stem and the head): the blocks, all equal, run one compiled program (lc_jax.evaluate)."""
-    place = common.block_at((self.depth,), k)
-    if place is None:
-      return None
-    return Block(self.num_heads, self.mlp_ratio, self.dtype), ('blocks', str(place[1]))
+  def standalone(self, k: int) -> common.Standalone:
+    """Segment k's block on its own (common.standalone): the blocks, all equal, are one
+    program."""
+    return common.standalone((self.depth,), k, lambda _, index: (
+        Block(self.num_heads, self.mlp_ratio, self.dtype), ('blocks', str(index))))
 
   def sub_kind(self, path: Sequence[str], kind: str) -> str:
     """Linears of attention ('attn_qkv', 'attn_proj') and of the MLP ('mlp') by their path."""
