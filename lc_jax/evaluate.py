@@ -1,4 +1,4 @@
-"""The model's forward split at block boundaries, compiled once per segment, over a device mesh.
+"""The model's forward split at block boundaries, compiled once per distinct segment, over a mesh.
 
     forward = Forward(module, layers)            # layers: lc_jax.layers.inventory(module, ...)
     x = forward.put(images)                      # sharded over the mesh's 'batch' axis
