@@ -78,8 +78,8 @@ class Forward:
     # Forward of an equal module on the same mesh: a second model of the same architecture,
     # shapes and precision compiles nothing.
     program = _segment_program(self.mesh)
-    self._segment = lambda variables, x, k: program(
-        self._runs[k], _rerooted(variables, self._roots[k]), x)
+    # Segment k on `x`, given its own variables (`_own`), placed.
+    self._segment = lambda own, x, k: program(self._runs[k], own, x)
     self._spread: set[tuple[int, str]] = set()  # the (segment, kind) spread programs used
     # Called with each segment's output as soon as the segment is dispatched (Busy.dispatched).
     self.on_dispatch: Callable[[jax.Array], None] = lambda x: None
@@ -107,27 +107,21 @@ class Forward:
     """Segments [start, stop) of the model on `x`, the input of segment `start` (uint8 images
     for 0). Dispatches one compiled segment after the other; nothing waits for the device."""
     for k in range(start, len(self.names) if stop is None else stop):
-      x = self._segment(self.replicate(self._variables_of(variables, k)), x, k)
+      x = self._segment(self.replicate(self._own(variables, k)), x, k)
       self.on_dispatch(x)
     return x
 
   def inputs(self, variables: dict, images: jax.ShapeDtypeStruct) -> list[jax.ShapeDtypeStruct]:
-    """Each segment's input for a batch of `images` (traced, nothing is computed)."""
+    """Each segment's input for a batch of `images` (traced, nothing is computed): what the
+    walk keeps while the resets of that segment run."""
     shapes = [images]
     for k in range(len(self.names) - 1):
-      shapes.append(jax.eval_shape(
-          self._runs[k], _rerooted(self._variables_of(variables, k), self._roots[k]), shapes[-1]))
+      shapes.append(jax.eval_shape(self._runs[k], self._own(variables, k), shapes[-1]))
     return shapes
 
-  def input_bytes(self, variables: dict, images: jax.ShapeDtypeStruct) -> list[int]:
-    """Bytes of each segment's input for a batch of `images`: what the walk keeps while the
-    resets of that segment run."""
-    return [x.size * x.dtype.itemsize for x in self.inputs(variables, images)]
-
-  def programs(self, variables: dict, images: jax.ShapeDtypeStruct) -> int:
-    """How many segment programs a forward of `images` compiles: one per segment, except that
-    equal blocks on inputs of one shape share theirs."""
-    inputs = self.inputs(variables, images)
+  def programs(self, inputs: Sequence[jax.ShapeDtypeStruct]) -> int:
+    """How many segment programs a forward compiles, given each segment's input (`inputs`): one
+    per segment, except that equal blocks on inputs of one shape share theirs."""
     return len({(run, x.shape, x.dtype) for run, x in zip(self._runs, inputs)})
 
   def many(self, variables: Sequence[dict], x: jax.Array, start: int) -> list[jax.Array]:
@@ -147,18 +141,17 @@ class Forward:
       chunk += chunk[-1:] * (groups - count)  # a short last chunk repeats its last tree
       h, stacked = x, False  # stacked: h holds one activation per group, (R, batch, ...)
       for k in range(start, len(self.names)):
-        own = [self._variables_of(tree, k) for tree in chunk]
+        own = [self._own(tree, k) for tree in chunk]
         if _same_leaves(own):
           if stacked:
-            h = self._spread_segment(k, 'one variables')(
-                self.replicate(_rerooted(own[0], self._roots[k])), h)
+            h = self._spread_segment(k, 'one variables')(self.replicate(own[0]), h)
             self.on_dispatch(h)
           else:
             h = self._segment(self.replicate(own[0]), h, k)
             self.on_dispatch(h)
         else:
           trees = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                               *[self.replicate(_rerooted(tree, self._roots[k])) for tree in own])
+                               *[self.replicate(tree) for tree in own])
           h = self._spread_segment(k, 'stacked' if stacked else 'one input')(trees, h)
           self.on_dispatch(h)
           stacked = True
@@ -171,6 +164,11 @@ class Forward:
     or 'one variables' (the same variables on each group's activation)."""
     self._spread.add((k, kind))
     return _spread_program(self.mesh, self._runs[k], kind)
+
+  def _own(self, variables: dict, k: int) -> dict:
+    """Segment k's variables as its program reads them: `_variables_of`, re-rooted at its
+    standalone block's path when it has one."""
+    return _rerooted(self._variables_of(variables, k), self._roots[k])
 
   def _variables_of(self, variables: dict, k: int) -> dict:
     """The part of `variables` that segment k reads: its layers' subtrees, paths kept."""

@@ -447,13 +447,14 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   num_chunks = len(reference[0])
   if show and todo:
     shape = (chunk, *images.shape[1:])
-    kept = forward.input_bytes(variables, jax.ShapeDtypeStruct(shape, jnp.uint8))
+    inputs = forward.inputs(variables, jax.ShapeDtypeStruct(shape, jnp.uint8))
+    kept = max(x.size * x.dtype.itemsize for x in inputs)
     what = (f'a batch of {shape[0]}' if num_chunks == 1 else
             f'a chunk of {shape[0]} ({num_chunks} per batch of {info.local_batch_size})')
-    print((f'prefix reuse: {len(forward.names)} segments; the walk keeps one activation, '
-           if settings.reuse_prefix else 'no prefix reuse: every reset runs from the images; '
-           'the largest segment input is ') + f'at most {max(kept) / 2**20:.0f} MiB for {what}',
-          file=sys.stderr)
+    print((f'prefix reuse: {len(forward.names)} segments in {forward.programs(inputs)} programs; '
+           'the walk keeps one activation, ' if settings.reuse_prefix else
+           'no prefix reuse: every reset runs from the images; the largest segment input is ')
+          + f'at most {kept / 2**20:.0f} MiB for {what}', file=sys.stderr)
   progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks, show,
                        busy)
   starts = list(todo)  # segments with resets, in order

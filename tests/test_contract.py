@@ -2,10 +2,9 @@
 
 A new family is a model file and a converter file; this test covers it without being edited:
 its segments chain to the whole forward (equal blocks sharing one compiled program), every
-variable belongs to exactly one segment, the
-inventory's layers cover every variable, a checkpoint of its torch names converts back to the
-same variables (and is recognised as this architecture), and a fresh reset keeps shapes and
-dtypes.
+variable belongs to exactly one segment, the inventory's layers cover every variable, a
+checkpoint of its torch names converts back to the same variables (and is recognised as this
+architecture), and a fresh reset keeps shapes and dtypes.
 """
 
 import jax
@@ -87,7 +86,8 @@ def test_segments_chain_to_the_whole_forward(smallest):
   with evaluate.Compiles() as compiles:
     chained = np.asarray(forward(variables, x))
   difference = np.abs(chained - whole).max()
-  programs = forward.programs(variables, jax.ShapeDtypeStruct(images.shape, images.dtype))
+  programs = forward.programs(
+      forward.inputs(variables, jax.ShapeDtypeStruct(images.shape, images.dtype)))
   print(f'{arch}: {len(forward.names)} segments in {programs} programs; chained vs one '
         f'program: max abs diff {difference:.2g} (largest logit {np.abs(whole).max():.3g})')
   assert difference <= 1e-5 * max(1.0, np.abs(whole).max())

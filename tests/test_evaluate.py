@@ -45,13 +45,16 @@ def test_resnet50_segments_their_inputs_and_where_a_reset_starts():
   spec = models.get('resnet50')
   module = spec.create()
   layers = layers_lib.inventory(module, spec.block_depth)
-  variables = models.variable_shapes(module, 64)  # input_bytes only traces: shapes suffice
+  variables = models.variable_shapes(module, 64)  # inputs only traces: shapes suffice
   forward = evaluate.Forward(module, layers)
   assert forward.names[:3] == ('stem', 'layer1.0', 'layer1.1') and forward.names[-1] == 'head'
-  kept = forward.input_bytes(variables, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.uint8))
+  inputs = forward.inputs(variables, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.uint8))
+  kept = [x.size * x.dtype.itemsize for x in inputs]
   assert kept[0] == 2 * 64 * 64 * 3  # the images, uint8
   assert kept[1] == 2 * 16 * 16 * 64 * 4  # the stem's output, float32
   assert kept[-1] == 2 * 2 * 2 * 2048 * 4  # layer4's output, before the head
+  # 18 segments, 10 programs: each stage's first block, one for the rest of it, stem and head.
+  assert len(forward.names) == 18 and forward.programs(inputs) == 10
   target = layers_lib.select(layers, ['conv'], 'layer2.1.conv2')[0]
   assert forward.names[forward.start(target)] == 'layer2.1'
   block = layers_lib.select(layers, ['conv'], 'layer3', granularity='stage')[0]

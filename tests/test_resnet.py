@@ -2,6 +2,7 @@
 
 import functools
 import os
+import threading
 
 import jax
 import numpy as np
@@ -113,7 +114,6 @@ def test_two_writers_of_one_model_folder_take_turns(tmp_path):
   # Two runs converting the same zoo model into its shared cache at once: before the writers took
   # turns, saves failed (a move onto the other's variables/, a card already gone), and after such
   # a failure orbax's next saves timed out.
-  import threading  # pylint: disable=g-import-not-at-top
   shapes = models.variable_shapes(models.create('resnet18'), 32)
   errors = []
 

@@ -95,9 +95,8 @@ def standalone(depths: Sequence[int], k: int,
   its variables' path; None where the block alone is not the whole segment), None for the stem
   and the head. lc_jax.evaluate runs such a segment as that module on its variables re-rooted,
   so equal blocks share one compiled program."""
-  for stage, index, _ in stage_ranges(depths, k, k + 1):
-    return build(stage, index)
-  return None
+  place = next(stage_ranges(depths, k, k + 1), None)  # (stage, index, index + 1)
+  return None if place is None else build(*place[:2])
 
 
 def normalize(images, mean: Sequence[float], std: Sequence[float], dtype: Any):
