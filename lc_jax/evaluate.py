@@ -28,8 +28,10 @@ this is plain jit.
 from __future__ import annotations
 
 import collections
+from concurrent import futures
 import dataclasses
 import functools
+import os
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -46,18 +48,30 @@ from lc_jax import layers as layers_lib
 from lc_jax import sharding
 from lc_jax.errors import UserError
 
-PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# precision: (the dtype activations and matmuls run in, the matmul precision it implies or None
+# for the run's matmul_precision). 'tf32' is float32 storage with TensorFloat-32 convolutions
+# and matmuls where the hardware has them (NVIDIA since Ampere; PyTorch's cuDNN convolutions
+# default to it), float32 elsewhere.
+PRECISIONS = {'float32': (jnp.float32, None), 'tf32': (jnp.float32, 'tensorfloat32'),
+              'bfloat16': (jnp.bfloat16, None)}
 
 
 def compute_dtype(precision: str):
-  """The dtype of a precision name ('float32' or 'bfloat16'); an unknown name is refused."""
+  """The dtype of a precision name (PRECISIONS); an unknown name is refused."""
   if precision not in PRECISIONS:
     raise UserError(f'unknown precision {precision!r}; choose from {", ".join(PRECISIONS)}')
-  return PRECISIONS[precision]
+  return PRECISIONS[precision][0]
+
+
+def matmul_precision(precision: str, matmul: str = 'highest') -> str:
+  """The matmul precision a run of `precision` computes at: 'tensorfloat32' for 'tf32', else the
+  run's own `matmul` (the expert setting)."""
+  compute_dtype(precision)
+  return PRECISIONS[precision][1] or matmul
 
 
 def with_precision(module: nn.Module, precision: str) -> nn.Module:
-  """`module` computing in `precision` ('float32' or 'bfloat16'); weights stay float32."""
+  """`module` computing in `precision` (PRECISIONS); weights stay float32."""
   return module.clone(dtype=compute_dtype(precision))
 
 
@@ -77,9 +91,10 @@ class Forward:
     # The variables are arguments, never constants, and the programs are shared by every
     # Forward of an equal module on the same mesh: a second model of the same architecture,
     # shapes and precision compiles nothing.
-    program = _segment_program(self.mesh)
+    self._program = program = _segment_program(self.mesh)
     # Segment k on `x`, given its own variables (`_own`), placed.
     self._segment = lambda own, x, k: program(self._runs[k], own, x)
+    self._compiled: list[Any] = []  # what `compile` made, kept alive with the Forward
     self._spread: set[tuple[int, str]] = set()  # the (segment, kind) spread programs used
     # Called with each segment's output as soon as the segment is dispatched (Busy.dispatched).
     self.on_dispatch: Callable[[jax.Array], None] = lambda x: None
@@ -97,6 +112,12 @@ class Forward:
     """A host batch (images, labels or mask), already a multiple of `rows_multiple` rows
     (lc_jax.data.chunks pads it once, with a mask), sharded over the mesh."""
     return sharding.shard_batch(self.mesh, batch)
+
+  def placed(self, part: np.ndarray) -> jax.ShapeDtypeStruct:
+    """The shape, dtype and placement `put` gives a batch of which `part` is this process's
+    rows (every process holds as many)."""
+    return jax.ShapeDtypeStruct((part.shape[0] * jax.process_count(), *part.shape[1:]),
+                                part.dtype, sharding=NamedSharding(self.mesh, P('batch')))
 
   def replicate(self, variables: dict) -> dict:
     """`variables` placed on every device of the mesh (done once for the trained weights)."""
@@ -118,6 +139,32 @@ class Forward:
     for k in range(len(self.names) - 1):
       shapes.append(jax.eval_shape(self._runs[k], self._own(variables, k), shapes[-1]))
     return shapes
+
+  def lower(self, variables: dict, images: jax.ShapeDtypeStruct | jax.Array
+            ) -> tuple[list[jax.stages.Lowered], jax.ShapeDtypeStruct]:
+    """Every segment program a forward of `images` (their global shape and dtype) runs, each
+    distinct program lowered once (traced, nothing compiled or computed), and the logits'
+    abstract value, placed as the programs leave them. `compile_all` then compiles them
+    together; the forward's calls find them compiled."""
+    replicated, batch = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P('batch'))
+    placed = lambda leaf, sharding: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype,
+                                                         sharding=sharding)
+    h = placed(images, batch)
+    outputs: dict[tuple, jax.ShapeDtypeStruct] = {}
+    lowered = []
+    for k, run in enumerate(self._runs):
+      key = (run, h.shape, h.dtype)
+      if key not in outputs:
+        own = jax.tree.map(lambda leaf: placed(leaf, replicated), self._own(variables, k))
+        lowered.append(self._program.lower(run, own, h))
+        outputs[key] = placed(lowered[-1].out_info, batch)
+      h = outputs[key]
+    return lowered, h
+
+  def compile(self, lowered: Sequence[jax.stages.Lowered]) -> None:
+    """Compiles `lowered` (from `lower`, and other programs the run calls) concurrently
+    (`compile_all`), and keeps them with this Forward."""
+    self._compiled += compile_all(lowered)
 
   def programs(self, inputs: Sequence[jax.ShapeDtypeStruct]) -> int:
     """How many segment programs a forward compiles, given each segment's input (`inputs`): one
@@ -260,16 +307,47 @@ def _spread_program(mesh: Mesh, run: _Run, kind: str):
       out_specs=P('resets', 'batch')))
 
 
+def compile_all(lowered: Sequence[jax.stages.Lowered]) -> list[jax.stages.Compiled]:
+  """`lowered` compiled concurrently, one thread per program up to the CPU count: XLA releases
+  the GIL while it compiles, so a first run's compile time approaches its longest program's
+  rather than the sum. Compiled programs land in JAX's caches, where the jitted calls of the
+  same function, arguments and placement find them. An open `Compiles` of the calling thread
+  counts the programs, their compile work, and the wall time of the whole."""
+  if not lowered:
+    return []
+  owner = threading.get_ident()
+
+  def compile_one(program: jax.stages.Lowered) -> jax.stages.Compiled:
+    _WORKER.owner = owner
+    try:
+      return program.compile()
+    finally:
+      _WORKER.owner = None
+  start = time.perf_counter()
+  with futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1),
+                                  thread_name_prefix='lc_jax_compile') as pool:
+    compiled = list(pool.map(compile_one, lowered))
+  wall = time.perf_counter() - start
+  for counter in _open_here():
+    counter.seconds += wall
+    counter.making += wall
+  return compiled
+
+
 class Compiles:
-  """Counts the XLA programs compiled on this thread while it is open, and their compile time:
-  `with evaluate.Compiles() as compiles: ...; compiles.count, compiles.seconds`. Programs read
-  from JAX's persistent compilation cache are counted apart (`compiles.from_cache`);
-  `compiles.making` is the time spent making programs at all (tracing, lowering, compiling or
-  reading them). Another thread's programs (a sweep converting the next model in the
-  background) are not this thread's work and are not counted."""
+  """Counts the XLA programs compiled for this thread while it is open, and their compile time:
+  `with evaluate.Compiles() as compiles: ...; compiles.count, compiles.seconds, compiles.work`.
+  `seconds` is wall time spent compiling (a `compile_all` batch counts its wall time once),
+  `work` the sum of every program's own compile time (more than `seconds` when programs
+  compiled in parallel). Programs read from JAX's persistent compilation cache are counted
+  apart (`compiles.from_cache`); `compiles.making` is the wall time spent making programs at all
+  (tracing, lowering, compiling or reading them). Another thread's programs (a sweep converting
+  the next model in the background) are not this thread's work and are not counted; the
+  threads of this thread's `compile_all` are."""
 
   def __init__(self):
     self.count, self.seconds, self.from_cache, self.making = 0, 0.0, 0, 0.0
+    self.work = 0.0
     self.thread: int | None = None  # the thread that opened it
 
   def __enter__(self) -> 'Compiles':
@@ -289,19 +367,26 @@ _MAKING = ('/jax/core/compile/jaxpr_trace_duration',
            '/jax/core/compile/backend_compile_duration')
 
 
+_WORKER = threading.local()  # .owner: the thread a compile_all worker compiles for
+
+
 def _open_here() -> list[Compiles]:
-  thread = threading.get_ident()
+  thread = getattr(_WORKER, 'owner', None) or threading.get_ident()
   return [counter for counter in _OPEN if counter.thread == thread]
 
 
 def _on_duration(event: str, duration: float, **kwargs) -> None:
   del kwargs
   if event in _MAKING:
+    worker = getattr(_WORKER, 'owner', None) is not None  # its wall time is compile_all's
     for counter in _open_here():
-      counter.making += duration
+      if not worker:
+        counter.making += duration
       if event == _MAKING[-1]:
         counter.count += 1
-        counter.seconds += duration
+        counter.work += duration
+        if not worker:
+          counter.seconds += duration
 
 
 def _on_event(event: str, **kwargs) -> None:

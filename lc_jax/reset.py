@@ -2,7 +2,8 @@
 
 Every function returns a tree of the same structure, shapes and dtypes as its input, so a
 jitted forward that takes the variables as an argument serves every reset without compiling
-again. Unchanged subtrees are shared with the input, not copied.
+again. Unchanged subtrees are shared with the input, not copied. New leaves are made on the host
+(numpy) unless they are traced, so a reset compiles no program of its own.
 
 Modes (the `mode` of `make`):
 - 'fresh': the target's parameters, and a BatchNorm's running statistics, from a freshly
@@ -22,6 +23,7 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lc_jax.errors import UserError
 from lc_jax.layers import Layer, Target
@@ -58,14 +60,24 @@ def map_layers(variables: dict, layers: Iterable[Layer],
   return variables
 
 
-def _like(new, old) -> jax.Array:
+def _traced(*values) -> bool:
+  return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
+def _zeros_like(value):
+  """Zeros of `value`'s shape and dtype: on the host, or traced where `value` is."""
+  return jnp.zeros_like(value) if _traced(value) else np.zeros(np.shape(value), value.dtype)
+
+
+def _like(new, old):
   """`new` cast to `old`'s dtype and checked against its shape: a reset never changes what jit
   sees."""
-  new = jnp.asarray(new, dtype=jnp.asarray(old).dtype)
-  if new.shape != jnp.shape(old):
-    raise UserError(f'reset weights of shape {new.shape} do not fit a variable of shape '
-                    f'{jnp.shape(old)}; the reset source is of another architecture')
-  return new
+  if not hasattr(new, 'dtype'):
+    new = np.asarray(new)
+  if np.shape(new) != np.shape(old):
+    raise UserError(f'reset weights of shape {np.shape(new)} do not fit a variable of shape '
+                    f'{np.shape(old)}; the reset source is of another architecture')
+  return new if new.dtype == old.dtype else new.astype(old.dtype)
 
 
 def replace(variables: dict, layers: Iterable[Layer], source: dict) -> dict:
@@ -77,7 +89,7 @@ def replace(variables: dict, layers: Iterable[Layer], source: dict) -> dict:
 def zero(variables: dict, layers: Iterable[Layer]) -> dict:
   """`variables` with the learnable parameters of `layers` set to 0; running statistics kept."""
   return map_layers(variables, layers, lambda layer, collection, leaf, value: (
-      jnp.zeros_like(value) if collection == 'params' else value))
+      _zeros_like(value) if collection == 'params' else value))
 
 
 def interpolate(variables: dict, layers: Iterable[Layer], source: dict, alpha: float) -> dict:
@@ -86,9 +98,16 @@ def interpolate(variables: dict, layers: Iterable[Layer], source: dict, alpha: f
   `alpha` may be traced: `jax.vmap` over alphas gives one model per alpha."""
   if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise UserError(f'interpolation alpha must lie in [0, 1], got {alpha}')
-  return map_layers(variables, layers, lambda layer, collection, leaf, value: _like(
-      (1 - alpha) * jnp.asarray(_get(source[collection], layer.path)[leaf]) + alpha * value,
-      value))
+  def mix(layer, collection, leaf, value):
+    fresh = _get(source[collection], layer.path)[leaf]
+    if _traced(alpha, fresh, value):
+      return _like((1 - alpha) * jnp.asarray(fresh) + alpha * value, value)
+    # On the host, in the variable's dtype: the scalars are cast first, as jnp casts a weak
+    # Python float, so the values equal jnp's elementwise (1 - alpha) * fresh + alpha * value.
+    dtype = np.dtype(value.dtype)
+    return _like(dtype.type(1 - alpha) * np.asarray(fresh, dtype)
+                 + dtype.type(alpha) * np.asarray(value), value)
+  return map_layers(variables, layers, mix)
 
 
 def skip(variables: dict, block: Target) -> dict:
@@ -110,7 +129,7 @@ def skip(variables: dict, block: Target) -> dict:
                     "that ends a branch: batchnorm (ResNet, EfficientNet), attn_proj or mlp "
                     '(ViT), layer_scale (ConvNeXt)')
   return map_layers(variables, ends, lambda layer, collection, leaf, value: (
-      jnp.zeros_like(value) if collection == 'params' else value))
+      _zeros_like(value) if collection == 'params' else value))
 
 
 def check_mode(mode: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lc_jax import init
 from lc_jax import layers
@@ -266,7 +267,7 @@ def _goog(layer: layers.Layer, key) -> init.Leaves:
   if layer.kind == 'linear':
     bound = 1 / math.sqrt(layer.shapes['params/kernel'][1])
     return {'params/kernel': init.uniform(key, layer.shapes['params/kernel'], bound),
-            'params/bias': jnp.zeros(layer.shapes['params/bias'], jnp.float32)}
+            'params/bias': np.zeros(layer.shapes['params/bias'], np.float32)}
   return init.kaiming_normal_fan_out(layer, key, divide_by_groups=True)
 
 

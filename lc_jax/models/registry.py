@@ -79,5 +79,6 @@ def variable_shapes(module: nn.Module, input_size: int = 224) -> dict:
   Traced at `input_size`, or at the module's own `img_size` where it has one (a ViT)."""
   input_size = getattr(module, 'img_size', None) or input_size
   images = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), images)
+  # The key is made inside the trace: an eager key would compile a program of its own.
+  shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), images)
   return {k: v for k, v in shapes.items() if k != 'intermediates'}
