@@ -17,8 +17,13 @@ results.csv rows. Nothing is written unless asked.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+import math
+import re
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import flax.errors
+import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,25 +77,41 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
                 key: jax.Array | None = None, batch_size: int = 256, alpha: float = 0.0,
                 source: dict | None = None, scheme: str | None = None,
                 fresh: Callable[[jax.Array], Any] | None = None, keep_per_image: bool = False,
-                model_id: str = 'model') -> Result:
+                model_id: str | None = None) -> Result:
   """How far each selected layer's reset moves the predictions on `images`.
 
-  `images`: an array (N, H, W, C), uint8 (scaled by 1/255) or float (as the model takes it), or
-  an iterable of such batches, or of (images, labels) pairs. `labels`: integer classes (N,), for
-  the accuracy columns. `layers` are the layer types and `pattern`, `granularity` the selection
-  of lc_jax.layers.select. `mode` is a reset mode of lc_jax.reset: fresh and interpolate draw
-  trial t's fresh model from fold_in(key, t) (key 0 by default), as run.py does with its seed;
+  `images`: an array (N, H, W, C), uint8 (scaled by 1/255) or float (a registered model takes
+  [0, 1] and normalises itself; any other model takes them as they are), or an iterable of such
+  batches, or of (images, labels) pairs. Other dtypes (int32 0..255 included) are refused: cast
+  to uint8. `labels`: integer classes (N,) in [0, the logits' width), for the accuracy columns.
+  `layers` are the layer types and `pattern`, `granularity` the selection of
+  lc_jax.layers.select. `mode` is a reset mode of lc_jax.reset: fresh and interpolate draw trial
+  t's fresh model from fold_in(key, t) (key 0 by default), as run.py does with its seed;
   checkpoint takes its weights from `source`; interpolate keeps `alpha` of the trained weights.
   `scheme` draws fresh layers with an lc_jax.init scheme instead of the model's own initialisers;
   `fresh(key)` makes a fresh NNX model. `keep_per_image` keeps every image's criticality.
+  `model_id` labels the rows: by default the architecture's name when `model` is one, else
+  'model'.
+
+  Bad input is one UserError before any work: images that are not (N, H, W, C), of another
+  dtype, not finite, or that the model does not run on (channels first, a channel count its
+  first layer does not take); labels that are not integer classes of the model, one per image;
+  trials or batch_size that are not positive integers; variables without params or with NaN or
+  inf; an `apply` that does not give (N, classes) logits. A batch of an iterable is checked as
+  it comes, against the first.
   """
   key = jax.random.key(0) if key is None else key
+  _check_count('trials', trials)
+  _check_count('batch_size', batch_size)
+  _check_model(model, variables)
+  if model_id is None:
+    model_id = model if isinstance(model, str) else 'model'
   batches = _batches(images, labels, batch_size)
   first = next(batches, None)
   if first is None:
     raise UserError('the image set is empty')
-  adapted = adapters.adapt(model, variables, jnp.asarray(first[0][:1]), scheme=scheme,
-                           fresh=fresh)
+  adapted, takes = _adapt(model, variables, first, scheme=scheme, fresh=fresh)
+  takes.check(first)
   types = [t.strip() for t in layers.split(',')] if isinstance(layers, str) else list(layers)
   if mode == 'skip':
     types += [t for t in ('batchnorm', 'layer_scale') if t not in types]
@@ -112,11 +133,18 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
   todo = dict(sorted(todo.items()))
   starts = list(todo)
 
-  total, sums, kept, has_labels = None, {}, {}, False
-  for batch_images, batch_labels in _chain(first, batches):
-    has_labels |= batch_labels is not None
-    x, y, mask, count = run.put(batch_images, batch_labels)
+  total, sums, kept, has_labels = None, {}, {}, first.labels is not None
+  finite = jnp.asarray(True)
+  for batch in _chain(first, batches):
+    if batch is not first:
+      takes.check(batch)
+      if (batch.labels is not None) != has_labels:
+        raise UserError(f'{batch.where} has {"labels" if batch.labels is not None else "no labels"}'
+                        f' and batch 0 {"has them" if has_labels else "has none"}: give labels '
+                        'with every batch or with none')
+    x, y, mask, count = run.put(batch.images, batch.labels)
     reference = run(adapted.variables, x, 0, None)
+    finite &= jnp.all(jnp.isfinite(reference) | ~mask[:, None])  # checked once, at the end
     total = metrics.accumulate(total, metrics.per_image(reference, None, y, mask))
     h = run(adapted.variables, x, 0, starts[0])
     for k, next_k in zip(starts, starts[1:] + [None]):
@@ -129,6 +157,9 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
       if next_k is not None:
         h = run(adapted.variables, h, k, next_k)
 
+  if not bool(finite):
+    raise UserError("the model's own logits are not finite (NaN or inf) on some of the images: "
+                    'no criticality can be measured against them')
   original = metrics.finalize(total, has_labels)
   original['recovered_acc'] = 1.0 if has_labels else float('nan')
   num_images = int(total['count'])
@@ -175,23 +206,196 @@ class _Runner:
     return self._apply(variables, x)
 
 
-def _batches(images, labels, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray | None]]:
-  """(images, labels) batches of an array (cut into batch_size) or of an iterable of batches."""
-  if batch_size < 1:
-    raise UserError(f'batch_size must be positive, got {batch_size}')
-  if isinstance(images, (np.ndarray, jax.Array)):
-    images = np.asarray(images)
-    if labels is not None and len(labels) != len(images):
-      raise UserError(f'{len(labels)} labels for {len(images)} images')
-    for start in range(0, len(images), batch_size):
-      yield (images[start:start + batch_size],
-             None if labels is None else np.asarray(labels)[start:start + batch_size])
+@dataclasses.dataclass
+class _Batch:
+  """A batch of images (and labels) with what the checks against the model need. `shape`, `low`,
+  `high` and `top_label` are the whole array's when the images came as one (its first batch;
+  the later ones are then `checked`), the batch's own when they came as an iterable."""
+
+  images: np.ndarray
+  labels: np.ndarray | None
+  where: str  # '' for an array, 'batch K' for an iterable's K-th batch
+  shape: tuple[int, ...] = ()
+  low: float = 0.0  # the smallest and largest value (0 and 255 for uint8)
+  high: float = 255.0
+  top_label: int | None = None  # the largest label; None without labels
+  checked: bool = False
+
+  @property
+  def prefix(self) -> str:
+    return f'{self.where}: ' if self.where else ''
+
+
+@dataclasses.dataclass(frozen=True)
+class _Takes:
+  """What the model takes: images of `channels` channels (`fixed` by the model, or else by the
+  first batch), floats in [0, 1] only when `unit` (a registered model normalises them itself),
+  and labels below `classes`, the width of its logits."""
+
+  channels: int
+  classes: int
+  unit: bool
+  fixed: bool
+
+  def check(self, batch: _Batch) -> None:
+    """Refuses a batch that does not fit the model."""
+    if batch.checked:
+      return
+    _check_channels(batch, self.channels,
+                    'the model takes' if self.fixed else 'the first batch has')
+    if self.unit and batch.images.dtype != np.uint8 and (batch.low < 0 or batch.high > 1):
+      raise UserError(f'{batch.prefix}float images must lie in [0, 1] (the model normalises them '
+                      f'itself); these span {batch.low:g}..{batch.high:g}: divide them by 255, or '
+                      'give uint8')
+    if batch.top_label is not None and batch.top_label >= self.classes:
+      raise UserError(f'{batch.prefix}label {batch.top_label} is out of range: the model gives '
+                      f'{self.classes} classes (labels 0..{self.classes - 1})')
+
+
+_CHUNK = 256  # images checked for NaN and inf at a time: the check never copies a whole array
+# What tracing a model on images it does not take raises (flax's shape errors, lax's TypeErrors).
+_SHAPE_ERRORS = (TypeError, ValueError, IndexError, KeyError, flax.errors.FlaxError)
+
+
+def _check_count(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise UserError(f'{name} must be a positive integer, got {value!r}')
+
+
+def _check_model(model: Any, variables: Any) -> None:
+  """Refuses what is no model, and a linen model without params."""
+  if isinstance(model, nnx.Module):
     return
-  for batch in images:
+  if not isinstance(model, (str, nn.Module)):
+    raise UserError(f'model must be a registered architecture name, a flax.linen.Module or a '
+                    f'flax.nnx.Module, not {type(model).__name__}')
+  if not isinstance(variables, Mapping) or not jax.tree.leaves(variables.get('params', {})):
+    got = type(variables).__name__ if not isinstance(variables, Mapping) else 'no params'
+    raise UserError("a linen model needs its variables, {'params': ...} as module.init or a "
+                    f'checkpoint gives them; got {got}')
+
+
+def _check_finite(variables: dict) -> None:
+  """Refuses variables holding NaN or inf, naming the first such leaf."""
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  finite = jax.device_get([jnp.isfinite(v).all() if jnp.issubdtype(jnp.result_type(v),
+                                                                      jnp.inexact) else True
+                           for _, v in leaves])
+  for (path, _), ok in zip(leaves, finite):
+    if not ok:
+      name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+      raise UserError(f'the variables hold NaN or inf in {name}: the model cannot be measured '
+                      'with them')
+
+
+def _adapt(model: Any, variables: dict | None, first: _Batch, *, scheme: str | None,
+           fresh: Callable[[jax.Array], Any] | None) -> tuple[adapters.Adapted, _Takes]:
+  """`model` adapted, and what it takes, from tracing it on the first batch (shapes only)."""
+  images = first.images
+  try:
+    adapted = adapters.adapt(model, variables, jnp.asarray(images[:1]), scheme=scheme,
+                             fresh=fresh)
+    registered = adapted.module is not None
+    # A registered model normalises by its per-channel mean: other channel counts would
+    # broadcast against it rather than fail.
+    channels = len(adapted.module.mean) if registered else images.shape[-1]
+    _check_channels(first, channels, 'the model takes')
+    example = jax.ShapeDtypeStruct((min(2, len(images)),) + images.shape[1:],
+                                   jnp.float32 if images.dtype == np.uint8 else images.dtype)
+    logits = jax.eval_shape(adapted.apply, adapted.variables, example)
+  except UserError:
+    raise
+  except _SHAPE_ERRORS as e:
+    message = re.sub(r'\s*\(https?://\S+\)', '', str(e).strip()).split('\n')[0]
+    raise UserError(f'the model does not run on {first.prefix}images of shape {first.shape} '
+                    f'({images.dtype}): {message or type(e).__name__}'
+                    f'{_layout_hint(first.shape)}') from e
+  if not isinstance(logits, jax.ShapeDtypeStruct):
+    raise UserError("the model's apply must give the logits, one (N, classes) array; it returned "
+                    f'a {type(logits).__name__}')
+  if len(logits.shape) != 2 or logits.shape[0] != example.shape[0] or logits.shape[1] < 2:
+    raise UserError("the model's apply must give the logits as (N, classes), N images by at "
+                    f'least 2 classes; on images of shape {example.shape} it gave shape '
+                    f'{logits.shape}')
+  _check_finite(adapted.variables)
+  return adapted, _Takes(channels, logits.shape[1], registered, registered)
+
+
+def _check_channels(batch: _Batch, channels: int, whose: str) -> None:
+  found = batch.images.shape[-1]
+  if found != channels:
+    raise UserError(f'{batch.prefix}images have {found} channel{"s" * (found != 1)}; {whose} '
+                    f'{channels}{_layout_hint(batch.shape)}')
+
+
+def _layout_hint(shape: tuple[int, ...]) -> str:
+  if len(shape) == 4 and shape[1] in (1, 3) and shape[3] not in (1, 3):
+    return (f' (shape {shape} looks channels first, NCHW: lc_jax takes NHWC, '
+            'images.transpose(0, 2, 3, 1))')
+  return ''
+
+
+def _inspect(images, labels, where: str = '') -> _Batch:
+  """`images` and `labels` as a _Batch, checked on their own: (N, H, W, C), uint8 or float,
+  finite; labels integer classes >= 0, one per image."""
+  batch = _Batch(np.asarray(images), None, where)
+  images, prefix = batch.images, batch.prefix
+  batch.shape = images.shape
+  if images.ndim != 4:
+    raise UserError(f'{prefix}images have shape {images.shape}; give them as (N, H, W, C), '
+                    'channels last')
+  if images.dtype != np.uint8:
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise UserError(f'{prefix}images are {images.dtype}: give uint8 (0..255, scaled by 1/255) '
+                      'or floats; for values 0..255, images.astype(np.uint8)')
+    batch.low, batch.high = math.inf, -math.inf
+    for start in range(0, len(images), _CHUNK):
+      part = images[start:start + _CHUNK]
+      bad = ~np.isfinite(part).reshape(len(part), -1).all(1)
+      if bad.any():
+        raise UserError(f'{prefix}images hold NaN or inf (image {start + int(np.argmax(bad))} '
+                        'first); every value must be finite')
+      if part.size:
+        batch.low = min(batch.low, float(part.min()))
+        batch.high = max(batch.high, float(part.max()))
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+      raise UserError(f'{prefix}labels must be one class per image, shape ({len(images)},); got '
+                      f'shape {labels.shape}')
+    if len(labels) != len(images):
+      raise UserError(f'{prefix}{len(labels)} labels for {len(images)} images')
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+      raise UserError(f'{prefix}labels must be integer classes, got {labels.dtype}')
+    if len(labels):
+      if labels.min() < 0:
+        raise UserError(f'{prefix}labels must be classes >= 0, got {labels.min()}')
+      batch.top_label = int(labels.max())
+    batch.labels = labels
+  return batch
+
+
+def _batches(images, labels, batch_size: int) -> Iterator[_Batch]:
+  """The batches of an array (checked whole, then cut into batch_size), or of an iterable of
+  batches or (images, labels) pairs (each checked as it comes)."""
+  if isinstance(images, (np.ndarray, jax.Array)):
+    whole = _inspect(images, labels)
+    for start in range(0, len(whole.images), batch_size):
+      part = slice(start, start + batch_size)
+      yield dataclasses.replace(whole, images=whole.images[part], checked=start > 0,
+                                labels=None if whole.labels is None else whole.labels[part])
+    return
+  if labels is not None:
+    raise UserError('labels= goes with an array of images; an iterable gives (images, labels) '
+                    'pairs')
+  for index, batch in enumerate(images):
     if isinstance(batch, tuple):
-      yield np.asarray(batch[0]), None if batch[1] is None else np.asarray(batch[1])
+      if len(batch) != 2:
+        raise UserError(f'batch {index} is a tuple of {len(batch)}; give an array of images or '
+                        'an (images, labels) pair')
+      yield _inspect(batch[0], batch[1], f'batch {index}')
     else:
-      yield np.asarray(batch), None
+      yield _inspect(batch, None, f'batch {index}')
 
 
 def _chain(first, rest):

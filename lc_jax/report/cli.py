@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Sequence
 
 from lc_jax import errors
@@ -15,6 +16,8 @@ from lc_jax.report.figures import plot_criticality, plot_study
 from lc_jax.report.read import load, resolve, results_of
 from lc_jax.report.stats import by_model, summarize
 from lc_jax.report.text import model_table, table
+
+CLOSED_PIPE = 141  # 128 + SIGPIPE: the exit status when the reader of the output went away
 
 
 def write_workdir_report(workdir: str, top: int = 10) -> str:
@@ -38,6 +41,18 @@ def _out_folder(out: str) -> str:
 
 @errors.exits_cleanly
 def main(argv: Sequence[str]) -> None:
+  """The command; a reader that goes away (`| head`) ends it quietly, with status 141 as a
+  program ended by SIGPIPE."""
+  try:
+    _main(argv)
+    sys.stdout.flush()  # output buffered for a pipe meets the closed pipe here
+  except BrokenPipeError:
+    # What is left to print has nowhere to go, nor has the buffer Python flushes at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(CLOSED_PIPE)
+
+
+def _main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   paths = argv[1:]
   if not paths:
@@ -60,13 +75,14 @@ def main(argv: Sequence[str]) -> None:
     raise UserError(f'no reset layer in {", ".join(paths)}: only original-model rows')
   out = _out_folder(out)  # checked before anything is printed or drawn
 
-  if top > 0:
-    print(table(summaries, top), end='\n\n')
-  print(model_table(summaries))
+  # Drawn before anything is printed: a reader that stops early (`| head`) loses no figure.
   try:
     heatmap, scatter, skipped = plot_study(summaries, out)
   except OSError as e:
     raise UserError(f'cannot write into the --out folder {out}: {e.strerror or e}') from None
+  if top > 0:
+    print(table(summaries, top), end='\n\n')
+  print(model_table(summaries))
   print(f'\nwrote {heatmap}')
   if scatter is None:
     print('no scatter plot: no model has labelled images (original top-1 unknown)')

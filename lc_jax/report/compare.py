@@ -10,6 +10,7 @@ z = |ours - paper| / sqrt(se_ours^2 + se_paper^2), se = sd / sqrt(trials) (sampl
 combined error floored at MIN_SE (one trial has no spread). A model disagrees when a layer's z
 exceeds `z_limit` (5 by default: with 54 layers and 51 models, a chance 5-sigma difference is
 unlikely), or when its original top-1 is more than TOP1_TOLERANCE points from the expected one.
+Rows whose criticality is NaN or inf are left out, and the table says how many, per model.
 """
 
 from __future__ import annotations
@@ -44,10 +45,21 @@ class Comparison:
   paper_top1: float
   expected_top1: float  # the zoo's value for the paper's 10,000 images; NaN if unknown
   disagrees: str  # why the model is flagged; '' when it agrees
+  # Rows of ours and of the paper's whose criticality is NaN or inf: left out of the above.
+  left_out: tuple[int, int] = (0, 0)
+
+
+def _nonfinite(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+  """model_id -> its rows of a reset layer whose criticality is NaN or inf."""
+  counts: dict[str, int] = {}
+  for row in rows:
+    if row['layer'] != schema.ORIGINAL and not np.isfinite(row['criticality']):
+      counts[row['model_id']] = counts.get(row['model_id'], 0) + 1
+  return counts
 
 
 def _per_layer(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
-  """model_id -> layer -> (mean, standard error) of the criticality over trials."""
+  """model_id -> layer -> (mean, standard error) of the finite criticalities over trials."""
   values: dict[str, dict[str, list[float]]] = {}
   for row in rows:
     if row['layer'] != schema.ORIGINAL and np.isfinite(row['criticality']):
@@ -84,6 +96,7 @@ def compare(paper_rows: Sequence[dict[str, Any]], our_rows: Sequence[dict[str, A
   """A Comparison for every model in both, in the order of `our_rows`."""
   paper, ours = _per_layer(paper_rows), _per_layer(our_rows)
   paper_top1, ours_top1 = _original_top1(paper_rows), _original_top1(our_rows)
+  paper_nonfinite, ours_nonfinite = _nonfinite(paper_rows), _nonfinite(our_rows)
   comparisons = []
   for model, layers in ours.items():
     if model not in paper:
@@ -111,7 +124,8 @@ def compare(paper_rows: Sequence[dict[str, Any]], our_rows: Sequence[dict[str, A
         worst_layer=common[worst], worst_z=float(z[worst]),
         worst_difference=float(a[worst] - b[worst]), ours_top1=top1,
         paper_top1=paper_top1.get(model, math.nan), expected_top1=expected,
-        disagrees='; '.join(reasons)))
+        disagrees='; '.join(reasons),
+        left_out=(ours_nonfinite.get(model, 0), paper_nonfinite.get(model, 0))))
   return comparisons
 
 
@@ -126,6 +140,10 @@ def comparison_table(comparisons: Sequence[Comparison]) -> str:
         f'{c.rank_correlation:5.3f}   {c.worst_layer:24s} {c.worst_z:5.1f}  '
         f'{100 * c.worst_difference:+6.2f}   {_pct(c.ours_top1):>10s} {_pct(c.paper_top1):>6s} '
         f'{_pct(c.expected_top1):>9s}' + (f'  DISAGREES: {c.disagrees}' if c.disagrees else ''))
+  for c in comparisons:
+    if any(c.left_out):
+      lines.append(f'{c.model_id}: left out, NaN or inf criticality: {c.left_out[0]} of our '
+                   f"rows, {c.left_out[1]} of the paper's")
   flagged = [c.model_id for c in comparisons if c.disagrees]
   lines.append(f'{len(comparisons)} models compared; '
                + (f'{len(flagged)} disagree beyond the trial noise: {", ".join(flagged)}'

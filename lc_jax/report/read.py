@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import json
 import math
 import os
 import re
+import sys
 from typing import Any, Sequence
 
 from lc_jax import schema
@@ -128,6 +130,13 @@ def _check_text(csv_path: str) -> None:
     raise _not_results(csv_path, 'it is not UTF-8 text') from None
 
 
+def _cut_short(header: Sequence[str], last: Sequence[str]) -> bool:
+  """Whether the last record of a file that does not end in a newline was cut short: always in
+  the runner's format (it ends every row with one), else when it has fewer cells than the
+  header."""
+  return tuple(c.strip() for c in header) == schema.COLUMNS or len(last) < len(header)
+
+
 def load(path: str) -> list[dict[str, Any]]:
   """The rows of a results CSV (or of a workdir's results.csv), in file order.
 
@@ -135,21 +144,27 @@ def load(path: str) -> list[dict[str, Any]]:
   the file lacks them; kind and stage are then guessed from the layer name), numeric ones as
   float (NaN when empty or missing), 'trial' as int, and 'source' (the CSV's path). Layer names
   lose a leading 'model.' / 'module.'; criticality is derived as 1 - pred_cos_sim when missing.
-  The 'original' row is kept; `summarize` sets it apart.
+  The 'original' row is kept; `summarize` sets it apart. A last line cut short, as a run killed
+  while writing it leaves it (`_cut_short`), is left out with a note on stderr.
   """
   csv_path = resolve(path)
   try:
     _check_text(csv_path)
     with open(csv_path, newline='', encoding='utf-8-sig') as f:
-      reader = csv.reader(f)
-      header = next(reader, None)
-      records = [(i, r) for i, r in enumerate(reader, start=2) if any(c.strip() for c in r)]
+      text = f.read()
+    reader = csv.reader(io.StringIO(text, newline=''))
+    header = next(reader, None)
+    records = [(i, r) for i, r in enumerate(reader, start=2) if any(c.strip() for c in r)]
   except UnicodeDecodeError:
     raise _not_results(csv_path, 'it is not UTF-8 text') from None
   except csv.Error as e:
     raise _not_results(csv_path, str(e)) from None
   except OSError as e:
     raise UserError(f'cannot read {csv_path}: {e.strerror}') from None
+  if records and not text.endswith(('\n', '\r')) and _cut_short(header, records[-1][1]):
+    print(f'{csv_path}: line {records[-1][0]} is cut short (as a run killed while writing it '
+          'leaves it); left out', file=sys.stderr)
+    records.pop()
   if not header or not records:
     raise UserError(f'{csv_path} is empty: no results rows')
   columns = [ALIASES.get(c.strip(), c.strip()) for c in header]

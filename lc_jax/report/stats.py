@@ -34,6 +34,7 @@ class LayerSummary:
   pred_agreement: float
   original_top1: float  # the unmodified model's top-1 (%); NaN without labels
   source: str
+  nonfinite: int = 0  # trials whose criticality is NaN or inf: left out of its mean, and shown
 
 
 def finite_mean(values: Iterable[float]) -> float:
@@ -140,8 +141,17 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[LayerSummary]:
           recovered_acc=finite_mean(r['recovered_acc'] for r in trial_rows),
           pred_kl_div=finite_mean(r['pred_kl_div'] for r in trial_rows),
           pred_agreement=finite_mean(r['pred_agreement'] for r in trial_rows),
-          original_top1=top1, source=key[0]))
+          original_top1=top1, source=key[0],
+          nonfinite=int(sum(not np.isfinite(r['criticality']) for r in trial_rows))))
   return summaries
+
+
+def nonfinite_note(layers: Sequence[LayerSummary]) -> str | None:
+  """The layers with a NaN or inf criticality in some trial ('bn1 (2 of 3 trials)', ...), or
+  None when every trial of every layer is finite."""
+  marked = [f'{s.layer} ({s.nonfinite} of {s.trials + s.nonfinite} trials)'
+            for s in layers if s.nonfinite]
+  return ', '.join(marked) if marked else None
 
 
 def by_model(summaries: Sequence[LayerSummary]) -> dict[str, list[LayerSummary]]:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lc_jax.report.stats import LayerSummary, by_model, finite_mean
+from lc_jax.report.stats import LayerSummary, by_model, finite_mean, nonfinite_note
 
 
 def _pct(value: float, width: int, digits: int = 1, sign: str = '') -> str:
@@ -50,11 +50,13 @@ def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
     mode = f'{layers[0].mode}, ' if layers[0].mode else ''
     top1 = layers[0].original_top1
     labelled = f'original top-1 {top1:.2f}%' if np.isfinite(top1) else 'no labels'
-    out.append(f'{model}: {mode}{len(layers)} layers, {trials} trial{"s" * (trials != 1)}, '
-               f'{labelled}; mean criticality '
-               f'{_pct(finite_mean(s.criticality for s in layers), 0)}%')
     ranked = sorted((s for s in layers if np.isfinite(s.criticality)),
                     key=lambda s: -s.criticality)
+    not_finite = nonfinite_note(layers)
+    out.append(f'{model}: {mode}{len(layers)} layers, {trials} trial{"s" * (trials != 1)}, '
+               f'{labelled}; mean criticality '
+               f'{_pct(finite_mean(s.criticality for s in layers), 0)}%'
+               + (f' of {len(ranked)} layers' if not_finite else ''))
     shown = ranked if len(ranked) <= 2 * top else ranked[:top] + ranked[-top:]
     width = max([12] + [len(s.layer) for s in shown])
     if len(ranked) <= 2 * top:
@@ -65,6 +67,9 @@ def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
       out += _layer_lines(ranked[:top], width)
       out.append(f' least critical {top}:')
       out += _layer_lines(ranked[-top:], width)
+    if not_finite:
+      out.append(f' not finite, left out of the means (and of the ranking when no trial is '
+                 f'finite): {not_finite}')
     interval_text = (f'Student t over {trials} trials' if trials >= 2 else
                      'none with one trial')
     out.append(f' 95% intervals: ±trials {interval_text}; ±images over the images, '
@@ -79,12 +84,17 @@ def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
 def model_table(summaries: Sequence[LayerSummary]) -> str:
   """One line per model: layers, trials, mean criticality over layers (%), original top-1."""
   grouped = by_model(summaries)
+  notes = {model: nonfinite_note(layers) for model, layers in grouped.items()}
+  marks = any(notes.values())  # a column for the mark: '*' where a mean leaves trials out
   width = max(5, *(len(m) for m in grouped))
   lines = [f'{"model":{width}s} {"layers":>6s} {"trials":>6s} {"mean crit %":>11s} '
            f'{"top-1 %":>8s}']
   for model, layers in grouped.items():
     top1 = layers[0].original_top1
+    mean = finite_mean(s.criticality for s in layers)
+    mean_text = (_pct(mean, 10) + ('*' if notes[model] else ' ')) if marks else _pct(mean, 11)
     lines.append(f'{model:{width}s} {len(layers):6d} {max(s.trials for s in layers):6d} '
-                 f'{_pct(finite_mean(s.criticality for s in layers), 11)} '
-                 f'{f"{top1:.2f}" if np.isfinite(top1) else "-":>8s}')
+                 f'{mean_text} {f"{top1:.2f}" if np.isfinite(top1) else "-":>8s}')
+  lines += [f'* not finite, left out of the mean: {model}: {note}'
+            for model, note in notes.items() if note]
   return '\n'.join(lines)
