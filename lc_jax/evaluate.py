@@ -347,7 +347,7 @@ class Compiles:
 
   def __init__(self):
     self.count, self.seconds, self.from_cache, self.making = 0, 0.0, 0, 0.0
-    self.work = 0.0
+    self.work, self.ahead = 0.0, 0  # ahead: programs compiled by compile_all
     self.thread: int | None = None  # the thread that opened it
 
   def __enter__(self) -> 'Compiles':
@@ -385,7 +385,9 @@ def _on_duration(event: str, duration: float, **kwargs) -> None:
       if event == _MAKING[-1]:
         counter.count += 1
         counter.work += duration
-        if not worker:
+        if worker:
+          counter.ahead += 1
+        else:
           counter.seconds += duration
 
 
