@@ -90,6 +90,8 @@ def test_pixels_equal_torchvision(folder, tmp_path, resize, crop):
   assert info.keys == keys
   assert images.dtype == np.uint8 and images.shape == (len(keys), crop, crop, 3)
   for key, ours, theirs in zip(keys, images, expected):
+    if key == 'b_made/gray16.png':  # torchvision clips 16 bits (white); lc_jax scales them
+      theirs = data.Transform(resize, crop)(Image.fromarray(skimage.data.camera()).convert('RGB'))
     np.testing.assert_array_equal(ours, theirs, err_msg=key)
   np.testing.assert_array_equal(labels, targets)
   assert info.class_names == ['a_photos', 'b_made']

@@ -1,7 +1,8 @@
 """Decode once: preprocessed uint8 images on disk as memory-mapped .npy files, written atomically.
 
 An entry is NAME.npy (the images, N x H x W x 3 uint8) and NAME.json (what they are: keys,
-labels, positions, skipped images). NAME carries a hash of the source's fingerprint, the subset
+labels, positions, skipped images, and the sha256 of the pixels, which `damage` checks on every
+use, so an edited or damaged .npy is decoded again rather than used). NAME carries a hash of the source's fingerprint, the subset
 and the transform, so the same images at the same size are decoded once, whichever model or run
 asks. Both files are written under temporary names and renamed, the .npy last: an entry whose
 .npy exists is complete, and a killed run leaves at most a hidden '.NAME*.tmp' file behind, which
@@ -10,6 +11,7 @@ is safe to delete.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -59,6 +61,29 @@ def read(cache_dir: str, name: str) -> tuple[np.ndarray, dict[str, Any]]:
   return images, meta
 
 
+def damage(images: np.ndarray, meta: Mapping[str, Any], name: str) -> str | None:
+  """What is wrong with the pixels of entry `name` (`images`, `meta` as `read` gave them), or
+  None when they match the sha256 recorded when the entry was written."""
+  recorded = meta.get('pixels_sha256')
+  if recorded is None:
+    return f'image cache entry {name}.npy has no digest of its pixels'
+  if pixels_sha256(images) != recorded:
+    return f'image cache entry {name}.npy does not match the digest of its pixels'
+  return None
+
+
+def pixels_sha256(images: np.ndarray) -> str:
+  """The sha256 of the images' shape and of the sha256s of their bytes in blocks of about 32 MiB
+  (hashed in threads: hashlib lets go of the GIL)."""
+  rows = max(1, (32 << 20) // max(1, images[0].nbytes if len(images) else 1))
+  blocks = [images[i:i + rows] for i in range(0, len(images), rows)]
+  digest = hashlib.sha256(repr(images.shape).encode())
+  with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    for block in pool.map(lambda b: hashlib.sha256(np.ascontiguousarray(b)).digest(), blocks):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def write(cache_dir: str, name: str, shape: tuple[int, ...]
           ) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
@@ -88,6 +113,7 @@ def write(cache_dir: str, name: str, shape: tuple[int, ...]
     _reserve(tmp + '.npy.tmp', cache_dir)
     yield images, meta
     images.flush()
+    meta['pixels_sha256'] = pixels_sha256(images)
     _fsync(tmp + '.npy.tmp')
     del images
     with open(tmp + '.json.tmp', 'w', encoding='utf-8') as f:

@@ -106,7 +106,8 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
     name = whole
     images, meta = cache.read(cache_dir, whole)
   if meta is not None:
-    changed = _changed(meta, positions, digests)
+    changed = (cache.damage(images, meta, os.path.join(cache_dir, name))
+               or _changed(meta, positions, digests))
     if changed:
       print(f'{changed}; decoding the images again', file=sys.stderr)
       images = meta = None
@@ -142,7 +143,8 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
       content=content_digest(positions, digests))
   if progress and hit:
     print(f'loaded {len(positions)} images from {info.cache_path} in {seconds:.2f} s'
-          + (' (their bytes checked)' if digests is not None else ''), file=sys.stderr)
+          + (' (their bytes and the pixels checked)' if digests is not None
+             else ' (the pixels checked)'), file=sys.stderr)
   return images, labels, info
 
 

@@ -26,12 +26,32 @@ def load_rgb(file: str | os.PathLike | BinaryIO) -> Image.Image:
   """Decodes an image file (a path or a binary file object) to RGB, as torchvision's pil_loader.
 
   Grayscale, CMYK, palette and RGBA images go through PIL's `convert('RGB')` (alpha dropped,
-  palette transparency ignored), exactly as the reference code's ImageFolder loads them.
+  palette transparency ignored), exactly as the reference code's ImageFolder loads them. 16-bit
+  grayscale (PNG, TIFF, PGM) is scaled to 8 bits first, `round(v * 255 / 65535)`, where
+  `convert` would clip it (nearly all white); other integer or float images, whose range the
+  file does not give, raise ValueError (a decode failure).
   """
   if isinstance(file, (str, os.PathLike)):
     with open(file, 'rb') as f:
-      return Image.open(f).convert('RGB')
-  return Image.open(file).convert('RGB')
+      return _to_rgb(Image.open(f))
+  return _to_rgb(Image.open(file))
+
+
+# PIL's modes of 16-bit grayscale; PIL also opens 16-bit PGM and, in older releases, PNG as 'I'.
+_SIXTEEN_BITS = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+_SIXTEEN_BIT_FORMATS = ('PNG', 'PPM')
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  if image.mode in _SIXTEEN_BITS or (image.mode == 'I' and image.format in _SIXTEEN_BIT_FORMATS):
+    pixels = np.asarray(image).astype(np.int64)
+    if pixels.min() < 0 or pixels.max() > 65535:
+      raise ValueError(f'a 16-bit image (mode {image.mode}) with values outside 0..65535')
+    return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8)).convert('RGB')
+  if image.mode in ('I', 'F') or image.mode.startswith('I;'):
+    raise ValueError(f'PIL mode {image.mode}: integers or floats whose range the file does not '
+                     'give; save the image with 8 bits per channel')
+  return image.convert('RGB')
 
 
 @dataclasses.dataclass(frozen=True)

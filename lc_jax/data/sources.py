@@ -25,6 +25,7 @@ import io
 import os
 from typing import Any, BinaryIO, Iterator, Sequence
 
+from absl import logging
 import numpy as np
 
 from lc_jax.data.config import DataConfig
@@ -48,6 +49,8 @@ class Listing:
   class_names: list[str] | None
   # Files left out for their extension (ImageFolder only).
   ignored: list[str] = dataclasses.field(default_factory=list)
+  # Links to a folder above them, left out rather than walked round forever (ImageFolder only).
+  loops: list[str] = dataclasses.field(default_factory=list)
 
 
 class Source(abc.ABC):
@@ -99,7 +102,9 @@ class ImageFolder(Source):
 
   Classes are the sorted sub-folder names (label = index); each class folder is walked recursively
   (following links) in sorted order; files whose names do not end in one of IMG_EXTENSIONS (any
-  case) are left out and counted.
+  case) are left out and counted. A link to a folder that holds it (`class0/up -> ..`) is left
+  out and named in one warning: torchvision walks such a loop until the OS stops it, listing the
+  same images dozens of times.
   """
 
   kind = 'imagefolder'
@@ -122,10 +127,10 @@ class ImageFolder(Source):
     if not classes:
       raise UserError(f'{self.root} has no class folders: an ImageFolder holds one folder of '
                       f'images per class ({self.root}/<class>/<image>.JPEG)')
-    keys, labels, ignored, empty = [], [], [], []
+    keys, labels, ignored, empty, loops = [], [], [], [], []
     for label, name in enumerate(classes):
       count = len(keys)
-      for folder, _, files in sorted(os.walk(os.path.join(self.root, name), followlinks=True)):
+      for folder, files in _walk(self.root, name, loops):
         for file in sorted(files):
           key = os.path.relpath(os.path.join(folder, file), self.root)
           if file.lower().endswith(IMG_EXTENSIONS):
@@ -143,7 +148,10 @@ class ImageFolder(Source):
       raise UserError(f'{len(empty)} class folder(s) in {self.root} hold no image: '
                       f'{", ".join(empty[:5])}{", ..." if len(empty) > 5 else ""}; add their '
                       'images or remove the folders')
-    return Listing(keys, np.asarray(labels, np.int32), classes, ignored)
+    if loops:
+      logging.warning('left out %d link(s) in %s that lead back to a folder holding them (a '
+                      'loop), e.g. %s', len(loops), self.root, loops[0])
+    return Listing(keys, np.asarray(labels, np.int32), classes, ignored, loops)
 
   def fingerprint(self) -> dict[str, Any]:
     # Names and byte sizes, not modification times: a copy of the data set to local disk keeps
@@ -158,6 +166,42 @@ class ImageFolder(Source):
     for j, i in enumerate(indices):
       path = os.path.join(self.root, self.listing.keys[i])
       yield j, path, path
+
+
+def _walk(root: str, name: str, loops: list[str]) -> list[tuple[str, list[str]]]:
+  """(folder, file names) of every folder under ROOT/NAME, following links, sorted as
+  torchvision sorts `os.walk`; a folder that is one of its own ancestors (through a link) is not
+  entered, and its path relative to ROOT goes to `loops`."""
+  def identity(path: str) -> tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+  top = os.path.join(root, name)
+  real = os.path.realpath(root)
+  above = [identity(real)]
+  while os.path.dirname(real) != real:  # the root's own ancestors: a link there loops too
+    real = os.path.dirname(real)
+    above.append(identity(real))
+  if identity(top) in above:
+    loops.append(name)
+    return []
+  ancestors = {top: tuple(above) + (identity(top),)}
+  walked = []
+  for folder, subfolders, files in os.walk(top, followlinks=True):
+    kept = []
+    for sub in subfolders:
+      path = os.path.join(folder, sub)
+      try:
+        here = identity(path)
+      except OSError:  # a dangling link; os.walk would not enter it either
+        continue
+      if here in ancestors[folder]:
+        loops.append(os.path.relpath(path, root))
+      else:
+        ancestors[path] = ancestors[folder] + (here,)
+        kept.append(sub)
+    subfolders[:] = kept
+    walked.append((folder, files))
+  return sorted(walked)
 
 
 class Tfds(Source):

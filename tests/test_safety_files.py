@@ -1,0 +1,218 @@
+"""Files a run reads are checked, never trusted as they stand: image folders with link loops,
+16-bit images, the decoded-image cache, partial.json, results.csv's rows, and workdir files that
+are symbolic links. Each test builds its few files by hand and runs in a second or two, without a
+model, except the last, which runs run.py up to its refusal."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from lc_jax import data
+from lc_jax import results
+from lc_jax import schema
+from lc_jax import workdir as workdir_lib
+from lc_jax.data import cache
+from lc_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _image(path, seed, size=32):
+  pixels = np.random.RandomState(seed).randint(0, 256, (size, size, 3), np.uint8)
+  Image.fromarray(pixels).save(path)
+
+
+def _folder(root, images=2):
+  for label in range(2):
+    (root / f'class{label}').mkdir(parents=True)
+    for i in range(images):
+      _image(root / f'class{label}' / f'{i}.png', seed=10 * label + i)
+  return root
+
+
+def _config(root, **changes):
+  return data.DataConfig(**{'path': str(root), 'num_images': 0, 'order': 'sorted',
+                            'batch_size': 4, 'resize_size': 32, 'crop_size': 32, **changes})
+
+
+# ------------------------------------------------------------------------- images ---------------
+
+
+def test_imagefolder_symlink_loop(tmp_path, caplog):
+  root = _folder(tmp_path / 'images', images=1)
+  os.symlink('..', root / 'class0' / 'up')  # back to the root: class0 and class1 again, forever
+  os.symlink('.', root / 'class1' / 'here')
+  (tmp_path / 'elsewhere').mkdir()
+  _image(tmp_path / 'elsewhere' / 'x.png', seed=5)
+  os.symlink(tmp_path / 'elsewhere', root / 'class1' / 'more')  # a link, not a loop
+  with caplog.at_level(logging.WARNING):
+    listing = data.ImageFolder(str(root)).listing
+  assert listing.keys == ['class0/0.png', 'class1/0.png', 'class1/more/x.png']
+  assert listing.labels.tolist() == [0, 1, 1]
+  assert listing.loops == ['class0/up', 'class1/here']
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and len(warnings[0]) < 300, warnings
+  assert 'left out 2 link(s)' in warnings[0] and 'class0/up' in warnings[0]
+
+
+def test_16bit_png(tmp_path):
+  root = _folder(tmp_path / 'images', images=1)
+  ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+  Image.fromarray(ramp).save(root / 'class0' / 'deep.png')
+  assert Image.open(root / 'class0' / 'deep.png').mode == 'I;16'
+  images, _, info = data.load(_config(root), cache_dir=str(tmp_path / 'cache'), progress=False)
+  row = info.keys.index('class0/deep.png')
+  want = np.round(ramp / 257).astype(np.uint8)
+  for channel in range(3):
+    np.testing.assert_array_equal(images[row][..., channel], want)
+
+  # Integers or floats of an unknown range are refused (a decode failure), not clipped.
+  Image.fromarray(ramp.astype(np.float32)).save(root / 'class1' / 'float.tif')
+  with pytest.raises(UserError, match=r'cannot decode .*float\.tif .*PIL mode F'):
+    data.load(_config(root), cache_dir=str(tmp_path / 'cache'), progress=False)
+
+
+def test_image_cache_edited_is_rebuilt(tmp_path, capsys):
+  root = _folder(tmp_path / 'images')
+  cache_dir = str(tmp_path / 'cache')
+  first, _, info = data.load(_config(root), cache_dir=cache_dir, progress=False)
+  first = np.array(first)
+  edited = np.load(info.cache_path, mmap_mode='r+')
+  edited[:, :16] = 0  # half of every image
+  edited.flush()
+  del edited
+  capsys.readouterr()
+  again, _, info = data.load(_config(root), cache_dir=cache_dir, progress=False)
+  assert not info.cache_hit
+  np.testing.assert_array_equal(again, first)
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines == [f'image cache entry {info.cache_path} does not match the digest of its '
+                   'pixels; decoding the images again'], lines
+  # The entry made again is trusted again.
+  _, _, third = data.load(_config(root), cache_dir=cache_dir, progress=False)
+  assert third.cache_hit
+
+  # An entry without a digest of its pixels is decoded again too.
+  with open(info.cache_path[:-len('.npy')] + '.json') as f:
+    meta = json.load(f)
+  del meta['pixels_sha256']
+  with open(info.cache_path[:-len('.npy')] + '.json', 'w') as f:
+    json.dump(meta, f)
+  assert cache.damage(np.load(info.cache_path, mmap_mode='r'), meta, 'x') is not None
+  _, _, fourth = data.load(_config(root), cache_dir=cache_dir, progress=False)
+  assert not fourth.cache_hit
+
+
+# ------------------------------------------------------------------------- partial.json ---------
+
+_RUN = {'config': {'seed': 0}, 'checkpoint_sha256': 'ab', 'images': {'content': 'cd'},
+        'targets': ['conv_stem']}
+_FIELDS = ('count', 'crit')
+_SUMS = {'0/conv_stem': {'count': 4.0, 'crit': 3.6695999999999995}}
+
+
+def _saved(workdir):
+  store = results.Store(str(workdir), _RUN)
+  store.save_partial(1, _SUMS)
+  store.close()
+  assert results.Store(str(workdir), _RUN).load_partial(list(_SUMS), 3, _FIELDS) == (1, _SUMS)
+  with open(workdir / schema.PARTIAL) as f:
+    return json.load(f)
+
+
+def _edit(workdir, state):
+  with open(workdir / schema.PARTIAL, 'w') as f:
+    json.dump(state, f)
+  return results.Store(str(workdir), _RUN).load_partial(list(_SUMS), 3, _FIELDS)
+
+
+def test_partial_json_edited_sums_not_adopted(tmp_path, caplog):
+  state = _saved(tmp_path)
+  state['sums']['0/conv_stem']['crit'] = 3.1056
+  with caplog.at_level(logging.WARNING):
+    assert _edit(tmp_path, state) == (0, {})  # the rows start over from the first batch
+  assert any('does not match the digest it was saved with' in r.getMessage()
+             for r in caplog.records)
+
+
+def test_partial_batches_done_edited(tmp_path):
+  state = _saved(tmp_path)
+  state['batches_done'] = 2
+  assert _edit(tmp_path, state) == (0, {})
+  del state['sha256']  # a file without its digest is not adopted either
+  state['batches_done'] = 1
+  assert _edit(tmp_path, state) == (0, {})
+
+
+# ------------------------------------------------------------------------- results.csv ----------
+
+
+def _row(criticality, layer='bn1'):
+  return {**{c: 0 for c in schema.COLUMNS}, 'model_id': 'm', 'layer': layer, 'trial': 0,
+          'mode': 'reinit', 'kind': 'norm', 'stage': 'stem', 'num_params': 128, 'num_images': 7,
+          **{m: 0.5 for m in schema.METRICS}, 'criticality': criticality}
+
+
+def test_conflicting_duplicate_rows_refused(tmp_path):
+  store = results.Store(str(tmp_path), _RUN)
+  store.append(_row(0.522))
+  store.append(_row(0.7, layer='conv1'))
+  store.close()
+  path = tmp_path / schema.RESULTS
+  with open(path, 'a') as f:
+    f.write(schema.format_row({**_row(-2.1), 'run_id': schema.run_id(_RUN)}))
+  with pytest.raises(UserError) as refused:
+    results.Store(str(tmp_path), _RUN)
+  assert str(refused.value) == (
+      f'{path}, lines 2 and 4: trial 0 of layer bn1 twice, with different values; the file was '
+      'edited or damaged: remove the wrong line (or both: the run redoes it), or use a new '
+      '--workdir')
+
+
+# ------------------------------------------------------------------------- links ----------------
+
+
+@pytest.mark.parametrize('name', [schema.RESULTS, schema.PARTIAL, schema.RUN, schema.LOCK])
+def test_workdir_symlink_refused(tmp_path, name):
+  elsewhere = tmp_path / 'elsewhere.txt'
+  elsewhere.write_text('not yours\n')
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  os.symlink(elsewhere, workdir / name)
+  want = (f'{workdir / name} is a symbolic link (to {elsewhere}); a run writes only its '
+          "workdir's own files: put the file itself there, or use a new --workdir")
+  with pytest.raises(UserError) as refused:
+    with workdir_lib.Lock(str(workdir)):
+      pass
+  assert str(refused.value) == want
+  with pytest.raises(UserError) as refused:
+    results.Store(str(workdir), _RUN)
+  assert str(refused.value) == want
+  assert elsewhere.read_text() == 'not yours\n'
+
+
+def test_workdir_symlink_refused_by_run_py(tmp_path):
+  elsewhere = tmp_path / 'elsewhere.csv'
+  elsewhere.write_text('not yours\n')
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  os.symlink(elsewhere, workdir / schema.RESULTS)
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'run.py'), f'--workdir={workdir}',
+       f'--config.cache_dir={tmp_path / "cache"}'], cwd=ROOT, capture_output=True, text=True,
+      check=False)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert lines[-1] == f'error: {workdir / schema.RESULTS} is a symbolic link (to {elsewhere}); ' \
+      "a run writes only its workdir's own files: put the file itself there, or use a new " \
+      '--workdir'
+  assert sum(line.startswith('error: ') for line in lines) == 1
+  assert elsewhere.read_text() == 'not yours\n'
+  assert sorted(os.listdir(workdir)) == [schema.RESULTS]
