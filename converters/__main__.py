@@ -1,6 +1,7 @@
 r"""Converts a PyTorch or safetensors checkpoint into a Flax model folder.
 
     python -m converters SRC [--arch resnet50] --out DIR [--trust_pickle] [--mean 0,0,0 --std 1,1,1]
+        [--allow_nonfinite]
 
 SRC is a checkpoint file, or bundled:NAME for a checkpoint shipped in an installed package.
 Writes DIR/variables (orbax) and DIR/model.json, and prints a one-screen summary.
@@ -25,6 +26,9 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a model already in -
 _TRUST_PICKLE = flags.DEFINE_bool(
     'trust_pickle', False, 'Allow legacy checkpoints that hold Python objects besides tensors. '
     'Unpickling runs code from the file: use only for files you trust.')
+_ALLOW_NONFINITE = flags.DEFINE_bool(
+    'allow_nonfinite', False, 'Keep tensors that hold NaN or inf (refused by default: a model '
+    'with them computes NaN).')
 _MEAN = flags.DEFINE_list('mean', None, 'Input normalisation mean per channel, e.g. 0,0,0.')
 _STD = flags.DEFINE_list('std', None, 'Input normalisation std per channel, e.g. 1,1,1.')
 
@@ -35,7 +39,8 @@ def main(argv):
     raise app.UsageError('give one checkpoint: python -m converters SRC --out DIR')
   arch, variables, metadata = converters.convert(
       argv[1], _ARCH.value, trust_pickle=_TRUST_PICKLE.value,
-      mean=cli.floats(_MEAN.value, 'mean'), std=cli.floats(_STD.value, 'std'))
+      mean=cli.floats(_MEAN.value, 'mean'), std=cli.floats(_STD.value, 'std'),
+      allow_nonfinite=_ALLOW_NONFINITE.value)
   metadata['arch_inferred'] = _ARCH.value is None
   if _OUT.value:
     converters.save(_OUT.value, arch, variables, metadata, overwrite=_OVERWRITE.value)

@@ -31,6 +31,12 @@ def summary(metadata: dict, variables: dict, out: str | None) -> str:
   prefix = f", prefix '{metadata['stripped_prefix']}' stripped" if metadata['stripped_prefix'] else ''
   how = 'inferred from the checkpoint' if metadata.get('arch_inferred') else 'as given'
   norm = f"mean {_rounded(metadata['mean'])}, std {_rounded(metadata['std'])}"
+  own = metadata.get('checkpoint_normalization')
+  if own is not None:
+    same = (own['mean'], own['std']) == (metadata['mean'], metadata['std'])
+    norm += (" (the checkpoint's own)" if same else
+             f" (given; the checkpoint's own: mean {_rounded(own['mean'])}, "
+             f"std {_rounded(own['std'])})")
   lines = [
       f"converted     {metadata['source']}",
       f"sha256        {metadata['sha256']}",

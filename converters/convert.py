@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -21,8 +22,8 @@ ZOO = 'zoo:'  # a checkpoint argument 'zoo:ID' names a model of the paper's zoo 
 
 def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-            offline: bool | None = None, mirrors: str | None = None
-            ) -> tuple[str, dict, dict[str, Any]]:
+            offline: bool | None = None, mirrors: str | None = None,
+            allow_nonfinite: bool = False) -> tuple[str, dict, dict[str, Any]]:
   """Converts the checkpoint at `src` into Flax variables, strictly.
 
   `src` is a file, 'bundled:NAME', or 'zoo:ID' (a model of lc_jax.zoo: its files are fetched,
@@ -33,14 +34,20 @@ def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
   or family is refused. Every model variable must be filled and every checkpoint key used,
   except keys dropped by a named rule (reported under metadata['dropped']); otherwise a
   `ConversionError` lists what is missing, unexpected or of the wrong shape. `mean`/`std`
-  override the architecture's input normalisation (use 0 and 1 for models trained without).
+  override the architecture's input normalisation (use 0 and 1 for models trained without), or
+  the normaliser the checkpoint holds (the robustness library's `normalizer`), which is used
+  when they are not given; where they differ from it, a line on stderr says so. A tensor that
+  holds NaN or inf is refused, naming it, unless `allow_nonfinite`.
 
   Returns (arch, variables, metadata) with variables {'params': ..., 'batch_stats': ...}.
   """
   if src.startswith(ZOO):
-    return _convert_zoo(src[len(ZOO):], arch, trust_pickle, mean, std, offline, mirrors)
+    return _convert_zoo(src[len(ZOO):], arch, trust_pickle, mean, std, offline, mirrors,
+                        allow_nonfinite)
   checkpoint = reader.read(src, trust_pickle=trust_pickle)
-  arch, variables, metadata = build(checkpoint.tensors, arch, mean, std, checkpoint.path)
+  arch, variables, metadata = build(checkpoint.tensors, arch, mean, std, checkpoint.path,
+                                    normalization=checkpoint.normalization,
+                                    allow_nonfinite=allow_nonfinite)
   return arch, variables, {
       **metadata, 'source': checkpoint.path, 'sha256': checkpoint.sha256,
       'format': checkpoint.format, 'container': checkpoint.container,
@@ -48,11 +55,16 @@ def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
 
 
 def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: str,
-          origin: dict[str, str] | None = None) -> tuple[str, dict, dict[str, Any]]:
+          origin: dict[str, str] | None = None, *,
+          normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+          allow_nonfinite: bool = False) -> tuple[str, dict, dict[str, Any]]:
   """Fills an architecture's variables from torch-named `tensors` (read from `where`), strictly:
   the architecture is inferred by the families' recipes when `arch` is None, and one of another
   family or variant is refused; `origin` names a renamed key's name in its file, for messages.
-  Returns (arch, variables, metadata of the model: arch, classes, normalisation, sizes)."""
+  `normalization`: the (mean, std) the file holds, used where `mean`/`std` are None (a given
+  one that differs is stated on stderr). A tensor with NaN or inf is refused unless
+  `allow_nonfinite`. Returns (arch, variables, metadata of the model: arch, classes,
+  normalisation, sizes)."""
   if not tensors:
     raise ConversionError(f'{where} holds no tensors of a network')
   found = recipes.detect(tensors)
@@ -80,6 +92,10 @@ def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: st
     num_classes = int(tensors[recipe.classifier].shape[0])
   settings = recipe.settings(tensors)
   overrides: dict[str, Any] = {'num_classes': num_classes, **settings}
+  if normalization is not None:
+    _state_other_normalization(where, normalization, mean, std)
+    mean = normalization[0] if mean is None else mean
+    std = normalization[1] if std is None else std
   if mean is not None:
     overrides['mean'] = tuple(float(m) for m in mean)
   if std is not None:
@@ -89,6 +105,8 @@ def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: st
   if mismatch:
     shown = _with_origin(mismatch, origin) if origin else mismatch
     raise mapping.MismatchError(f'{where} does not fit {arch}: {shown.summary()}', mismatch)
+  if not allow_nonfinite:
+    _refuse_nonfinite(tensors, where, origin or {})
   return arch, variables, {
       'arch': arch,
       'family': spec.family,
@@ -96,10 +114,44 @@ def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: st
       **({'module_settings': settings} if settings else {}),
       'mean': list(module.mean),
       'std': list(module.std),
+      **({'checkpoint_normalization': {'mean': list(normalization[0]),
+                                       'std': list(normalization[1])}}
+         if normalization is not None else {}),
       'num_tensors': len(tensors),
       'num_parameters': int(sum(np.size(v) for v in jax.tree.leaves(variables['params']))),
       'lc_jax_version': lc_jax.__version__,
   }
+
+
+def _state_other_normalization(where: str, own, mean, std) -> None:
+  """One line on stderr where a given mean or std is not the one the checkpoint holds."""
+  differ = [(name, given, held)
+            for name, given, held in (('mean', mean, own[0]), ('std', std, own[1]))
+            if given is not None and not np.allclose(given, held, rtol=1e-6, atol=0)]
+  if differ:
+    print(f'{where} normalises its inputs with its own '
+          + ', '.join(f'{name} {tuple(held)}' for name, _, held in differ) + '; using '
+          + ', '.join(f'{name} {tuple(float(v) for v in given)}' for name, given, _ in differ)
+          + ' as given', file=sys.stderr, flush=True)
+
+
+def _refuse_nonfinite(tensors: dict[str, np.ndarray], where: str, origin: dict[str, str]) -> None:
+  """A ConversionError naming the tensors that hold NaN or inf: a model with them computes NaN
+  or inf, and every criticality measured on it is meaningless."""
+  bad = []
+  for key, value in tensors.items():
+    if np.issubdtype(value.dtype, np.floating):
+      finite = int(np.count_nonzero(np.isfinite(value)))
+      if finite < value.size:
+        label = f'{key} ({origin[key]})' if key in origin else key
+        bad.append(f'{label} ({value.size - finite} of {value.size} values)')
+  if bad:
+    more = f', and {len(bad) - 4} more' if len(bad) > 4 else ''
+    raise ConversionError(
+        f'{where}: {len(bad)} tensor{"s hold" if len(bad) > 1 else " holds"} NaN or inf: '
+        f'{", ".join(bad[:4])}{more}; if you mean to keep them, allow it: '
+        '--config.model.allow_nonfinite=true for run.py, --allow_nonfinite for python -m '
+        'converters, allow_nonfinite=True in Python')
 
 
 def _with_origin(mismatch: mapping.Mismatch, origin: dict[str, str]) -> mapping.Mismatch:
@@ -113,14 +165,16 @@ def _with_origin(mismatch: mapping.Mismatch, origin: dict[str, str]) -> mapping.
 
 
 def _convert_zoo(model_id: str, arch: str | None, trust_pickle: bool, mean, std,
-                 offline: bool | None, mirrors: str | None) -> tuple[str, dict, dict[str, Any]]:
+                 offline: bool | None, mirrors: str | None, allow_nonfinite: bool
+                 ) -> tuple[str, dict, dict[str, Any]]:
   from converters.layouts import convert_layout  # pylint: disable=g-import-not-at-top
   from lc_jax import zoo  # pylint: disable=g-import-not-at-top
   entry = zoo.get(model_id)
   files = zoo.fetch(model_id, offline=offline, mirrors=mirrors or None)
   arch, variables, metadata = convert_layout(
       files, entry.recipe, arch or 'resnet50', trust_pickle=trust_pickle,
-      mean=entry.mean if mean is None else mean, std=entry.std if std is None else std)
+      mean=entry.mean if mean is None else mean, std=entry.std if std is None else std,
+      allow_nonfinite=allow_nonfinite)
   # convert_layout's sha256 is digests_sha256 of the files it read: the zoo source's own.
   metadata['source'] = ZOO + model_id
   return arch, variables, metadata

@@ -158,7 +158,7 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
            _single((_RULES['robustness_attacker'], _RULES['robustness_normalizer'],
                     _NUM_BATCHES_TRACKED), container=('model',)),
            "robustness library: ['model'], `module.model.*` kept, the attacker's copy and the "
-           'normalisers dropped'),
+           "normalisers dropped (the model's `normalizer` gives its mean and std)"),
     Layout('aux_bn', ('checkpoint',), _single((_RULES['aux_bn'], _NUM_BATCHES_TRACKED)),
            'state_dict with auxiliary BatchNorms (shape/texture-debiased training), dropped'),
     Layout('split', ('backbone', 'linear-probe head'), _read_split,
@@ -174,13 +174,17 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
 
 def convert_layout(files: Sequence[str], layout: str, arch: str | None = 'resnet50', *,
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   trust_pickle: bool = False) -> tuple[str, dict, dict[str, Any]]:
+                   trust_pickle: bool = False, allow_nonfinite: bool = False
+                   ) -> tuple[str, dict, dict[str, Any]]:
   """Converts the checkpoint file(s) of `layout` (a key of LAYOUTS) into Flax variables, strictly.
 
   `files` are the layout's files in its order ('split': backbone, then linear-probe head).
   `arch` is inferred when None; `mean`/`std` override the architecture's input normalisation
-  (use 0 and 1 for models trained without). Every model variable must be filled and every
-  kept key used; dropped keys are listed under metadata['dropped'] by rule. Returns (arch,
+  (use 0 and 1 for models trained without), or the normaliser a file holds (robustness: its
+  `normalizer.new_mean/new_std`), which is used when they are not given; a given one that
+  differs from it is stated in one line on stderr. Every model variable must be filled and
+  every kept key used; dropped keys are listed under metadata['dropped'] by rule. A tensor with
+  NaN or inf is refused unless `allow_nonfinite`. Returns (arch,
   variables, metadata) as `convert` does, with 'layout' and 'sources' (each file's path and
   sha256) added.
   """
@@ -195,7 +199,11 @@ def convert_layout(files: Sequence[str], layout: str, arch: str | None = 'resnet
   where = ' + '.join(part.checkpoint.path for part in parts)
   origin = {k: f'{v} in {os.path.basename(part.checkpoint.path)}'
             for part in parts for k, v in part.origin.items()}
-  arch, variables, metadata = build(tensors, arch, mean, std, where, origin)
+  normalization = next((part.checkpoint.normalization for part in parts
+                        if part.checkpoint.normalization is not None), None)
+  arch, variables, metadata = build(tensors, arch, mean, std, where, origin,
+                                    normalization=normalization,
+                                    allow_nonfinite=allow_nonfinite)
   return arch, variables, {**metadata, **_provenance(spec, parts)}
 
 

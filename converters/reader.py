@@ -32,6 +32,15 @@ class ConversionError(UserError):
   """A checkpoint that cannot be read or does not fit the architecture."""
 
 
+class UntrustedPickle(ConversionError):
+  """A checkpoint that holds Python objects besides tensors, read without `trust_pickle`;
+  `path` is the file, so each command can name its own opt-in."""
+
+  def __init__(self, message: str, path: str):
+    super().__init__(message)
+    self.path = path
+
+
 # Where trainers keep the network's state_dict inside a checkpoint, tried in this order.
 CONTAINER_KEYS = ('state_dict', 'model', 'model_state_dict', 'online_backbone')
 
@@ -55,7 +64,8 @@ DROP_RULES = (
     DropRule('robustness_attacker', r'^(module\.)?attacker\.',
              "robustness library: the attacker's second copy of the model"),
     DropRule('robustness_normalizer', r'^(module\.)?normalizer\.',
-             'robustness library: input normaliser buffers (normalisation is part of our model)'),
+             'robustness library: input normaliser buffers (their mean and std become the '
+             "model's normalisation)"),
     DropRule('aux_bn', r'(^|\.)aux_bn\.',
              'shape/texture-debiased training: auxiliary BatchNorm used only in training'),
     DropRule('num_batches_tracked', r'(^|\.)num_batches_tracked$',
@@ -94,6 +104,39 @@ class Checkpoint:
   prefix: str
   tensors: dict[str, np.ndarray]
   dropped: dict[str, list[str]]
+  # (mean, std) of the input normaliser the file holds as buffers (`normalizer`), or None
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+
+# The robustness library's input normaliser: buffers of the model, kept beside its weights.
+_NORMALIZER = re.compile(r'^(module\.)?normalizer\.new_(mean|std)$')
+
+
+def normalizer(tensors: Mapping[str, np.ndarray], path: str
+               ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """(mean, std) of the input normaliser a checkpoint holds (`normalizer.new_mean` and
+  `normalizer.new_std`, as the robustness library saves them), or None when it holds none.
+  Values are read at float32 precision (0.485, not 0.48500001430511475)."""
+  found = {}
+  for key, value in tensors.items():
+    match = _NORMALIZER.match(key)
+    if match:
+      found[match.group(2)] = (key, value)
+  if not found:
+    return None
+  if len(found) != 2:
+    (key, _), = found.values()
+    raise ConversionError(f'{path} holds {key} without its '
+                          f'{"new_std" if "mean" in found else "new_mean"}: an input normaliser '
+                          'needs both')
+  values = {}
+  for which, (key, value) in found.items():
+    flat = np.asarray(value, np.float32).reshape(-1)
+    if flat.size != 3 or not np.isfinite(flat).all() or (which == 'std' and (flat <= 0).any()):
+      raise ConversionError(f'{path}: {key} holds {flat.tolist()[:6]}; an input normaliser '
+                            'holds three finite numbers, one per RGB channel (a std above 0)')
+    values[which] = tuple(float(str(v)) for v in flat)
+  return values['mean'], values['std']
 
 
 def read(path: str, trust_pickle: bool = False,
@@ -109,9 +152,11 @@ def read(path: str, trust_pickle: bool = False,
   """
   path, fmt, obj = load(path, trust_pickle, allowed_globals)
   state, found = select(obj, path, container)
-  tensors, dropped, prefix = clean(as_numpy(state), drop_rules)
+  arrays = as_numpy(state)
+  tensors, dropped, prefix = clean(arrays, drop_rules)
   return Checkpoint(path=path, sha256=sha256(path), format=fmt, container=found,
-                    prefix=prefix, tensors=tensors, dropped=dropped)
+                    prefix=prefix, tensors=tensors, dropped=dropped,
+                    normalization=normalizer(arrays, path))
 
 
 def load(path: str, trust_pickle: bool = False,
@@ -310,10 +355,10 @@ def _read_torch(path: str, trust_pickle: bool, allowed: tuple[type, ...] = ()) -
   except torch.serialization.pickle.UnpicklingError as e:
     if trust_pickle:
       raise ConversionError(f'cannot unpickle {path}: {_first_line(e)}') from None
-    raise ConversionError(
+    raise UntrustedPickle(
         f'{path} holds Python objects besides tensors, and unpickling them can run code from '
         'the file; if you trust it, allow it: --config.model.trust_pickle=true for run.py, '
-        '--trust_pickle for python -m converters, trust_pickle=True in Python') from None
+        '--trust_pickle for python -m converters, trust_pickle=True in Python', path) from None
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     raise ConversionError(f'cannot read {path}: truncated or not a PyTorch checkpoint '
                           f'({_first_line(e)})') from None

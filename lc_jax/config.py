@@ -8,7 +8,8 @@ the check that turns a config into typed, validated fields before anything is wr
 Fields (RunConfig):
 - model: checkpoint (a file, bundled:NAME, or zoo:ID for a model of the paper's zoo), arch
   (empty: inferred), id (the row label in results; empty: the checkpoint's file name),
-  trust_pickle, offline and mirrors (for zoo:ID, see lc_jax.zoo);
+  trust_pickle, allow_nonfinite (keep weights that hold NaN or inf, refused by default), offline
+  and mirrors (for zoo:ID, see lc_jax.zoo);
 - data: see lc_jax.data.config (source, path, num_images, batch_size, seed, order, sizes, ...);
 - reset: mode (fresh, zero, checkpoint, interpolate, skip), layer_types ('conv,linear'; add
   batchnorm for the reference code's default; layernorm, embedding, layer_scale, attn_qkv,
@@ -51,7 +52,8 @@ RANDOM_MODES = ('fresh', 'interpolate')
 # Fields that change how a run is shown or how fast it goes, not what it measures: a workdir
 # may be resumed with other values.
 NOT_MEASURED = ('progress', 'cache_dir', 'reuse_prefix', 'spread_resets', 'chunk_size',
-                'data.workers', 'model.offline', 'model.mirrors', 'compilation_cache_dir')
+                'data.workers', 'model.offline', 'model.mirrors', 'model.allow_nonfinite',
+                'compilation_cache_dir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class ModelConfig:
   arch: str = ''
   id: str = ''
   trust_pickle: bool = False
+  allow_nonfinite: bool = False  # keep weights that hold NaN or inf (refused by default)
   offline: bool = False  # zoo:ID only from the zoo's cache (also LC_JAX_OFFLINE=1)
   mirrors: str = ''  # zoo source prefixes rewritten (JSON or a .json file; LC_JAX_ZOO_MIRRORS)
 
@@ -200,6 +203,7 @@ def _check_values(run: RunConfig) -> None:
   if unknown:
     raise UserError(f'unknown layer type {unknown[0]!r} in reset.layer_types; choose from '
                     f'{", ".join(layers.TYPES)}')
+  layers.check_pattern(reset_.layers)
   if reset_.granularity not in layers.GRANULARITIES:
     raise UserError(f'unknown reset.granularity {reset_.granularity!r}; choose from '
                     f'{", ".join(layers.GRANULARITIES)}')

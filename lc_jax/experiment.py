@@ -156,7 +156,8 @@ def _convert(wanted, model_dir: str, sha256: str) -> tuple:
       return loaded
   arch, variables, card = converters.convert(
       wanted.checkpoint, wanted.arch or None, trust_pickle=wanted.trust_pickle,
-      offline=wanted.offline or None, mirrors=wanted.mirrors)
+      offline=wanted.offline or None, mirrors=wanted.mirrors,
+      allow_nonfinite=wanted.allow_nonfinite)
   for place in places:
     converters.save(place, arch, variables, card, overwrite=True)
   return models.load(model_dir)
@@ -260,6 +261,7 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
   workdir = os.path.abspath(os.path.expanduser(workdir))
   primary = jax.process_index() == 0  # with several processes (hosts), the one that writes
   use_compilation_cache(settings.compilation_cache_dir)
+  untouched = workdir_lib.untouched(workdir) if primary else None  # before the lock makes it
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   start = time.perf_counter()
   with lock, jax.default_matmul_precision(settings.matmul_precision):
@@ -275,6 +277,12 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
         print(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s'
               + (f', {compiles.from_cache} more read from the compilation cache'
                  if compiles.from_cache else ''), file=sys.stderr)
+    except UserError:
+      # Refused before it kept a row (an unknown layer, NaN logits): a workdir that held
+      # nothing is left as it was, without the lock file and converted model.
+      if untouched and (store is None or not store.rows):
+        workdir_lib.take_back(untouched)
+      raise
     finally:
       if store is not None:
         store.close()
@@ -417,6 +425,9 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   for values in _one_ahead(originals()):
     busy.wait(values['count'])
     total = metrics.accumulate(total, values)
+  if not all(np.isfinite(list(total.values()))):  # the sums of finite logits are finite
+    raise UserError('the model outputs NaN or inf on these images (its logits are not finite), '
+                    "so no criticality can be measured; check the checkpoint's weights")
   original = metrics.finalize(total, has_labels)
   original['recovered_acc'] = 1.0 if has_labels else float('nan')
   evaluated = int(total['count'])  # the images that decoded

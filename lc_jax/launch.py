@@ -82,7 +82,11 @@ def join_processes(run_flags: Flags) -> None:
 
 
 def config_of(run_flags: Flags):
-  """Joins the processes, then gives the config of the command line (progress off with --quiet)."""
+  """Joins the processes, then gives the config of the command line (progress off with --quiet).
+  An empty --workdir is refused first (it would be the current folder)."""
+  if not run_flags.workdir.value.strip():
+    from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+    raise UserError('--workdir is empty: give a folder for the results, e.g. --workdir=out/run')
   join_processes(run_flags)
   config = run_flags.config.value
   if run_flags.quiet.value:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import math
 import re
+import warnings
 from typing import Iterable, Sequence
 
 import flax.linen as nn
@@ -99,7 +101,8 @@ def inventory(module: nn.Module, block_depth: int, input_size: int | None = None
 
   images = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
   with nn.intercept_methods(record):
-    shapes = jax.eval_shape(module.init, jax.random.key(0), images)
+    # The key is made inside the trace: an eager key would compile a program of its own.
+    shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), images)
 
   place = getattr(module, 'place', lambda path: None)
   sub_kind = getattr(module, 'sub_kind', lambda path, kind: kind)
@@ -196,9 +199,19 @@ def select(layers: Sequence[Layer], types: Iterable[str] = DEFAULT_TYPES, patter
   return [Target(name, tuple(members)) for name, members in groups.items()]
 
 
+def check_pattern(pattern: str) -> None:
+  """Refuses what is wrong with a layer pattern before any model is at hand: 'first:' or
+  'last:' followed by anything but a whole number."""
+  count = re.fullmatch(r'(first|last):(.*)', pattern.strip())
+  if count and not re.fullmatch(r'\d+', count[2].strip()):
+    raise UserError(f'layer pattern {pattern.strip()!r}: {count[1]}: needs a whole number of '
+                    f'layers, e.g. {count[1]}:2')
+
+
 def _match(typed: list[Layer], every: Sequence[Layer], pattern: str) -> list[Layer]:
   if not pattern:
     return typed
+  check_pattern(pattern)
   slice_match = re.fullmatch(r'(first|last):(\d+)|(-?\d*):(-?\d*)', pattern)
   if slice_match:
     if slice_match[1] == 'first':
@@ -214,6 +227,10 @@ def _match(typed: list[Layer], every: Sequence[Layer], pattern: str) -> list[Lay
     hits = {layer.name for layer in typed if _item_matches(item, layer)}
     if not hits and _is_plain_name(item):
       raise UserError(_unknown_layer(item, names, every))
+    error = None if hits else _regex_error(item)
+    if error:
+      raise UserError(f'invalid layer pattern {item!r}: it is no regex ({error}), and as a glob '
+                      'it matches no layer')
     if not hits and len(items) > 1:  # a typo in a list would otherwise pass unnoticed
       span = f', {names[0]} to {names[-1]}' if names else ''
       raise UserError(f'layer pattern item {item!r} (of {pattern!r}) matches no layer of '
@@ -243,10 +260,25 @@ def _item_matches(item: str, layer: Layer) -> bool:
     return False
   if fnmatch.fnmatchcase(layer.name, item):
     return True
-  try:
-    return re.fullmatch(item, layer.name) is not None
-  except re.error:
-    return False  # not a regex ('*.conv1'); the glob above has had its say
+  regex = _compiled(item)  # not a regex ('*.conv1'): the glob above has had its say
+  return isinstance(regex, re.Pattern) and regex.fullmatch(layer.name) is not None
+
+
+def _regex_error(item: str) -> str | None:
+  """Why `item` does not compile as a regex, or None when it does."""
+  regex = _compiled(item)
+  return regex if isinstance(regex, str) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(item: str) -> re.Pattern | str:
+  """`item` compiled as a regex, or why it does not compile."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', FutureWarning)  # 'possible nested set': a regex all the same
+    try:
+      return re.compile(item)
+    except re.error as e:
+      return str(e)
 
 
 def _is_plain_name(pattern: str) -> bool:

@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import uuid
 from typing import Any
 
@@ -34,7 +38,8 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
 
   The variables are written to a temporary folder first and moved in place, so an interrupted
   save never leaves a half-written model behind. Writers of one folder (two runs converting the
-  same zoo model into its shared cache) take turns; the last one's model stays.
+  same zoo model into its shared cache) take turns; the last one's model stays. A save that
+  fails (a full disk included) is one UserError, without orbax's own reports of it.
   """
   directory = os.path.abspath(directory)
   if os.path.exists(os.path.join(directory, CARD)) and not overwrite:
@@ -49,8 +54,13 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
   staging = os.path.join(directory, f'.{VARIABLES}.{unique}')
   try:
     with workdir.take_turns(os.path.join(directory, '.saving')):
-      with _checkpointer() as checkpointer:
-        checkpointer.save(staging, variables)
+      try:
+        with _quiet(), _checkpointer() as checkpointer:
+          checkpointer.save(staging, variables)
+      except OSError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # orbax raises many kinds
+        raise UserError(f'cannot write the model to {directory}: {_reason(e)}') from None
       card = dict(metadata or {}, arch=arch, variables_sha256=digest(variables))
       with open(os.path.join(directory, f'{CARD}.{unique}'), 'w') as f:
         json.dump(card, f, indent=2, sort_keys=True)
@@ -61,9 +71,10 @@ def save(directory: str, arch: str, variables: dict, metadata: dict | None = Non
       os.replace(staging, os.path.join(directory, VARIABLES))
       os.replace(os.path.join(directory, f'{CARD}.{unique}'), os.path.join(directory, CARD))
   except OSError as e:
-    raise UserError(f'cannot write the model to {directory}: {e.strerror}') from None
+    raise UserError(f'cannot write the model to {directory}: {_reason(e)}') from None
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    for left in [staging, *glob.glob(glob.escape(staging) + '.orbax-checkpoint-tmp*')]:
+      shutil.rmtree(left, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(directory, f'{CARD}.{unique}'))
   return directory
@@ -114,7 +125,7 @@ def load(directory: str) -> tuple[nn.Module, dict, dict[str, Any]]:
                     'first with `python -m converters SRC --out DIR`')
   module = create_from_card(metadata)
   try:
-    with _checkpointer() as checkpointer:
+    with _quiet(), _checkpointer() as checkpointer:
       variables = checkpointer.restore(os.path.join(directory, VARIABLES))
   except Exception as e:  # pylint: disable=broad-except  # orbax raises many kinds
     raise UserError(f'{directory} holds a damaged model: its variables do not load '
@@ -144,6 +155,59 @@ def _checkpointer() -> ocp.StandardCheckpointer:
   alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                              active_processes={jax.process_index()})
   return ocp.StandardCheckpointer(multiprocessing_options=alone)
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Keeps orbax's own reports of a failure from the user, who gets one UserError for it: its
+  error logs (tracebacks of its threads), and the 'Event loop is closed' tracebacks that its
+  reads and writes still in flight print once a failed restore or save has closed their event
+  loop (each an unraisable exception of a tensorstore callback, dropped by `_drop_closed_loop`)."""
+  _drop_closed_loop()
+  orbax = _FromOrbax()
+  logger = logging.getLogger('absl')
+  logger.addFilter(orbax)
+  try:
+    yield
+  finally:
+    logger.removeFilter(orbax)
+
+
+class _FromOrbax(logging.Filter):
+  """Drops orbax's error records (absl logs them from the orbax module that failed)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR
+                and f'{os.sep}orbax{os.sep}' in (record.pathname or ''))
+
+
+def _drop_closed_loop() -> None:
+  """Makes sys.unraisablehook drop RuntimeError('Event loop is closed') raised in a callback
+  without an object (tensorstore's, after orbax closed its loop), passing on every other.
+  Installed at the first use of orbax, and again if something replaced it since."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    previous(unraisable)
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _reason(error: BaseException) -> str:
+  """What went wrong, in a few words: an OSError's own ('No space left on device'), the
+  system's words for the error code tensorstore reports, or the error's first line."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code:
+    return os.strerror(int(code.group(1)))
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
 
 
 def _as_numpy(tree):

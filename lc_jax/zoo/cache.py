@@ -81,16 +81,29 @@ def verify(model_id: str, source: Source) -> str:
                     f'lc_jax.zoo add {model_id} FILE')
   got = sha256(file)
   if got != want:
+    if recorded(model_id, source) is None:  # lc_jax.zoo records every file it puts there
+      raise UserError(f'{file} ({model_id}) has sha256 {got}, but {where} is {want}: it is '
+                      'not the file the zoo names, and lc_jax.zoo did not put it there (it has '
+                      'no recorded sha256); delete it to download it again, or register the '
+                      f'right file with: python -m lc_jax.zoo add {model_id} FILE')
     raise UserError(f'{file} ({model_id}) has sha256 {got}, but {where} is {want}: the file '
-                    'changed after it was downloaded; delete it to download it again')
+                    'changed after it was cached (downloaded or added); delete it to download '
+                    'it again')
   return file
 
 
-def mismatch(model_id: str, source: Source, origin: str, got: str, want: str, where: str
-             ) -> UserError:
-  """The error for a new file (from `origin`) whose digest is not the expected one."""
-  hint = (f'if the new file is the right one, delete {record_path(model_id, source)} and retry'
-          if source.sha256 is None else 'the download is corrupt or the file was replaced')
+def mismatch(model_id: str, source: Source, origin: str, got: str, want: str, where: str,
+             by_hand: bool = False) -> UserError:
+  """The error for a new file (downloaded from `origin`, or a file the user gives: `by_hand`)
+  whose digest is not the expected one."""
+  if source.sha256 is None:
+    hint = f'if the new file is the right one, delete {record_path(model_id, source)} and retry'
+  elif by_hand:
+    hint = (f'it is not the file the zoo names: another release of the weights, or a damaged '
+            f'copy; the right one is {source.filename} from {source.canonical_url}')
+  else:
+    hint = 'the download is corrupt or the file was replaced at its source'
+
   return UserError(f'{model_id}/{source.filename} from {origin} has sha256 {got}, but {where} '
                    f'is {want}; nothing was cached ({hint})')
 

@@ -90,7 +90,7 @@ def add(model_id: str, files: Sequence[str], *, trust_pickle: bool = False) -> l
     want, where = cache.expected(model_id, source)
     got = cache.sha256(file)
     if want is not None and got != want:
-      raise cache.mismatch(model_id, source, file, got, want, where)
+      raise cache.mismatch(model_id, source, file, got, want, where, by_hand=True)
   _check_converts(entry, files, trust_pickle)
   with cache.staging(model_id) as into:
     copies = []
@@ -111,9 +111,15 @@ def _check_converts(entry: Entry, files: Sequence[str], trust_pickle: bool) -> N
   if convert_layout is None:
     raise UserError('this lc-jax has no converters.convert_layout, so the files cannot be '
                     'checked; update lc-jax')
+  from converters.reader import UntrustedPickle  # pylint: disable=g-import-not-at-top
   try:
     convert_layout(list(files), entry.recipe, 'resnet50', mean=entry.mean, std=entry.std,
                    trust_pickle=trust_pickle)
+  except UntrustedPickle as e:
+    raise UserError(f'{e.path} holds Python objects besides tensors, and unpickling them can '
+                    'run code from the file; if you trust it, add it with --trust_pickle: '
+                    f'python -m lc_jax.zoo add --trust_pickle {entry.id} {" ".join(files)}; '
+                    'nothing was added') from None
   except Exception as e:  # pylint: disable=broad-except  # any failure means "does not convert"
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     reason = lines[0] if isinstance(e, UserError) and lines else \
