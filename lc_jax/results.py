@@ -2,15 +2,18 @@
 
 A row is written, flushed and fsynced as soon as its (trial, layer) is measured over all images.
 A run goes batch by batch; until the last batch, the running sums of every unfinished row are
-saved atomically after each batch (OUT/partial.json), so a killed run loses at most the batch it
-was computing. Re-opening a workdir resumes it: finished rows are kept
-and skipped; a workdir made with a different configuration, checkpoint or image set is refused
-with the differences listed.
+saved atomically after each batch (OUT/partial.json, with the sha256 of its own content: an
+edited or damaged one is set aside, and those rows start over), so a killed run loses at most the
+batch it was computing. Re-opening a workdir resumes it: finished rows are kept and skipped; a
+workdir made with a different configuration, checkpoint or image set is refused with the
+differences listed, and a results.csv with two rows of one (trial, layer) is refused. The
+workdir's files are opened without following links (lc_jax.workdir.open_own).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -45,7 +48,7 @@ class Store:
           os.path.join(self.workdir, schema.RUN),
           json.dumps({**run_info, 'run_id': self.run_id}, indent=2, sort_keys=True) + '\n')
       try:
-        self._file = open(self.path, 'a', newline='', encoding='utf-8')
+        self._file = workdir_lib.open_own(self.path, 'a', newline='', encoding='utf-8')
       except OSError as e:
         raise UserError(f'cannot write {self.path}: {e.strerror}') from None
       if self._file.tell() == 0:
@@ -76,23 +79,28 @@ class Store:
     leaves the previous state or this one."""
     if not self.writer:
       return
-    workdir_lib.write_atomically(
-        os.path.join(self.workdir, schema.PARTIAL),
-        json.dumps({'run_id': self.run_id, 'batches_done': batches_done, 'sums': sums}) + '\n')
+    state = {'run_id': self.run_id, 'batches_done': batches_done, 'sums': sums}
+    workdir_lib.write_atomically(os.path.join(self.workdir, schema.PARTIAL),
+                                 json.dumps({**state, 'sha256': _sha256(state)}) + '\n')
 
   def load_partial(self, keys: Iterable[str], num_batches: int, fields: Iterable[str]
                    ) -> tuple[int, dict[str, dict[str, float]]]:
     """(batches done, sums per key) saved for every one of `keys`, or (0, {}) to start over.
 
     Floats are written with repr and read back exactly, so a resumed run adds up the very
-    numbers the interrupted one had. A state that does not fit this run (another run_id or batch
-    count, missing keys or sums, an unreadable file) is ignored: the unfinished rows start over."""
+    numbers the interrupted one had. A state that does not match the sha256 it was saved with,
+    or does not fit this run (another run_id or batch count, missing keys or sums, an unreadable
+    file), is ignored: the unfinished rows start over."""
     path = os.path.join(self.workdir, schema.PARTIAL)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
       return 0, {}
     try:
-      with open(path) as f:
+      with workdir_lib.open_own(path, encoding='utf-8') as f:
         state = json.load(f)
+      if state.pop('sha256', None) != _sha256(state):
+        logging.warning('%s does not match the digest it was saved with (edited or damaged): '
+                        'its unfinished rows start over from the first batch', path)
+        return 0, {}
       done, saved = int(state['batches_done']), state['sums']
       keys = list(keys)
       if (state.get('run_id') == self.run_id and 0 < done < num_batches
@@ -133,10 +141,10 @@ class Store:
 
   def _read(self) -> list[dict[str, Any]]:
     self._keys: set[tuple[int, str]] = set()
-    if not os.path.exists(self.path):
+    if not os.path.lexists(self.path):
       return []
     try:
-      with open(self.path, newline='', encoding='utf-8') as f:
+      with workdir_lib.open_own(self.path, newline='', encoding='utf-8') as f:
         text = f.read()
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f'cannot read {self.path} ({e}); move it away to start the run over'
@@ -151,20 +159,28 @@ class Store:
                       f'{self.run_id}): another configuration, checkpoint or image set; use a '
                       'new --workdir, or the same settings to resume it')
     if complete != text and self.writer:
-      with open(self.path, 'r+b') as f:
+      with workdir_lib.open_own(self.path, 'r+b') as f:
         f.truncate(len(complete.encode('utf-8')))
         os.fsync(f.fileno())
     self._keys = {(r['trial'], r['layer']) for r in rows}
     return rows
 
 
+def _sha256(state: Mapping[str, Any]) -> str:
+  """The hex sha256 of `state` as canonical JSON (floats as repr: exact once read back)."""
+  text = json.dumps(state, sort_keys=True, separators=(',', ':'))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _parse(lines: io.StringIO, path: str) -> list[dict[str, Any]]:
-  """The typed rows of a results.csv's text; one line names a header or row that does not fit."""
+  """The typed rows of a results.csv's text; one line names a header or row that does not fit,
+  or two rows of one (trial, layer)."""
   reader = csv.DictReader(lines)
   if reader.fieldnames is not None and tuple(reader.fieldnames) != schema.COLUMNS:
     raise UserError(f'{path} has columns {",".join(reader.fieldnames)}, not those of this '
                     f'version ({",".join(schema.COLUMNS)}); use a new --workdir')
   rows = []
+  seen: dict[tuple[str, str], tuple[int, dict[str, str]]] = {}
   for row in reader:
     if None in row or None in row.values():
       raise UserError(f'{path}, line {reader.line_num}: not the {len(schema.COLUMNS)} cells of a '
@@ -176,6 +192,14 @@ def _parse(lines: io.StringIO, path: str) -> list[dict[str, Any]]:
       raise UserError(f'{path}, line {reader.line_num}: {e}; the file was edited or damaged: '
                       'repair or remove that line (the run redoes it), or use a new --workdir'
                       ) from None
+    key = (row['trial'], row['layer'])
+    if key in seen:
+      line, first = seen[key]
+      how = 'twice' if first == row else 'twice, with different values'
+      raise UserError(f'{path}, lines {line} and {reader.line_num}: trial {key[0]} of layer '
+                      f'{key[1]} {how}; the file was edited or damaged: remove the wrong line '
+                      '(or both: the run redoes it), or use a new --workdir')
+    seen[key] = reader.line_num, row
   return rows
 
 
@@ -186,11 +210,12 @@ def refuse_other_run(workdir: str, run_info: Mapping[str, Any]) -> None:
   is known at that point; `Store` checks every identity entry again once all are known, and the
   rows' run_id too (which holds when run.json is gone).
   """
+  workdir_lib.refuse_links(os.path.abspath(workdir))
   path = os.path.join(os.path.abspath(workdir), schema.RUN)
   if not os.path.exists(path):
     return
   try:
-    with open(path) as f:
+    with workdir_lib.open_own(path, encoding='utf-8') as f:
       previous = json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {path} ({e}); if it was damaged, delete it: the rows of '

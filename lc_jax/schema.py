@@ -6,6 +6,7 @@ with the runner that writes them.
     WORKDIR/results.csv   one row per (trial, layer), plus the `original` row; COLUMNS in order
     WORKDIR/run.json      what the run measured (config, checkpoint, images, targets)
     WORKDIR/partial.json  running sums of the unfinished rows (removed when the run ends)
+    WORKDIR/model/        the converted checkpoint
 
 Every row carries `run_id`, a digest of the run's identity (RUN_IDENTITY entries of run.json),
 so rows of another configuration are told apart even when run.json is gone.
@@ -25,6 +26,9 @@ RUN = 'run.json'
 PARTIAL = 'partial.json'
 SWEEP = 'sweep.json'  # a sweep's folder: its models, those done, those that failed
 LOCK = '.lock'  # held by the run that writes the workdir (lc_jax.workdir)
+MODEL = 'model'  # the converted checkpoint, a folder
+# What a run writes in a workdir (or a sweep in its folder): never followed through a link.
+OWN = (RESULTS, RUN, PARTIAL, SWEEP, LOCK, MODEL)
 ORIGINAL = 'original'  # the layer of the row holding the original model's own metrics
 
 # The metrics of a row (see lc_jax.metrics), in column order.

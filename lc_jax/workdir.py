@@ -3,6 +3,10 @@
     with workdir.Lock(path):      # refuses at once if another run holds it
       ...                         # everything that writes to the workdir
 
+A workdir's own files (schema.OWN) are never links: `refuse_links` says so in one line before
+anything is written, and `open_own` opens them without following one (O_NOFOLLOW), so a run
+never reads or writes outside its workdir through them.
+
 The lock is `flock` on WORKDIR/.lock: the kernel drops it when its process ends, however it ends
 (kill -9 included), so there is never a stale lock to clean up. The file holds the holder's pid,
 host and start time, which a refused run names.
@@ -59,9 +63,12 @@ class Lock:
     self._fd: int | None = None
 
   def __enter__(self) -> Lock:
+    refuse_links(self.workdir)
     try:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
+      if e.errno == errno.ELOOP:
+        raise UserError(_link_message(self.path)) from None
       raise UserError(f'cannot write to the workdir {self.workdir}: {e.strerror}') from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,6 +94,38 @@ class Lock:
     if self._fd is not None:
       os.close(self._fd)  # releases the lock; the file stays (removing it would race a waiter)
       self._fd = None
+
+
+def refuse_links(workdir: str) -> None:
+  """Raises if one of the files or folders a run writes in `workdir` (schema.OWN) is a symbolic
+  link: writing it would write wherever the link points."""
+  for name in schema.OWN:
+    path = os.path.join(workdir, name)
+    if os.path.islink(path):
+      raise UserError(_link_message(path))
+
+
+def open_own(path: str, mode: str = 'r', **kwargs):
+  """`open(path, mode, **kwargs)` for a workdir's own file, refusing (one UserError) a symbolic
+  link there rather than following it. Modes: 'r', 'rb', 'a', 'r+b'."""
+  flags = {'r': os.O_RDONLY, 'a': os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+           'r+': os.O_RDWR}[mode.replace('b', '')]
+  try:
+    fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise UserError(_link_message(path)) from None
+    raise
+  return os.fdopen(fd, mode, **kwargs)
+
+
+def _link_message(path: str) -> str:
+  try:
+    target = f' (to {os.readlink(path)})'
+  except OSError:
+    target = ''
+  return (f'{path} is a symbolic link{target}; a run writes only its workdir\'s own files: put '
+          'the file itself there, or use a new --workdir')
 
 
 @contextlib.contextmanager
