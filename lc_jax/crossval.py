@@ -81,6 +81,12 @@ TOLERANCES = {
 }
 # Metric columns that count images, and the share of the images one unit of each is.
 COUNTED = {'top1_acc': 0.01, 'top5_acc': 0.01, 'pred_agreement': 1.0, 'recovered_acc': None}
+# Metric columns that are empty in both frameworks without labels (lc_jax.metrics.finalize;
+# recovered_acc also when the original's top-1 is 0); any other column empty is a failure.
+LABELLED = ('top1_acc', 'top5_acc', 'loss', 'recovered_acc')
+# Parity quantities of what cannot be compared: a side not finite, or zeros on both sides.
+NOT_FINITE = 'not finite in {}'
+ALL_ZEROS = 'all zeros in both'
 PARITY_BATCH = 8  # images per parity batch: every module output of the batch is kept
 KS_SAMPLE = 100_000  # values per side of a KS test (drawn without replacement from more)
 BOUNDS = (0.01, 0.99)  # the quantiles of a fresh draw held to the 'bounds' tolerance
@@ -97,7 +103,9 @@ CSV_COLUMNS = ('check', 'name', 'trial', 'quantity', 'torch', 'lc_jax', 'differe
 @dataclasses.dataclass(frozen=True)
 class Check:
   """One compared quantity. `difference` is what is held to `tolerance` (NaN: shown, not
-  judged) and `share` the difference as a share of the tolerance (> 1 breaks it)."""
+  judged) and `share` the difference as a share of the tolerance (> 1 breaks it). A NaN
+  difference with a tolerance had nothing to compare (a side not finite, or zeros on both): its
+  share is inf."""
 
   check: str  # 'parity', 'metric' or 'init'
   name: str  # a module, a layer ('original' included) or 'kind/variable'
@@ -172,6 +180,13 @@ class Report:
     if not broken:
       return f'PASS: {self.arch}, all {len(judged)} checks within tolerance; worst: {worst}'
     where = ''
+    # Values that cannot be compared (not finite, or zeros on both sides), in forward order;
+    # the logits last, as every broken module before them is where it starts.
+    blind = sorted((c for c in self.checks if not c.passed and math.isnan(c.difference)),
+                   key=lambda c: c.name == 'logits')
+    if blind:
+      where += (f'; {len(blind)} cannot be compared (not finite, or all zeros in both '
+                f'frameworks), the first: {_describe(blind[0])}')
     if self.first_module:
       where += (f'; the first module that disagrees is {self.first_module} in stage '
                 f'{self.first_stage}, the first layer {self.first_layer or "none"}')
@@ -232,6 +247,9 @@ class Report:
 
 def _describe(c: Check) -> str:
   trial = '' if c.trial is None else f' trial {c.trial}'
+  if math.isnan(c.difference) and not c.passed:  # nothing to compare
+    what = c.quantity if c.check == 'parity' else f'{c.quantity} not finite'
+    return f'{c.check} {c.name}{trial} {what}'
   return (f'{c.check} {c.name}{trial} {c.quantity} {_number(c.difference)} '
           f'({_share(c.share)} of its tolerance)')
 
@@ -284,19 +302,40 @@ def parity_checks(module, variables: dict, model, images: np.ndarray,
                   tolerances: Mapping[str, float]) -> list[Check]:
   """The original's logits and module outputs, lc-jax against the torch `model` holding the
   same weights, over uint8 `images` in batches (`converters.parity.compare`); in torch's
-  forward order, the logits first."""
+  forward order, the logits first.
+
+  An output that is not finite on either side fails (quantity NOT_FINITE), and so does one that
+  is all zeros on both sides while the logits are not (ALL_ZEROS): neither compares anything.
+  """
   diffs: dict[str, float] = {}
   scales: dict[str, float] = {}
   for start in range(0, len(images), PARITY_BATCH):
     batch = np.asarray(images[start:start + PARITY_BATCH], np.float32) / 255
     found = parity.compare(module, variables, model, batch)
     for name, diff in found['diffs'].items():
-      diffs[name] = max(diffs.get(name, 0.0), diff)
-      scales[name] = max(scales.get(name, 0.0), found['scales'][name])
-  return [_judged('parity', name, None, 'relative max diff', scales[name],
-                  math.nan, diff / max(1.0, scales[name]),
-                  tolerances['logits' if name == 'logits' else 'activations'])
-          for name, diff in diffs.items()]
+      diffs[name] = _largest(diffs.get(name, 0.0), diff)
+      scales[name] = _largest(scales.get(name, 0.0), found['scales'][name])
+  checks = []
+  for name, diff in diffs.items():
+    scale, tolerance = scales[name], tolerances['logits' if name == 'logits' else 'activations']
+    # |lc-jax - torch| is finite exactly when both sides are; the largest |torch value| tells
+    # which side is not.
+    if not math.isfinite(diff):
+      side = 'torch' if not math.isfinite(scale) else 'lc-jax'
+      checks.append(Check('parity', name, None, NOT_FINITE.format(side), scale, math.nan,
+                          math.nan, tolerance, math.inf))
+    elif diff == 0 and scale == 0 and name != 'logits' and scales['logits'] > 0:
+      checks.append(Check('parity', name, None, ALL_ZEROS, 0.0, 0.0, math.nan, tolerance,
+                          math.inf))
+    else:
+      checks.append(_judged('parity', name, None, 'relative max diff', scale, math.nan,
+                            diff / max(1.0, scale), tolerance))
+  return checks
+
+
+def _largest(a: float, b: float) -> float:
+  """max(a, b), but NaN when either is (Python's max keeps a NaN only in first place)."""
+  return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def first_disagreement(checks: Sequence[Check], layers: Sequence[layers_lib.Layer]
@@ -329,7 +368,8 @@ def first_disagreement(checks: Sequence[Check], layers: Sequence[layers_lib.Laye
 def metric_checks(theirs: Sequence[Mapping[str, Any]], ours: Mapping[tuple[str, int], Mapping],
                   tolerances: Mapping[str, float]) -> list[Check]:
   """Every metric column of every row of the torch loop (`theirs`) against lc-jax's row of the
-  same (layer, trial) in `ours`; columns both leave empty (no labels) are left out."""
+  same (layer, trial) in `ours`; LABELLED columns both leave empty (no labels) are left out,
+  any other column empty or not finite on either side fails."""
   original_top1 = theirs[0]['top1_acc']
   checks = []
   for row in theirs:
@@ -338,7 +378,7 @@ def metric_checks(theirs: Sequence[Mapping[str, Any]], ours: Mapping[tuple[str, 
       raise RuntimeError(f'lc-jax has no row of {row["layer"]} trial {row["trial"]}')
     for column in schema.METRICS:
       torch_value, value = float(row[column]), float(mine[column])
-      if math.isnan(torch_value) and math.isnan(value):
+      if math.isnan(torch_value) and math.isnan(value) and column in LABELLED:
         continue
       if column in COUNTED:
         # recovered_acc is top1_acc / the original's: one image is original_top1 / 100 / N.
@@ -347,6 +387,8 @@ def metric_checks(theirs: Sequence[Mapping[str, Any]], ours: Mapping[tuple[str, 
       else:
         difference = abs(value - torch_value) / max(1.0, abs(torch_value))
         tolerance = tolerances['metrics']
+      if not math.isfinite(difference):  # NaN or inf on a side: nothing compared
+        difference = math.nan
       checks.append(_judged('metric', row['layer'], row['trial'], column, torch_value, value,
                             difference, tolerance))
   return checks
