@@ -162,6 +162,21 @@ def test_criticality_nan_weights(tiny):
     lc_jax.criticality(module, broken, _images())
 
 
+class LogOut(nn.Module):
+  """Finite weights, but logits that are NaN where a value falls below zero."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.log(nn.Dense(10)(x.mean((1, 2))))
+
+
+def test_criticality_nan_logits():
+  module = LogOut()
+  variables = module.init(jax.random.key(0), _images(1))
+  with pytest.raises(UserError, match="own logits are not finite"):
+    lc_jax.criticality(module, variables, _images(), layers='linear', trials=1)
+
+
 def test_criticality_mismatched_pairs(tiny):
   module, variables = tiny
   pairs = [(_images(2), np.array([0, 1])), (_images(2, 1), np.array([0, 1, 2]))]
