@@ -4,7 +4,8 @@ A new family is a model file and a converter file; this test covers it without b
 its segments chain to the whole forward (equal blocks sharing one compiled program), every
 variable belongs to exactly one segment, the inventory's layers cover every variable, a
 checkpoint of its torch names converts back to the same variables (and is recognised as this
-architecture), and a fresh reset keeps shapes and dtypes.
+architecture), those names and shapes are its timm counterpart's, a checkpoint that timm wrote
+gives timm's logits, and a fresh reset keeps shapes and dtypes.
 """
 
 import jax
@@ -21,6 +22,7 @@ from lc_jax import init
 from lc_jax import layers as layers_lib
 from lc_jax import models
 from lc_jax import reset
+from lc_jax import torch_reference
 
 SIZE = 64  # small inputs: the contract does not depend on the resolution
 
@@ -134,6 +136,68 @@ def test_a_checkpoint_of_its_torch_names_converts_back(built, tmp_path):
   assert want.keys() == got.keys()
   for key, value in want.items():
     assert np.array_equal(np.asarray(value), got[key]), key
+
+
+def _timm(arch: str, device: str = 'cpu'):
+  """The timm counterpart of `arch` at SIZE (random weights), or a skip for one without."""
+  torch = pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  spec = models.get(arch)
+  if spec.timm_name is None:
+    pytest.skip(f'{arch} has no timm counterpart')
+  with torch.device(device):
+    return timm.create_model(spec.timm_name, pretrained=False,
+                             **({'img_size': SIZE} if 'img_size' in spec.kwargs else {}))
+
+
+def test_its_torch_names_and_shapes_are_timms(built):
+  """The checkpoint `mapping.to_state_dict` writes has timm's own keys and shapes (a model on
+  torch's meta device: shapes without values), not only keys that convert back."""
+  arch, _, _, variables, _ = built
+  theirs = {k: tuple(v.shape) for k, v in _timm(arch, 'meta').state_dict().items()
+            if not k.endswith('num_batches_tracked')}
+  ours = {k: v.shape for k, v in mapping.to_state_dict(jax.tree.map(np.asarray, variables)).items()}
+  assert sorted(ours) == sorted(theirs)
+  assert ours == theirs
+
+
+def test_a_checkpoint_timm_wrote_gives_timms_logits(smallest, tmp_path):
+  """timm's own state_dict, with every tensor redrawn (so no value sits at an initialiser's 0 or
+  1 and a swap of mean and var, scale and bias, or a kernel's axes shows), converted and run:
+  the logits of timm holding those tensors. A name or layout that is wrong the same way in both
+  directions of the mapping passes the round trip above; here it fails."""
+  torch = pytest.importorskip('torch')
+  arch, _, module, _, _ = smallest
+  model = _timm(arch).eval()
+  rng = np.random.RandomState(2)
+  state = {}
+  for key, value in model.state_dict().items():
+    if key.endswith('num_batches_tracked'):
+      continue
+    shape = tuple(value.shape)
+    if len(shape) == 1 and key.endswith(('weight', 'running_var')):
+      state[key] = rng.uniform(0.5, 1.5, shape)
+    elif len(shape) == 1:
+      state[key] = rng.normal(0, 0.1, shape)
+    else:
+      state[key] = rng.normal(0, 1 / np.sqrt(np.prod(shape[1:])), shape)
+    state[key] = state[key].astype(np.float32)
+  missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                                              strict=False)
+  assert not unexpected and all(k.endswith('num_batches_tracked') for k in missing)
+  path = str(tmp_path / f'{arch}.safetensors')
+  save_file(state, path)
+  found, converted, _ = converters.convert(path, arch)
+  assert found == arch
+  images = (np.random.RandomState(3).rand(2, SIZE, SIZE, 3) * 255).astype(np.uint8)
+  ours = np.asarray(jax.jit(module.apply)(converted, images.astype(np.float32) / 255))
+  theirs = torch_reference.evaluate(model, images, module.mean, module.std, 2).numpy()
+  scale = np.abs(theirs).max()
+  difference = np.abs(ours - theirs).max()
+  print(f'{arch}: a checkpoint of timm: max abs logit diff {difference:.2g} (largest logit '
+        f'{scale:.3g}, spread {theirs.std():.3g})')
+  assert theirs.std() > 1e-3 * scale, 'the logits depend on the weights'
+  assert difference <= 1e-5 * max(1.0, scale)
 
 
 def test_a_fresh_reset_keeps_shapes_and_dtypes(built):

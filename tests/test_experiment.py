@@ -279,6 +279,89 @@ def test_every_reset_mode_runs(checkpoint, tmp_path, mode, extra, rows, moved):
     assert [r['layer'] for r in result][:2] == ['layer1.0', 'layer1.1']
 
 
+@pytest.fixture(scope='module')
+def second_checkpoint(tmp_path_factory):
+  """Another ResNet-18 (other weights, other BatchNorm statistics): a checkpoint to reset from."""
+  images = np.random.RandomState(1).rand(4, 64, 64, 3).astype(np.float32)
+  torch.manual_seed(1)
+  model = torch_models.calibrated(timm.create_model('resnet18'), images, seed=1)
+  path = tmp_path_factory.mktemp('ckpt2') / 'resnet18_epoch0.pth'
+  torch.save(model.state_dict(), path)
+  return str(path)
+
+
+def _reset_config(checkpoint, tmp_path, mode, **reset):
+  from lc_jax import config as lc_config  # pylint: disable=g-import-not-at-top
+  config = lc_config.default()
+  config.model.checkpoint = checkpoint
+  config.data.update(source='photos', num_images=0, order='sorted', batch_size=4,
+                     resize_size=36, crop_size=32)
+  config.reset.update(mode=mode, layers='conv1,layer2.0.downsample.0,layer3.1.conv2,fc', **reset)
+  config.trials, config.progress, config.cache_dir = 2, False, str(tmp_path / 'cache')
+  return config
+
+
+def _worst_difference(ours, theirs):
+  """The largest metric difference of two runs' rows, relative for values above 1 (KL, loss)."""
+  want = {(r['layer'], int(r['trial'])): r for r in theirs}
+  got = {(r['layer'], int(r['trial'])): r for r in ours}
+  assert got.keys() == want.keys()
+  worst = 0.0
+  for key, row in want.items():
+    for column in schema.METRICS:
+      if column in ('top1_acc', 'top5_acc', 'recovered_acc', 'loss'):  # photos carry no labels
+        continue
+      a, b = float(got[key][column]), float(row[column])
+      worst = max(worst, abs(a - b) / max(1.0, abs(b)))
+  return worst
+
+
+def test_checkpoint_and_interpolate_resets_equal_timm(checkpoint, second_checkpoint, tmp_path):
+  """Zhang et al.'s re-initialisation: a layer reset from a second checkpoint gives timm's
+  numbers with that module loaded from the second checkpoint (torch.load, no conversion), and
+  interpolation at alpha 0.3 gives timm's with the layer at 0.7 * fresh + 0.3 * trained."""
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  from converters import mapping  # pylint: disable=g-import-not-at-top
+  trained = timm.create_model('resnet18')
+  trained.load_state_dict(torch.load(checkpoint))
+  trained.eval()
+  mean, std = trained.pretrained_cfg['mean'], trained.pretrained_cfg['std']
+  settings = experiment.check(_reset_config(checkpoint, tmp_path, 'checkpoint',
+                                            init_checkpoint=second_checkpoint))
+  images, _, info = data.load(settings.data, cache_dir=settings.cache_dir, progress=False)
+  assert info.valid.all() and len(images) == 7
+  names = settings.reset.layers.split(',')
+
+  second = {k: v.numpy() for k, v in torch.load(second_checkpoint).items()}
+  ours = experiment.run(settings, str(tmp_path / 'checkpoint'))
+  theirs = torch_models.run_protocol(trained, [second], images, None, names, mean, std, 4)
+  assert len(ours) == 1 + len(names)  # a checkpoint reset is deterministic: one trial
+  moved = min(float(r['criticality']) for r in ours if r['layer'] != 'original')
+  worst = _worst_difference(ours, theirs)
+  print(f'checkpoint: smallest criticality {moved:.3g}, worst metric difference {worst:.2g}')
+  assert moved > 1e-3, 'the second checkpoint moved every layer'
+  assert worst <= 1e-5
+
+  alpha = 0.3
+  settings = experiment.check(_reset_config(checkpoint, tmp_path, 'interpolate', alpha=alpha))
+  model = experiment.prepare_model(settings, str(tmp_path / 'model'))
+  trained_state = {k: v.numpy() for k, v in trained.state_dict().items()}
+  mixed = []
+  for trial in range(2):  # the trial's fresh draw, mixed with the trained weights in numpy
+    fresh = mapping.to_state_dict(experiment.reset_source(settings, model, trial))
+    mixed.append({k: (1 - alpha) * fresh[k].astype(np.float64) + alpha * trained_state[k]
+                  for k in fresh})
+  mixed = [{k: v.astype(np.float32) for k, v in state.items()} for state in mixed]
+  ours = experiment.run(settings, str(tmp_path / 'interpolate'))
+  theirs = torch_models.run_protocol(trained, mixed, images, None, names, mean, std, 4)
+  moved = min(float(r['criticality']) for r in ours if r['layer'] != 'original')
+  worst = _worst_difference(ours, theirs)
+  print(f'interpolate at {alpha}: smallest criticality {moved:.3g}, worst metric difference '
+        f'{worst:.2g}')
+  assert moved > 1e-4
+  assert worst <= 1e-5
+
+
 def _numbers(workdir):
   return {(r['layer'], r['trial']): np.array([float(r[c] or 'nan') for c in schema.METRICS])
           for r in _rows(workdir)}

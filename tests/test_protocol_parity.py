@@ -20,7 +20,10 @@ from lc_jax import init
 from lc_jax import torch_reference
 from lc_jax import torch_reference as torch_models
 
-METRIC_TOLERANCE = 1e-4  # cosine, L1, L2, KL
+# Measured (float32 on the CPU): cosine and criticality 1.4e-7, L1 3.9e-7, L2 2.8e-7, KL 3.0e-7,
+# loss 1.0e-6 (of about 2 nats). The bound, relative to the value for those above 1 (KL and loss
+# are unbounded), leaves 25 times the worst of them; a bias of 1e-5 in any metric fails.
+METRIC_TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope='module')
@@ -68,15 +71,18 @@ def test_run_equals_the_torch_protocol(setup):
 
   ours_by_key = {(r['trial'], r['layer']): r for r in ours}
   assert len(ours_by_key) == len(theirs) == 1 + config.trials * len(names)
-  worst = 0.0
+  worst = {}
   for row in theirs:
     mine = ours_by_key[(row['trial'], row['layer'])]
-    for key in ('pred_cos_sim', 'pred_l1_err', 'pred_l2_err', 'pred_kl_div'):
-      worst = max(worst, abs(mine[key] - row[key]))
-      assert mine[key] == pytest.approx(row[key], abs=METRIC_TOLERANCE), (row['layer'], key)
+    for key in ('pred_cos_sim', 'pred_l1_err', 'pred_l2_err', 'pred_kl_div', 'loss',
+                'criticality', 'recovered_acc'):
+      a, b = float(mine[key]), float(row[key])
+      difference = 0.0 if np.isnan(a) and np.isnan(b) else abs(a - b) / max(1.0, abs(b))
+      worst[key] = max(worst.get(key, 0.0), np.nan_to_num(difference, nan=np.inf))
     for key in ('top1_acc', 'top5_acc', 'pred_agreement'):
       assert mine[key] == pytest.approx(row[key], abs=1e-9), (row['layer'], key)
-    assert mine['loss'] == pytest.approx(row['loss'], abs=1e-4), row['layer']
-  print(f'largest metric difference, ours vs the torch protocol: {worst:.3g}')
+  print('largest metric differences, ours vs the torch protocol: '
+        + ', '.join(f'{k} {v:.2g}' for k, v in worst.items()))
+  assert max(worst.values()) <= METRIC_TOLERANCE, worst
   moved = [r['criticality'] for r in ours if r['layer'] != 'original']
   assert max(moved) > 1e-3, 'the resets moved the predictions'
