@@ -29,6 +29,8 @@ from lc_jax import schema
 from lc_jax import torch_reference
 from lc_jax.errors import UserError
 
+import pixels  # pylint: disable=g-import-not-at-top
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
 
@@ -192,7 +194,7 @@ def test_results_write_read_and_plot(tmp_path):
   result.plot(str(tmp_path / 'criticality.png'))
   from lc_jax import report  # pylint: disable=g-import-not-at-top
   assert len(report.read.load(str(tmp_path / 'results.csv'))) == len(result.rows)
-  assert (tmp_path / 'criticality.png').stat().st_size > 1000
+  pixels.check_bars(str(tmp_path / 'criticality.png'), result.summaries())
   assert 'most critical first' in result.table() and 'original top-1 ' in result.table()
   assert set(result.criticality()) == {'Conv_0', 'depthwise', 'Conv_1', 'Dense_1', 'Dense_0'}
 

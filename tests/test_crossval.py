@@ -239,6 +239,23 @@ def test_the_demo_passes_as_a_command(tmp_path):
   # metric 1.1e-6 (blocks.3.1.bn2 pred_l1_err).
 
 
+def test_a_broken_tolerance_exits_2(resnet_config, tmp_path):
+  """A comparison that fails is exit status 2 (bad input is 1): tolerances of 0 that float32
+  rounding between the frameworks breaks, on the ResNet-18 of 8 photos and one layer."""
+  config = resnet_config
+  result = _command(f'--out={tmp_path / "out"}', '--quiet', '--config.trials=1', '--layers=fc',
+                    '--tolerance=logits=0,activations=0',
+                    f'--config.model.checkpoint={config.model.checkpoint}',
+                    '--config.model.arch=resnet18', '--config.data.source=imagefolder', f'--config.data.path={config.data.path}',
+                    '--config.data.num_images=0', '--config.data.order=sorted',
+                    '--config.data.resize_size=36', '--config.data.crop_size=32',
+                    f'--config.cache_dir={config.cache_dir}')
+  print(result.stdout)
+  assert result.returncode == crossval.DISAGREE == 2, result.stderr[-2000:]
+  assert result.stdout.startswith('FAIL: resnet18') and 'Traceback' not in result.stderr
+  assert '**FAIL' in (tmp_path / 'out' / 'crossval.md').read_text()
+
+
 def test_the_command_refuses_a_bad_tolerance_in_one_line(tmp_path):
   result = _command(f'--out={tmp_path}', '--tolerance=metric=1e-5')
   assert result.returncode == 1

@@ -13,6 +13,9 @@ import pytest
 
 from lc_jax import report
 from lc_jax import schema
+from lc_jax.report import figures
+
+import pixels  # pylint: disable=g-import-not-at-top
 
 COLUMNS = schema.COLUMNS  # the runner's results.csv
 RUN_ID = '0123456789abcdef'
@@ -257,19 +260,34 @@ def test_figures_are_readable_pngs(tmp_path):
                       original_top1=top1)))
 
   path = str(tmp_path / 'criticality.png')
-  report.plot_criticality([s for s in summaries if s.model == 'model_a'], path)
+  model_a = [s for s in summaries if s.model == 'model_a']
+  report.plot_criticality(model_a, path)
   width, height = _png_size(path)
   assert 1000 < width < 3000 and 400 < height < 1500 and width > height  # 54 bars side by side
+  pixels.check_bars(path, model_a)
 
   path = str(tmp_path / 'heatmap.png')
   report.plot_heatmap(summaries, path)
   width, height = _png_size(path)
   assert 1000 < width < 4000 and 200 < height < 1500
+  # Every cell's colour, decoded, is its model's criticality of that layer (viridis_r over
+  # 0-100 % in 256 colours: 0.4 % a step).
+  models, layers, _, _ = figures._matrix(summaries)  # pylint: disable=protected-access
+  assert models == ['model_a', 'model_b', 'model_c'] and len(layers) == 54
+  cells = pixels.heatmap_cells(path, (3, 54))
+  want = np.array([[100 * s.criticality for s in summaries if s.model == m] for m in models])
+  print(f'heatmap: 162 cells read back within {np.abs(cells - want).max():.2g} %')
+  assert not np.isnan(cells).any() and np.abs(cells - want).max() <= 1.0
 
   path = str(tmp_path / 'scatter.png')
   assert report.plot_scatter(summaries, path) == ['model_c']
   width, height = _png_size(path)
   assert 500 < width < 2000 and 300 < height < 1500
+  # A point per labelled model: model_b (80 %, lower mean criticality) left of and above
+  # model_a (76 %).
+  (bx, by), (ax, ay) = pixels.blobs(path, '#4C72B0')
+  means = {m: np.mean([s.criticality for s in summaries if s.model == m]) for m in models}
+  assert means['model_b'] < means['model_a'] and bx < ax and by < ay
 
   with pytest.raises(ValueError, match='one model'):
     report.plot_criticality(summaries, str(tmp_path / 'x.png'))
@@ -280,6 +298,7 @@ def test_write_workdir_report(tmp_path):
   text = report.write_workdir_report(workdir)
   assert text.startswith('m: fresh, 5 layers, 3 trials')
   _png_size(os.path.join(workdir, 'criticality.png'))
+  pixels.check_bars(os.path.join(workdir, 'criticality.png'), report.summarize(report.load(workdir)))
 
 
 def _cli(args, cwd):
