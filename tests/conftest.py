@@ -34,3 +34,23 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 def repo_root():
   """The repository's top folder (where run.py lives)."""
   return ROOT
+
+
+_CACHE_SETTINGS = ('jax_enable_compilation_cache', 'jax_compilation_cache_dir',
+                   'jax_persistent_cache_min_compile_time_secs',
+                   'jax_persistent_cache_min_entry_size_bytes')
+
+
+@pytest.fixture(autouse=True)
+def _restore_compilation_cache():
+  """JAX's persistent compilation cache as it was before the test, when the test pointed it at a
+  folder of its own (a run's compilation_cache_dir in tmp_path): no later test writes into a
+  deleted folder. The session's folder (LC_JAX_COMPILATION_CACHE), which any run turns on, stays."""
+  before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+  yield
+  folder = jax.config.jax_compilation_cache_dir
+  if folder not in (before['jax_compilation_cache_dir'], os.environ['LC_JAX_COMPILATION_CACHE']):
+    from jax.experimental import compilation_cache  # pylint: disable=g-import-not-at-top
+    for name, value in before.items():
+      jax.config.update(name, value)
+    compilation_cache.compilation_cache.reset_cache()
