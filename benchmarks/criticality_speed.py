@@ -15,14 +15,15 @@ NUM_IMAGES generated ImageNet-like JPEGs (benchmarks/decode.py's, written into W
      parameters and buffers taken from a freshly initialised model, and for every one of the
      1 + L evaluations the ImageFolder + DataLoader rebuilt and every JPEG decoded again
      (Resize(256), CenterCrop(224), ToTensor; shuffle with a generator seeded 0), in full
-     float32 (TF32 off on a GPU, as ours at matmul precision 'highest');
+     float32 (TF32 off on a GPU, as ours at precision float32; --precision=tf32 or bfloat16
+     sets both procedures' arithmetic alike);
   c  ours as a, with --config.reuse_prefix=false (every reset runs the whole forward).
 
 Without --checkpoint it builds the timm ARCH (torch.manual_seed(0), BatchNorm statistics, if
 any, calibrated on smooth random images, the head scaled to a trained model's logit spread) and
 saves it to WORKDIR/ARCH.pth (kept and reused when the workdir is given again). Prints a header
 (CPUs, versions, jax backend), then per leg: wall time of the process (imports included),
-images*layers per second, the process's peak resident memory (ru_maxrss from wait4) and its
+images*layers per second, the process's own peak resident memory (its VmHWM at exit) and its
 mean criticality; then the ratios b/a and c/a; then the model FLOPs each procedure executes (2 *
 MACs of every Conv2d and Linear at 224x224, counted with forward hooks) against the minimum
 the protocol needs (one original forward, and for each layer the forward from that layer on),
@@ -74,6 +75,10 @@ _PEAK_TFLOPS = flags.DEFINE_float(
 _ARCH = flags.DEFINE_string(
     'arch', 'resnet50', 'The registered architecture (a timm name: resnet50, '
     'vit_small_patch16_224, convnext_tiny, ...) whose checkpoint is benchmarked.')
+_PRECISION = flags.DEFINE_enum(
+    'precision', 'float32', ['float32', 'tf32', 'bfloat16'],
+    "Every leg's arithmetic: ours --config.precision; leg b float32 with TF32 off, TF32 "
+    "convolutions and matmuls (torch's cuDNN default), or bfloat16 autocast.")
 _MODE = flags.DEFINE_enum('mode', 'compare', ['compare', 'torch'],
                           'Internal: torch runs leg b in this process.')
 
@@ -98,10 +103,12 @@ def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, t
   from lc_jax import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(threads)
-  # Full float32, as ours at matmul precision 'highest': on a GPU torch's cuDNN convolutions
-  # would default to TF32 (fewer mantissa bits, more FLOP/s), not the same computation.
-  torch.backends.cudnn.allow_tf32 = False
-  torch.backends.cuda.matmul.allow_tf32 = False
+  # As ours at the same --precision: float32 with TF32 off (torch's cuDNN convolutions default
+  # to TF32 on a GPU, fewer mantissa bits, more FLOP/s), TF32, or bfloat16 autocast.
+  tf32 = _PRECISION.value == 'tf32'
+  torch.backends.cudnn.allow_tf32 = tf32
+  torch.backends.cuda.matmul.allow_tf32 = tf32
+  autocast = _PRECISION.value == 'bfloat16'
   torch.manual_seed(SEED)  # the reference's seed_everything(seed)
   device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
                         if device == 'auto' else device)
@@ -133,7 +140,7 @@ def torch_leg(workdir: str, checkpoint: str, num_images: int, batch_size: int, t
       x, y = x[:num_images - seen], y[:num_images - seen]
       start = time.perf_counter()
       seconds['decode'] += start - tick
-      with torch.no_grad():
+      with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         out = model((x.to(device) - mean) / std)
         logits.append(out.float().cpu())
       labels.append(y)
@@ -189,8 +196,32 @@ def jax_backend() -> str:
 # ------------------------------------------------------------------------ running legs --------
 
 
+# Runs a script (argv[2], with argv[3:]) as __main__ and writes the process's own peak resident
+# memory (VmHWM, KiB) into argv[1] when it exits: wait4's ru_maxrss would carry over the
+# high-water mark of the parent it was forked from (Linux keeps it across exec).
+_PEAK_LAUNCHER = """
+import atexit, runpy, sys
+peak_file, script = sys.argv[1], sys.argv[2]
+def write_peak():
+  with open('/proc/self/status') as f:
+    peak = [line.split()[1] for line in f if line.startswith('VmHWM:')]
+  with open(peak_file, 'w') as f:
+    f.write(peak[0] if peak else '')
+atexit.register(write_peak)
+sys.argv = sys.argv[2:]
+sys.path.insert(0, '.')
+runpy.run_path(script, run_name='__main__')
+"""
+
+
 def run_child(command: list[str], log_prefix: str, cores: list[int] | None) -> dict:
-  """Runs `command` from the repository root; its wall time, exit status and peak RSS (KiB)."""
+  """Runs `command` (a Python script and its arguments) from the repository root; its wall
+  time, exit status and peak RSS (KiB: the child's own VmHWM, or wait4's ru_maxrss where the
+  child could not report it)."""
+  peak_file = log_prefix + '.peak'
+  if os.path.exists(peak_file):
+    os.remove(peak_file)
+  command = [command[0], '-c', _PEAK_LAUNCHER, peak_file, *command[1:]]
   preexec = (lambda: os.sched_setaffinity(0, cores)) if cores else None
   with open(log_prefix + '.out', 'w') as out, open(log_prefix + '.err', 'w') as err:
     start = time.perf_counter()
@@ -206,7 +237,12 @@ def run_child(command: list[str], log_prefix: str, cores: list[int] | None) -> d
   proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait again
   with open(log_prefix + '.err', errors='replace') as f:
     lines = [l.strip() for l in f if l.strip()]
-  return {'wall': wall, 'rc': proc.returncode, 'maxrss_kib': usage.ru_maxrss,
+  try:
+    with open(peak_file) as f:
+      peak = int(f.read())
+  except (OSError, ValueError):
+    peak = usage.ru_maxrss
+  return {'wall': wall, 'rc': proc.returncode, 'maxrss_kib': peak,
           'error': lines[-1] if lines else '', 'log': log_prefix + '.err'}
 
 
@@ -218,7 +254,8 @@ def ours_command(tmp: str, leg: str, checkpoint: str, num_images: int, batch_siz
              f'--config.data.path={os.path.join(tmp, "images")}',
              f'--config.data.num_images={num_images}', f'--config.data.batch_size={batch_size}',
              f'--config.trials={TRIALS}', f'--config.seed={SEED}',
-             f'--config.cache_dir={os.path.join(tmp, "cache_" + leg)}', '--quiet']
+             f'--config.cache_dir={os.path.join(tmp, "cache_" + leg)}',
+             f'--config.precision={_PRECISION.value}', '--quiet']
   if leg == 'c':
     command.append('--config.reuse_prefix=false')
   return command
@@ -272,7 +309,8 @@ def compare(tmp: str) -> None:
                  f'--arch={_ARCH.value}',
                  f'--batch_size={batch_size}', f'--threads={threads}',
                  f'--torch_device={_TORCH_DEVICE.value}',
-                 f'--torch_workers={_TORCH_WORKERS.value}']
+                 f'--torch_workers={_TORCH_WORKERS.value}',
+                 f'--precision={_PRECISION.value}']
     else:
       command = ours_command(tmp, leg, checkpoint, num_images, batch_size)
     result = run_child(command, os.path.join(tmp, 'logs', leg), cores)

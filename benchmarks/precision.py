@@ -1,6 +1,6 @@
-r"""What lower precision does to a criticality run: the same protocol at float32 (the reference,
-matmul precision 'highest'), at matmul precision 'default' (TF32 on GPUs that have it; on CPU
-the same float32 arithmetic) and at precision bfloat16, compared layer by layer.
+r"""What lower precision does to a criticality run: the same protocol at precision float32 (the
+reference, matmul precision 'highest'), tf32 (TensorFloat-32 convolutions and matmuls on GPUs
+that have them; on CPU the same float32 arithmetic) and bfloat16, compared layer by layer.
 
     python benchmarks/precision.py                         # the demo: Lite0, 99 layers, 7 photos
     python benchmarks/precision.py --config=configs/paper.py --random_arch=resnet50 \
@@ -61,7 +61,7 @@ SPREAD_FLOOR = 1e-5
 # name: (matmul_precision, precision, what it is)
 SETTINGS = {
     'highest': ('highest', 'float32', 'float32, matmul highest (reference)'),
-    'default': ('default', 'float32', 'float32, matmul default'),
+    'tf32': ('highest', 'tf32', 'tf32 (TensorFloat-32 matmuls)'),
     'bfloat16': ('highest', 'bfloat16', 'bfloat16'),
 }
 

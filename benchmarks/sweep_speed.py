@@ -28,8 +28,11 @@ minimum (the original, and per reset the forward from the reset layer on, over t
 the executed FLOP/s while computing. Then the overhead (conversion + compile + images) of each
 model after the first as a fraction of the first model's wall time, and the projected time of
 the paper's study (51 ResNet-50s x 3 trials x 54 layers x 10,000 images, as this pipeline
-executes it) on --accelerator at --peak_tflops: at the peak rate while busy and the sweep's
-measured busy fraction, and with the later models' measured overheads added to compute at peak.
+executes it) on --accelerator at --peak_tflops: at the peak rate; at the peak rate while busy
+the share of the time the models after the first were (the steady state of a long sweep, whose
+first model's compile is a vanishing part), and the whole sweep's share beside it; and with the
+later models' measured overheads added to compute at peak. --precision sets every run's
+precision (float32, tf32, bfloat16).
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ _ACCELERATOR = flags.DEFINE_string('accelerator', 'H100 SXM, float32',
                                    'The name of the accelerator --peak_tflops describes.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Folder for everything; empty: a temporary one.')
 _QUIET = flags.DEFINE_bool('quiet', False, "No progress lines from the sweep's runs.")
+_PRECISION = flags.DEFINE_enum('precision', 'float32', ['float32', 'tf32', 'bfloat16'],
+                               "The runs' precision (--config.precision).")
 
 
 def zoo_ids(count: int) -> list[str]:
@@ -118,6 +123,7 @@ def sweep_config(workdir: str, images: str):
   config.data.resize_size = round(_IMAGE_SIZE.value * 256 / 224)
   config.reset.layers = _LAYERS.value
   config.trials = _TRIALS.value
+  config.precision = _PRECISION.value
   config.progress = not _QUIET.value
   config.cache_dir = os.path.join(workdir, 'image_cache')
   config.compilation_cache_dir = os.path.join(workdir, 'compilation_cache')
@@ -196,23 +202,29 @@ def benchmark(workdir: str) -> None:
   study = _shared.run_flops(full_flops, protocol.trials)
   study_flops = study['ours'] * study_images * study_models
   peak = _PEAK_TFLOPS.value * 1e12
-  busy = total['device_busy'] / total_wall
+  busy = max(total['device_busy'] / total_wall, 1e-9)
   later = ids[1:] or ids
   overhead = sum(timings[i][p] for i in later for p in ('conversion', 'compile', 'images')
                  ) / len(later)
+  # The steady state: a study's models after the first compile nothing and read cached images,
+  # so their busy share, not the first model's compile, is what 51 models at 10,000 images see.
+  steady = max(sum(timings[i]['device_busy'] for i in later)
+               / sum(timings[i]['wall'] for i in later), 1e-9)
   print(f'the paper\'s study: {study_models} {ARCH}s x {protocol.trials} trials x '
         f'{len(full_flops)} layers x {study_images} images at {protocol.data.crop_size} px: '
         f'{study_flops / 1e15:.0f} PFLOP executed ({study["ours"] / study["minimum"]:.2f}x the '
         f'minimum, {study["minimum"] * study_images * study_models / 1e15:.0f} PFLOP)')
   print(f'  on {_ACCELERATOR.value} at {_PEAK_TFLOPS.value:g} TFLOP/s: '
-        f'{hours(study_flops / peak)} at the peak rate; {hours(study_flops / peak / busy)} at '
-        f'the peak rate while busy {100 * busy:.1f}% of the time (as this sweep); '
-        f'{hours(study_flops / peak + study_models * overhead)} with each model\'s overhead as '
-        f'measured here for models after the first ({overhead:.1f} s)')
+        f'{hours(study_flops / peak)} at the peak rate; {hours(study_flops / peak / steady)} at '
+        f'the peak rate while busy {100 * steady:.1f}% of the time (the steady state: this '
+        f'sweep\'s models after the first; {hours(study_flops / peak / busy)} at the whole '
+        f'sweep\'s {100 * busy:.1f}%); {hours(study_flops / peak + study_models * overhead)} '
+        f'with each model\'s overhead as measured here for models after the first '
+        f'({overhead:.1f} s)')
   print(f'  on this machine at its measured rate while computing '
         f'({executed * len(ids) / total["compute"] / 1e9:.1f} GFLOP/s): '
-        f'{hours(study_flops / (executed * len(ids) / total["compute"]) / busy)} at the same '
-        'busy fraction')
+        f'{hours(study_flops / (executed * len(ids) / total["compute"]) / steady)} at the '
+        'steady busy fraction')
 
 
 def hours(seconds: float) -> str:

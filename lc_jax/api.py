@@ -122,7 +122,9 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
   if mode == 'checkpoint' and source is None:
     raise UserError("mode 'checkpoint' needs the other checkpoint's variables as source=")
   num_trials = trials if mode in lc_config.RANDOM_MODES else 1
-  resets = {t: reset_lib.make(mode, adapted.layers, alpha=alpha, source=(
+  # A trial's reset weights go to the device once (fresh draws are host arrays), not at
+  # every reset of every batch.
+  resets = {t: reset_lib.make(mode, adapted.layers, alpha=alpha, source=jax.device_put(
       adapted.fresh(jax.random.fold_in(key, t)) if mode in lc_config.RANDOM_MODES else source))
             for t in range(num_trials)}
   run = _Runner(adapted)

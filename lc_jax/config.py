@@ -17,9 +17,12 @@ Fields (RunConfig):
   (layer, block, stage), init_scheme (empty: the architecture's), init_checkpoint (for mode
   checkpoint), alpha (the trained weights' share for mode interpolate, in [0, 1]);
 - trials, seed: trial t of a random mode draws its fresh model from fold_in(key(seed), t);
-- matmul_precision: 'highest' keeps float32 exact on GPU/TPU too;
-- precision: 'float32' (exact, the default) or 'bfloat16' (faster on accelerators; weights stay
-  float32, activations and matmuls run in bfloat16);
+- precision: 'float32' (exact, the default), 'tf32' (float32 storage, TensorFloat-32
+  convolutions and matmuls where the hardware has them: the arithmetic of the paper's own GPU
+  runs, as PyTorch's cuDNN convolutions default to it; float32 on CPU) or 'bfloat16' (weights
+  stay float32, activations and matmuls run in bfloat16);
+- matmul_precision: the expert setting under precision float32 and bfloat16 ('highest' keeps
+  float32 exact on GPU/TPU too); precision tf32 sets it to tensorfloat32;
 - reuse_prefix: a reset of a layer re-runs the network only from the block that contains it, on
   the original model's activations there (results are identical; False re-runs it all);
 - spread_resets: split the devices into this many groups, each evaluating other resets on the
@@ -226,6 +229,9 @@ def _check_values(run: RunConfig) -> None:
     raise UserError(f'unknown matmul_precision {run.matmul_precision!r}; choose from '
                     f'{", ".join(MATMUL_PRECISIONS)}')
   evaluate.compute_dtype(run.precision)  # refuses an unknown precision
+  if run.precision == 'tf32' and run.matmul_precision != 'highest':
+    raise UserError(f'precision=tf32 sets the matmul precision itself (tensorfloat32); leave '
+                    f'matmul_precision at highest, not {run.matmul_precision!r}')
   if run.spread_resets < 1:
     raise UserError(f'spread_resets={run.spread_resets}: give a positive number of groups')
   if run.chunk_size < 0:

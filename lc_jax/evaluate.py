@@ -308,11 +308,14 @@ def _spread_program(mesh: Mesh, run: _Run, kind: str):
 
 
 def compile_all(lowered: Sequence[jax.stages.Lowered]) -> list[jax.stages.Compiled]:
-  """`lowered` compiled concurrently, one thread per program up to the CPU count: XLA releases
-  the GIL while it compiles, so a first run's compile time approaches its longest program's
-  rather than the sum. Compiled programs land in JAX's caches, where the jitted calls of the
-  same function, arguments and placement find them. An open `Compiles` of the calling thread
-  counts the programs, their compile work, and the wall time of the whole."""
+  """`lowered` compiled ahead of the calls that need them, on worker threads: on the CPU backend
+  one per program up to the CPU count (XLA releases the GIL while it compiles), elsewhere one
+  at a time. On an NVIDIA H200 (jax 0.11.2) concurrent compiles contend for the GPU, where
+  XLA's autotuner times its kernel candidates: the demo's 18 programs took 10.9 s on one
+  thread, 21.2 s on 4 and 20.8 s on 16 (docs/speed.md). $LC_JAX_COMPILE_THREADS overrides
+  the count. Compiled programs land in JAX's caches, where the jitted calls of the same
+  function, arguments and placement find them. An open `Compiles` of the calling thread counts
+  the programs, their compile work, and the wall time of the whole."""
   if not lowered:
     return []
   owner = threading.get_ident()
@@ -324,7 +327,9 @@ def compile_all(lowered: Sequence[jax.stages.Lowered]) -> list[jax.stages.Compil
     finally:
       _WORKER.owner = None
   start = time.perf_counter()
-  with futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1),
+  threads = int(os.environ.get('LC_JAX_COMPILE_THREADS', 0)) or (
+      os.cpu_count() or 1 if jax.default_backend() == 'cpu' else 1)
+  with futures.ThreadPoolExecutor(min(len(lowered), threads),
                                   thread_name_prefix='lc_jax_compile') as pool:
     compiled = list(pool.map(compile_one, lowered))
   wall = time.perf_counter() - start

@@ -116,7 +116,9 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
                                             lambda: loaded or models.load(model_dir))
   spec = models.get(card['arch'])
   model_id = wanted.id or _default_id(wanted.checkpoint)
-  return Model(module, jax.tree.map(jnp.asarray, variables), card, spec,
+  # Host arrays: the run places them on its mesh in one transfer (`Forward.replicate`);
+  # `jnp.asarray` would compile a copy program per distinct shape.
+  return Model(module, jax.tree.map(np.asarray, variables), card, spec,
                layers_lib.inventory(module, spec.block_depth), model_id)
 
 
@@ -209,8 +211,7 @@ def reset_source(settings: RunConfig, model: Model, trial: int) -> dict | None:
   mode = settings.reset.mode
   if mode in lc_config.RANDOM_MODES:
     scheme = settings.reset.init_scheme or model.spec.init_scheme
-    key = jax.random.fold_in(jax.random.key(settings.seed), trial)
-    return init.fresh_variables(model.layers, scheme, key)
+    return init.fresh_variables(model.layers, scheme, init.trial_key(settings.seed, trial))
   if mode == 'checkpoint':
     _, variables, _ = converters.convert(
         settings.reset.init_checkpoint, model.card['arch'],
@@ -264,7 +265,8 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
   untouched = workdir_lib.untouched(workdir) if primary else None  # before the lock makes it
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   start = time.perf_counter()
-  with lock, jax.default_matmul_precision(settings.matmul_precision):
+  matmul = evaluate.matmul_precision(settings.precision, settings.matmul_precision)
+  with lock, jax.default_matmul_precision(matmul):
     store = None
     try:
       with evaluate.Compiles() as compiles:
@@ -274,7 +276,8 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
         with phases('compute'):
           busy = _evaluate(settings, store, model, images, labels, info, targets, primary)
       if settings.progress and primary:
-        print(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s'
+        print(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s '
+              f'({compiles.work:.1f} s of compile work)'
               + (f', {compiles.from_cache} more read from the compilation cache'
                  if compiles.from_cache else ''), file=sys.stderr)
     except UserError:
@@ -405,6 +408,17 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
             if b >= first)
     return _one_ahead([tuple(forward.put(part) for part in piece) for piece in pieces]
                       for pieces in host)
+
+  # Every program the run calls, lowered and then compiled together (evaluate.compile_all)
+  # before any work: each segment program once per distinct block, and the metrics of the
+  # original and of a reset. The busy clock starts after them.
+  x, y, mask = next(data.chunks(images, labels, info, chunk))[0]
+  lowered, logits = forward.lower(variables, forward.placed(x))
+  y, mask = forward.placed(y), forward.placed(mask)
+  lowered.append(metrics.per_image.lower(logits, None, y, mask))
+  if targets:
+    lowered.append(metrics.per_image.lower(logits, logits, y, mask))
+  forward.compile(lowered)
 
   # ---------------------------------------------------------------- the original --------------
   # Its logits on every chunk are the reference of every reset (kept on the device); a chunk's
@@ -571,8 +585,11 @@ class _Progress:
     elapsed = time.perf_counter() - self.start
     rate = self.worked * self.info.num_images / self.info.num_batches / elapsed
     left = elapsed / self.worked * max(self.work - self.worked, 0)
-    print(f'{what}  {rate:8.0f} image-resets/s  device busy {100 * self.busy.fraction:3.0f}%  '
-          f'{duration(left)} left', file=sys.stderr, flush=True)
+    # The busy share is shown once the clock has seen work unfinished on the device: a run
+    # whose work always finished before the host looked (tiny batches) has no share to show.
+    busy = (f'device busy {100 * self.busy.fraction:3.0f}%  ' if self.busy.seconds > 0 else '')
+    print(f'{what}  {rate:8.0f} image-resets/s  {busy}{duration(left)} left', file=sys.stderr,
+          flush=True)
 
 
 def duration(seconds: float) -> str:

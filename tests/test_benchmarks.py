@@ -46,13 +46,13 @@ def test_precision_benchmark_prints_every_setting(tmp_path):
                               's', 'compute', 's']
   rows = {}
   for line, name in zip(lines[2:5], ('float32, matmul highest (reference)',
-                                     'float32, matmul default', 'bfloat16')):
+                                     'tf32 (TensorFloat-32 matmuls)', 'bfloat16')):
     assert line.strip().startswith(name), line
     rows[name] = _numbers(line, 9)
   reference = rows['float32, matmul highest (reference)']
   assert reference[1:5] == [0, 0, 0, 0] and reference[5] == 1
-  if jax.default_backend() == 'cpu':  # where matmul precision 'default' is float32 too
-    assert rows['float32, matmul default'][:6] == reference[:6]
+  if jax.default_backend() == 'cpu':  # where tf32 is float32 arithmetic
+    assert rows['tf32 (TensorFloat-32 matmuls)'][:6] == reference[:6]
   assert rows['bfloat16'][1] > 0
   assert lines[5].strip().startswith('pp: percentage points')
   assert lines[6].strip().startswith('yardsticks, of the reference:') and len(lines) == 7

@@ -11,6 +11,7 @@ torchvision = pytest.importorskip('torchvision')
 stats = pytest.importorskip('scipy.stats')
 
 import converters  # pylint: disable=g-import-not-at-top
+from lc_jax import evaluate
 from lc_jax import init
 from lc_jax import layers as layers_lib
 from lc_jax import models
@@ -322,6 +323,9 @@ def test_twenty_resets_compile_the_forward_once(trained_and_fresh, resnet50_laye
   targets = layers_lib.select(resnet50_layers, ['conv', 'linear', 'batchnorm'])[:20]
   trained = jax.tree.map(jnp.asarray, trained)
   forward(trained, images).block_until_ready()
-  for target in targets:
-    forward(reset_fn(trained, target), images).block_until_ready()
-  assert forward._cache_size() == 1  # pylint: disable=protected-access
+  # Counted as XLA compiles: a reset's new leaves are host arrays where the trained ones sit on
+  # the device, which jit's dispatch cache keys apart, but the program is the same one.
+  with evaluate.Compiles() as compiles:
+    for target in targets:
+      forward(reset_fn(trained, target), images).block_until_ready()
+  assert compiles.count == 0
