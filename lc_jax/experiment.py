@@ -87,11 +87,11 @@ def preconvert(config: RunConfig | ml_collections.ConfigDict, workdir: str) -> C
   read the conversion in `run`, as always)."""
   if jax.process_index() != 0:
     return None
+  workdir = _workdir(workdir)
   settings = lc_config.check(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
   sha256 = _source_sha256(settings)
   results.refuse_other_run(workdir, _identity(settings, sha256))
-  return Converted(sha256, _convert(settings.model, os.path.join(workdir, 'model'), sha256))
+  return Converted(sha256, _convert(settings.model, os.path.join(workdir, schema.MODEL), sha256))
 
 
 def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
@@ -102,7 +102,7 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
   with its layer inventory. A damaged conversion is made again. With several processes the
   first converts and the others wait, then read it."""
   settings = lc_config.check(config)
-  model_dir = os.path.join(workdir, 'model')
+  model_dir = os.path.join(workdir, schema.MODEL)
   wanted = settings.model
 
   def convert():
@@ -120,6 +120,14 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
   # `jnp.asarray` would compile a copy program per distinct shape.
   return Model(module, jax.tree.map(np.asarray, variables), card, spec,
                layers_lib.inventory(module, spec.block_depth), model_id)
+
+
+def _workdir(workdir: str) -> str:
+  """`workdir` as an absolute path; an empty one (which would be the current folder) is
+  refused."""
+  if not str(workdir).strip():
+    raise UserError('the workdir is empty; name the folder the run writes into (--workdir=DIR)')
+  return os.path.abspath(os.path.expanduser(workdir))
 
 
 def _checkpoint_sha256(settings: RunConfig, converted: Converted | None) -> str:
@@ -258,8 +266,8 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
   'device_busy': the seconds in which the device was busy with the original and the resets
   (evaluate.Busy).
   `converted`: the checkpoint's conversion, done ahead by `preconvert`."""
+  workdir = _workdir(workdir)
   settings = check(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
   primary = jax.process_index() == 0  # with several processes (hosts), the one that writes
   use_compilation_cache(settings.compilation_cache_dir)
   untouched = workdir_lib.untouched(workdir) if primary else None  # before the lock makes it

@@ -239,6 +239,15 @@ def test_empty_workdir_refused():
   assert launch.config_of(flags) is flags.config.value
 
 
+def test_empty_workdir_refused_by_the_library(tmp_path, monkeypatch):
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  for empty in ('', '  '):
+    with pytest.raises(UserError, match='the workdir is empty'):
+      experiment.run(lc_config.default(), empty)
+  assert not os.listdir(tmp_path)  # nothing written into the current folder
+
+
 @pytest.fixture(scope='module')
 def resnet18_layers():
   module = models.get('resnet18').create()
