@@ -162,7 +162,7 @@ class Forward:
     return lowered, h
 
   def compile(self, lowered: Sequence[jax.stages.Lowered]) -> None:
-    """Compiles `lowered` (from `lower`, and other programs the run calls) concurrently
+    """Compiles `lowered` (from `lower`, and other programs the run calls) together
     (`compile_all`), and keeps them with this Forward."""
     self._compiled += compile_all(lowered)
 
@@ -328,7 +328,7 @@ def compile_all(lowered: Sequence[jax.stages.Lowered]) -> list[jax.stages.Compil
       _WORKER.owner = None
   start = time.perf_counter()
   threads = int(os.environ.get('LC_JAX_COMPILE_THREADS', 0)) or (
-      os.cpu_count() or 1 if jax.default_backend() == 'cpu' else 1)
+      (os.cpu_count() or 1) if jax.default_backend() == 'cpu' else 1)
   with futures.ThreadPoolExecutor(min(len(lowered), threads),
                                   thread_name_prefix='lc_jax_compile') as pool:
     compiled = list(pool.map(compile_one, lowered))
