@@ -3,16 +3,21 @@ models-by-layers heatmap (Figure 1) and its accuracy-vs-criticality scatter (Fig
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Sequence
 
 import numpy as np
 
-from lc_jax.report.stats import LayerSummary, by_model, model_points, spearman
+from lc_jax.report.stats import LayerSummary, by_model, finite_mean, model_interval, spearman
 
 KIND_COLORS = {'conv': '#4C72B0', 'depthwise_conv': '#55A868', 'linear': '#C44E52',
                'batchnorm': '#8172B2'}
+DPI = 150  # of the saved PNGs
+LABEL_PT = 8  # tick labels, stage names and legends: legible at the saved size
+ROW_INCHES = 0.16  # a layer's bar, or a heatmap's column: room for an 8 pt name across it
+VERTICAL_FROM = 60  # a criticality chart of more layers than this gets a row per layer
 
 
 def _pyplot():
@@ -33,71 +38,148 @@ def _stage_spans(stages: Sequence[str]) -> list[tuple[str, int, int]]:
   return spans
 
 
-def _short_name(layer: str, stage: str) -> str:
-  # The stage band already names it: 'layer1.0.conv1' under 'layer1' reads '0.conv1'.
-  if stage and layer.startswith(stage + '.'):
-    return layer[len(stage) + 1:]
-  return layer
-
-
 def _save(fig, path: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fig.savefig(path, dpi=150, bbox_inches='tight')
+  fig.savefig(path, dpi=DPI, bbox_inches='tight')
 
 
-def plot_criticality(summaries: Sequence[LayerSummary], path: str) -> None:
-  """A bar per layer (forward order) of one model: criticality (%) with its 95% interval over
-  trials (over images when there is only one trial), on bands that name the stages."""
+def _plural(count: float, word: str) -> str:
+  return f'{count:.0f} {word}{"s" * (count != 1)}'
+
+
+def _common(values) -> str | None:
+  """The one value all of `values` share, as text; None when they differ or there is none."""
+  values = {v for v in values if not (isinstance(v, float) and not np.isfinite(v))}
+  return str(values.pop()) if len(values) == 1 else None
+
+
+def _protocol(layers: Sequence[LayerSummary]) -> list[str]:
+  """What the layers were measured under, where they agree: 'fresh reset', '7 images',
+  '3 trials'."""
+  parts = []
+  mode = _common(s.mode for s in layers)
+  if mode:
+    parts.append(f'{mode} reset')
+  images = _common(s.num_images for s in layers)
+  if images is not None:
+    parts.append(_plural(float(images), 'image'))
+  trials = max(s.trials for s in layers)
+  parts.append(_plural(trials, 'trial'))
+  return parts
+
+
+def _intervals(layers: Sequence[LayerSummary]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                         str]:
+  """(criticality %, lower and upper end of its 95% interval in % clipped to [0, 100], what the
+  interval is over): over trials, or over images with one trial."""
+  trials = max(s.trials for s in layers)
+  values = np.array([100 * s.criticality for s in layers])
+  errors_of = 'ci_trials' if trials >= 2 else 'ci_images'
+  half = np.array([100 * getattr(s, errors_of) for s in layers])
+  half = np.where(np.isfinite(half), half, 0.0)
+  over = f'over {trials} trials (Student t)' if trials >= 2 else 'over images (one trial)'
+  return values, values - half, values + half, over
+
+
+def criticality_figure(summaries: Sequence[LayerSummary]):
+  """The figure of `plot_criticality`, not saved: a matplotlib Figure (its first axes the bars)."""
   grouped = by_model(summaries)
   if len(grouped) != 1:
     raise ValueError(f'plot_criticality draws one model, got {len(grouped)}: {list(grouped)}')
   (model, layers), = grouped.items()
   plt = _pyplot()
   n = len(layers)
-  trials = max(s.trials for s in layers)
-  values = np.array([100 * s.criticality for s in layers])
-  errors_of = 'ci_trials' if trials >= 2 else 'ci_images'
-  bars = np.array([100 * getattr(s, errors_of) for s in layers])
-  bars = np.where(np.isfinite(bars), bars, 0.0)
+  vertical = n > VERTICAL_FROM
+  values, low, high, over = _intervals(layers)
+  clipped_high, clipped_low = high > 100, low < 0
+  low, high = np.clip(low, 0, 100), np.clip(high, 0, 100)
 
-  # Criticality lies in [0, 100] %; an interval past a bound is drawn to the bound.
-  low = np.clip(values - bars, 0, 100)
-  high = np.clip(values + bars, 0, 100)
-
-  width = max(8.0, 0.13 * n + 2.5)
-  fig, ax = plt.subplots(figsize=(width, 4.8))
-  bar_inches = width * fig.subplotpars.right - width * fig.subplotpars.left
-  bar_inches /= max(n, 1)
+  if vertical:  # a row per layer, top to bottom: names stay flat and 8 pt at any depth
+    fig, ax = plt.subplots(figsize=(8.0, ROW_INCHES * n + 1.6))
+  else:
+    fig, ax = plt.subplots(figsize=(max(8.0, ROW_INCHES * n + 3.0), 4.8))
+  along = ax.get_yaxis_transform() if vertical else ax.get_xaxis_transform()
+  span = ax.axhspan if vertical else ax.axvspan
+  inches = (fig.get_figheight() * (fig.subplotpars.top - fig.subplotpars.bottom) if vertical else
+            fig.get_figwidth() * (fig.subplotpars.right - fig.subplotpars.left)) / max(n, 1)
   for i, (stage, start, end) in enumerate(_stage_spans([s.stage for s in layers])):
     if i % 2:
-      ax.axvspan(start - 0.5, end - 0.5, color='0.92', zorder=0, lw=0)
-    wide = (end - start) * bar_inches > 0.07 * len(stage) + 0.05  # room to write it flat
-    ax.text((start + end - 1) / 2, 1.01, stage, transform=ax.get_xaxis_transform(),
-            ha='center', va='bottom', fontsize=8 if wide else 6, rotation=0 if wide else 90)
-  x = np.arange(n)
-  ax.bar(x, values, width=0.75, color=[KIND_COLORS.get(s.kind, '0.5') for s in layers],
-         zorder=2)
-  if np.any(high > low):
-    ax.errorbar(x, values, yerr=[values - low, high - values], fmt='none', ecolor='black',
-                elinewidth=0.7, capsize=1.5, zorder=3)
-  ax.set_xlim(-0.5, n - 0.5)
-  ax.set_ylim(0, 102)
-  ax.set_xticks(x)
-  ax.set_xticklabels([_short_name(s.layer, s.stage) for s in layers], rotation=90,
-                     fontsize=6 if n <= 70 else 5)
-  ax.tick_params(axis='x', length=2, pad=1)
-  ax.set_ylabel('criticality (1 - cos sim), %')
-  ax.grid(axis='y', color='0.8', lw=0.5, zorder=1)
+      span(start - 0.5, end - 0.5, color='0.92', zorder=0, lw=0)
+    if vertical:  # to the right of its rows
+      ax.text(1.01, (start + end - 1) / 2, stage, transform=along, ha='left', va='center',
+              fontsize=LABEL_PT)
+    else:  # above its bars, flat where it fits
+      flat = (end - start) * inches > 0.065 * len(stage) + 0.05
+      ax.text((start + end - 1) / 2, 1.01, stage, transform=along, ha='center', va='bottom',
+              fontsize=LABEL_PT, rotation=0 if flat else 90)
+  position = np.arange(n)
+  colors = [KIND_COLORS.get(s.kind, '0.5') for s in layers]
+  names = [s.layer for s in layers]
+  error = [values - low, high - values]
+  bar_style = dict(color=colors, zorder=2)
+  line_style = dict(fmt='none', ecolor='black', elinewidth=0.7, capsize=1.5, zorder=3)
+  mark_style = dict(linestyle='none', color='black', markersize=4, zorder=4, clip_on=False)
+  if vertical:
+    ax.barh(position, values, height=0.75, **bar_style)
+    if np.any(high > low):
+      ax.errorbar(values, position, xerr=error, **line_style)
+    ax.plot(np.full(clipped_high.sum(), 100.0), position[clipped_high], marker='>', **mark_style)
+    ax.plot(np.zeros(clipped_low.sum()), position[clipped_low], marker='<', **mark_style)
+    ax.set_ylim(n - 0.5, -0.5)  # forward order from the top
+    ax.set_xlim(0, 102)
+    ax.set_yticks(position)
+    ax.set_yticklabels(names, fontsize=LABEL_PT)
+    ax.tick_params(axis='y', length=2, pad=1)
+    ax.tick_params(axis='x', labelsize=LABEL_PT, top=True, labeltop=True)
+    ax.set_xlabel('criticality (1 - cos sim), %', fontsize=9)
+    ax.grid(axis='x', color='0.8', lw=0.5, zorder=1)
+  else:
+    ax.bar(position, values, width=0.75, **bar_style)
+    if np.any(high > low):
+      ax.errorbar(position, values, yerr=error, **line_style)
+    ax.plot(position[clipped_high], np.full(clipped_high.sum(), 100.0), marker='^', **mark_style)
+    ax.plot(position[clipped_low], np.zeros(clipped_low.sum()), marker='v', **mark_style)
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_ylim(0, 102)
+    ax.set_xticks(position)
+    ax.set_xticklabels(names, rotation=90, fontsize=LABEL_PT)
+    ax.tick_params(axis='x', length=2, pad=1)
+    ax.tick_params(axis='y', labelsize=LABEL_PT)
+    ax.set_ylabel('criticality (1 - cos sim), %', fontsize=9)
+    ax.grid(axis='y', color='0.8', lw=0.5, zorder=1)
+
   kinds = list(dict.fromkeys(s.kind for s in layers))
   handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS.get(k, '0.5')) for k in kinds]
-  interval_text = (f'95% interval\nover {trials} trials\n(Student t)' if trials >= 2 else
-                   '95% interval\nover images\n(one trial)')
-  ax.legend(handles, kinds, fontsize=7, loc='upper left', bbox_to_anchor=(1.005, 1.0),
-            title=f'error bars:\n{interval_text}', title_fontsize=7, frameon=False)
-  mode = f', {layers[0].mode} reset' if layers[0].mode else ''
-  _title_above(fig, ax, f'{model}: layer criticality{mode}, {trials} trial'
-               f'{"s" * (trials != 1)}', fontsize=11)
+  labels = list(kinds)
+  if clipped_high.any() or clipped_low.any():
+    handles.append(plt.Line2D([], [], marker='>' if vertical else '^', **{
+        k: v for k, v in mark_style.items() if k not in ('zorder', 'clip_on')}))
+    labels.append('interval clipped\nat 0 or 100 %')
+  legend = dict(fontsize=LABEL_PT, title_fontsize=LABEL_PT, frameon=False)
+  if vertical:  # above the bars, clear of the top tick labels: the stage names take the right
+    ax.legend(handles, [l.replace('\n', ' ') for l in labels], loc='lower left',
+              bbox_to_anchor=(0, 1.0 + 0.3 / fig.get_figheight()), ncol=len(handles),
+              title=f'error bars: 95% interval {over}', alignment='left', **legend)
+  else:
+    interval_text = f'95% interval\n{over.replace(" (", chr(10) + "(")}'
+    ax.legend(handles, labels, loc='upper left', bbox_to_anchor=(1.005, 1.0),
+              title=f'error bars:\n{interval_text}', **legend)
+  mean = finite_mean(s.criticality for s in layers)
+  _title_above(fig, ax, f'{model}: layer criticality, {", ".join(_protocol(layers))}\n'
+               f'mean criticality over {_plural(n, "layer")}: {100 * mean:.1f}%',
+               fontsize=11)
+  return fig
+
+
+def plot_criticality(summaries: Sequence[LayerSummary], path: str) -> None:
+  """A bar per layer (forward order) of one model: criticality (%) with its 95% interval over
+  trials (over images when there is only one trial), on bands that name the stages. Up to
+  VERTICAL_FROM layers the bars stand side by side; a deeper model gets a row per layer, top to
+  bottom. An interval clipped at 0 or 100 % ends in a triangle; the title gives the model, the
+  reset mode, the images, the trials and the mean criticality."""
+  plt = _pyplot()
+  fig = criticality_figure(summaries)
   _save(fig, path)
   plt.close(fig)
 
@@ -128,6 +210,32 @@ def layer_union(orders: Sequence[Sequence[str]]) -> list[str]:
   return union
 
 
+def _compatible(a: Sequence[LayerSummary], b: Sequence[LayerSummary]) -> bool:
+  """Whether two models are one architecture, to share a heatmap's columns: at least half of
+  the smaller one's layers are named in both, and each layer named in both is of one kind and,
+  where both know it, one size (resnet18's and resnet50's layer1.0.conv1 differ)."""
+  of_a = {s.layer: s for s in a}
+  shared = [(of_a[s.layer], s) for s in b if s.layer in of_a]
+  if 2 * len(shared) < min(len(a), len(b)):
+    return False
+  return all(x.kind == y.kind and (not (np.isfinite(x.num_params) and np.isfinite(y.num_params))
+                                   or x.num_params == y.num_params) for x, y in shared)
+
+
+def architecture_groups(summaries: Sequence[LayerSummary]) -> list[list[str]]:
+  """The models of `summaries` in groups of one architecture (`_compatible` with every model of
+  the group), groups and models in order of first appearance: a heatmap panel each."""
+  grouped = by_model(summaries)
+  groups: list[list[str]] = []
+  for model, layers in grouped.items():
+    home = next((g for g in groups if all(_compatible(grouped[m], layers) for m in g)), None)
+    if home is None:
+      groups.append([model])
+    else:
+      home.append(model)
+  return groups
+
+
 def _matrix(summaries: Sequence[LayerSummary]) -> tuple[list[str], list[str], list[str],
                                                          np.ndarray]:
   """(models, the union of their layers in forward order, their stages, criticality % matrix)."""
@@ -145,116 +253,179 @@ def _matrix(summaries: Sequence[LayerSummary]) -> tuple[list[str], list[str], li
   return list(grouped), layers, [stage_of[l] for l in layers], matrix
 
 
-def plot_heatmap(summaries: Sequence[LayerSummary], path: str) -> None:
-  """The paper's Figure 1: models (rows) by layers (columns, forward order), cell = mean
-  criticality in %, with each model's mean over layers and each layer's mean over models."""
+def _cell_text(ax, values: np.ndarray, fontsize: float) -> None:
+  for (i, j), value in np.ndenumerate(values):
+    if np.isfinite(value):
+      ax.text(j, i, f'{value:.0f}', ha='center', va='center', fontsize=fontsize,
+              color='white' if value > 50 else 'black')
+
+
+def heatmap_figure(summaries: Sequence[LayerSummary]):
+  """The figure of `plot_heatmap`, not saved: a matplotlib Figure whose axes labelled 'panel'
+  are the panels' heatmaps, top to bottom."""
   plt = _pyplot()
-  models, layers, stages, matrix = _matrix(summaries)
-  rows, cols = matrix.shape
-  with warnings.catch_warnings():  # an all-NaN row or column has a NaN mean, drawn blank
-    warnings.simplefilter('ignore', RuntimeWarning)
-    row_mean = np.nanmean(matrix, axis=1)
-    col_mean = np.nanmean(matrix, axis=0)
+  panels = []
+  for models in architecture_groups(summaries):
+    _, layers, stages, matrix = _matrix([s for s in summaries if s.model in models])
+    panels.append((models, layers, stages, matrix))
   # Grey: a layer this model does not have.
   cmap = plt.get_cmap('viridis_r').with_extremes(bad='0.85')
   style = dict(cmap=cmap, vmin=0, vmax=100, aspect='auto', interpolation='nearest')
 
   # Laid out in inches, so that cells, gaps and labels keep their size whatever the number of
   # models and layers; savefig's tight box then crops to what was drawn.
-  cell_w = 0.17 if cols <= 120 else max(0.06, 20 / cols)
-  cell_h = 0.28
-  label_size = 6 if cols <= 120 else 4
-  main_w, main_h = cols * cell_w, rows * cell_h
-  gap, mean_w, bar_w, stage_gap = 0.08, 0.32, 0.15, 0.3
+  cell_w, cell_h, gap, mean_w, bar_w = ROW_INCHES + 0.02, 0.28, 0.08, 0.36, 0.15
+  names_h = [0.066 * max(len(l) for l in layers) + 0.15 for _, layers, _, _ in panels]
+  mean_row = [len(models) > 1 for models, _, _, _ in panels]
+  heights = [len(p[0]) * cell_h + names_h[k] + (gap + cell_h) * mean_row[k] + 0.35
+             for k, p in enumerate(panels)]
+  main_w = max(len(layers) for _, layers, _, _ in panels) * cell_w
   width = main_w + gap + mean_w + 2 * gap + bar_w + 1.0
-  height = main_h + stage_gap + cell_h + 0.4
+  height = sum(heights) + 0.1
   fig = plt.figure(figsize=(width, height))
 
   def axes(left, bottom, w, h):  # inches from the lower left corner
     return fig.add_axes((left / width, bottom / height, w / width, h / height))
 
-  bottom_y = 0.2
-  main_y = bottom_y + cell_h + stage_gap
-  ax = axes(0, main_y, main_w, main_h)
-  image = ax.imshow(np.ma.masked_invalid(matrix), **style)
-  ax.set_yticks(range(rows))
-  ax.set_yticklabels(models, fontsize=8)
-  ax.set_xticks(range(cols))
-  ax.set_xticklabels([_short_name(l, s) for l, s in zip(layers, stages)], rotation=90,
-                     fontsize=label_size)
-  ax.xaxis.tick_top()
-  ax.tick_params(axis='x', length=2, pad=1)
-  for stage, start, end in _stage_spans(stages):
-    if start:
+  top = height
+  first = None
+  for k, (models, layers, stages, matrix) in enumerate(panels):
+    rows, cols = matrix.shape
+    panel_w = cols * cell_w
+    main_y = top - names_h[k] - rows * cell_h
+    ax = axes(0, main_y, panel_w, rows * cell_h)
+    ax.set_label('panel')
+    first = first or ax
+    image = ax.imshow(np.ma.masked_invalid(matrix), **style)
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels(models, fontsize=LABEL_PT)
+    ax.set_xticks(range(cols))
+    ax.set_xticklabels(layers, rotation=90, fontsize=LABEL_PT)
+    ax.xaxis.tick_top()
+    ax.tick_params(axis='x', length=2, pad=1)
+    for _, start, _ in _stage_spans(stages)[1:]:
       ax.axvline(start - 0.5, color='white', lw=1.5)
-    ax.annotate(stage, ((start + end - 1) / 2, 0), xycoords=ax.get_xaxis_transform(),
-                xytext=(0, -3), textcoords='offset points', ha='center', va='top',
-                fontsize=7 if end - start > 2 else 5)
-  if rows * cols <= 400:  # few enough cells to read numbers in
-    for i in range(rows):
-      for j in range(cols):
-        if np.isfinite(matrix[i, j]):
-          ax.text(j, i, f'{matrix[i, j]:.0f}', ha='center', va='center', fontsize=5,
-                  color='white' if matrix[i, j] > 50 else 'black')
+    if rows * cols <= 400:  # few enough cells to read numbers in
+      _cell_text(ax, matrix, 6)
+    with warnings.catch_warnings():  # an all-NaN row or column has a NaN mean, drawn blank
+      warnings.simplefilter('ignore', RuntimeWarning)
+      row_mean = np.nanmean(matrix, axis=1)
+      col_mean = np.nanmean(matrix, axis=0)
+    side = axes(panel_w + gap, main_y, mean_w, rows * cell_h)
+    side.imshow(np.ma.masked_invalid(row_mean[:, None]), **style)
+    side.set_xticks([0])
+    side.set_xticklabels(['mean'], fontsize=LABEL_PT)
+    side.xaxis.tick_top()
+    side.set_yticks([])
+    _cell_text(side, row_mean[:, None], LABEL_PT)
+    bottom_y = main_y
+    if mean_row[k]:  # a layer's mean over the models of this architecture
+      bottom_y = main_y - gap - cell_h
+      bottom = axes(0, bottom_y, panel_w, cell_h)
+      bottom.imshow(np.ma.masked_invalid(col_mean[None, :]), **style)
+      bottom.set_yticks([0])
+      bottom.set_yticklabels([f'mean of {rows} models'], fontsize=LABEL_PT)
+      bottom.set_xticks([])
+      if cols <= 120:
+        _cell_text(bottom, col_mean[None, :], 6)
+    top -= heights[k]
 
-  side = axes(main_w + gap, main_y, mean_w, main_h)
-  side.imshow(np.ma.masked_invalid(row_mean[:, None]), **style)
-  side.set_xticks([0])
-  side.set_xticklabels(['mean'], fontsize=7)
-  side.xaxis.tick_top()
-  side.set_yticks([])
-  for i, value in enumerate(row_mean):
-    if np.isfinite(value):
-      side.text(0, i, f'{value:.0f}', ha='center', va='center', fontsize=7,
-                color='white' if value > 50 else 'black')
-
-  bottom = axes(0, bottom_y, main_w, cell_h)
-  bottom.imshow(np.ma.masked_invalid(col_mean[None, :]), **style)
-  bottom.set_yticks([0])
-  bottom.set_yticklabels(['mean over models'], fontsize=7)
-  bottom.set_xticks([])
-  if cols <= 120:
-    for j, value in enumerate(col_mean):
-      if np.isfinite(value):
-        bottom.text(j, 0, f'{value:.0f}', ha='center', va='center', fontsize=5,
-                    color='white' if value > 50 else 'black')
-
-  # Beside the heatmap and the mean row, so that it stays legible with only a model or two.
-  bar_h = main_y + main_h - bottom_y
+  # Beside the panels, so that it stays legible with only a model or two.
+  bar_h = height - names_h[0] - bottom_y
   colorbar = fig.colorbar(image, cax=axes(main_w + 3 * gap + mean_w, bottom_y, bar_w, bar_h))
   colorbar.set_label('criticality (1 - cos sim), %' if bar_h > 1.8 else 'criticality, %',
-                     fontsize=8)
-  colorbar.ax.tick_params(labelsize=7)
-  _title_above(fig, ax, f'layer criticality of {rows} model{"s" * (rows != 1)}, mean over '
-               'trials', fontsize=10)
+                     fontsize=LABEL_PT)
+  colorbar.ax.tick_params(labelsize=LABEL_PT)
+  count = len(by_model(summaries))
+  title = f'layer criticality of {_plural(count, "model")}'
+  if len(panels) > 1:
+    title += f' of {len(panels)} architectures (a panel each)'
+  title += f'; {", ".join(_protocol(summaries))}, mean over trials, %'
+  _title_above(fig, first, title, fontsize=10)
+  return fig
+
+
+def plot_heatmap(summaries: Sequence[LayerSummary], path: str) -> None:
+  """The paper's Figure 1: models (rows) by layers (columns, forward order), cell = mean
+  criticality in %, with each model's mean over layers and, for two models or more, each
+  layer's mean over the models. Models of different architectures (`architecture_groups`) are
+  drawn as panels one above the other, each with its own columns and means."""
+  plt = _pyplot()
+  fig = heatmap_figure(summaries)
   _save(fig, path)
   plt.close(fig)
 
 
-def plot_scatter(summaries: Sequence[LayerSummary], path: str) -> list[str]:
-  """Original top-1 against mean criticality over layers, a labelled point per model (the
-  paper's Figure 2). Returns the models left out for lack of labels; writes nothing when no
-  model has labels."""
-  points = model_points(summaries)
-  labelled = [p for p in points if np.isfinite(p[1]) and np.isfinite(p[2])]
-  skipped = [p[0] for p in points if p not in labelled]
-  if not labelled:
-    return skipped
+def _top1_interval(top1: float, images: float) -> tuple[float, float]:
+  """The 95% Wilson interval (lower, upper, in %) of a top-1 of `top1` % over `images` images;
+  NaNs when the count is unknown."""
+  if not (np.isfinite(top1) and np.isfinite(images) and images > 0):
+    return math.nan, math.nan
+  p, n, z = top1 / 100, images, 1.959964
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return 100 * (centre - half), 100 * (centre + half)
+
+
+def scatter_figure(summaries: Sequence[LayerSummary]):
+  """The figure of `plot_scatter`, not saved, and the models left out for lack of labels:
+  (matplotlib Figure or None when no model has labels, [model, ...])."""
+  grouped = by_model(summaries)
+  points = []
+  skipped = []
+  for model, layers in grouped.items():
+    mean, half = model_interval(layers)
+    top1 = layers[0].original_top1
+    if np.isfinite(mean) and np.isfinite(top1):
+      points.append((model, mean, half, top1,
+                     _top1_interval(top1, _common_float(s.num_images for s in layers))))
+    else:
+      skipped.append(model)
+  if not points:
+    return None, skipped
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
-  x = np.array([p[1] for p in labelled])
-  y = np.array([p[2] for p in labelled])
-  ax.scatter(x, y, s=22, color='#4C72B0', zorder=2)
-  for (model, px, py) in labelled:
-    ax.annotate(model, (px, py), xytext=(3, 3), textcoords='offset points', fontsize=6)
-  ax.set_xlabel('mean layer criticality over layers, %')
-  ax.set_ylabel('top-1 accuracy of the original model, %')
-  title = 'accuracy vs. mean criticality'
-  if len(labelled) >= 3:
-    title += f' (Spearman rho {spearman(x, y):.2f}, {len(labelled)} models)'
-  ax.set_title(title, fontsize=10)
+  x = np.array([p[1] for p in points])
+  y = np.array([p[3] for p in points])
+  xerr = np.array([p[2] for p in points])
+  low = np.array([p[4][0] for p in points])
+  high = np.array([p[4][1] for p in points])
+  xerr = np.where(np.isfinite(xerr), xerr, 0.0)
+  yerr = np.array([np.where(np.isfinite(low), y - low, 0.0),
+                   np.where(np.isfinite(high), high - y, 0.0)])
+  rho = spearman(x, y)
+  label = (f"Spearman's rho = {rho:.2f} ({len(points)} models)" if len(points) >= 3 else
+           f"Spearman's rho: needs 3 models, {len(points)} here")
+  ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt='o', markersize=5, color='#4C72B0',
+              ecolor='0.45', elinewidth=0.8, capsize=2, zorder=2, label=label)
+  for (model, px, _, py, _) in points:
+    ax.annotate(model, (px, py), xytext=(4, 4), textcoords='offset points', fontsize=LABEL_PT)
+  ax.set_xlabel('mean criticality over layers, %', fontsize=9)
+  ax.set_ylabel('top-1 accuracy of the original model, %', fontsize=9)
+  ax.tick_params(labelsize=LABEL_PT)
+  ax.set_title('accuracy vs. mean criticality; bars: 95% intervals\n(criticality over trials, '
+               'top-1 over images, Wilson)', fontsize=10)
   ax.grid(color='0.85', lw=0.5, zorder=0)
   ax.margins(0.15)
+  # Below the axes: it never hides a point.
+  ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.14), fontsize=LABEL_PT, frameon=False)
+  return fig, skipped
+
+
+def _common_float(values) -> float:
+  common = _common(values)
+  return math.nan if common is None else float(common)
+
+
+def plot_scatter(summaries: Sequence[LayerSummary], path: str) -> list[str]:
+  """Original top-1 against mean criticality over layers, a labelled point per model (the
+  paper's Figure 2), with 95% intervals on both axes (criticality over trials, top-1 over the
+  images) and Spearman's rho in the legend. Returns the models left out for lack of labels;
+  writes nothing when no model has labels."""
+  fig, skipped = scatter_figure(summaries)
+  if fig is None:
+    return skipped
+  plt = _pyplot()
   _save(fig, path)
   plt.close(fig)
   return skipped

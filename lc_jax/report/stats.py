@@ -35,6 +35,8 @@ class LayerSummary:
   original_top1: float  # the unmodified model's top-1 (%); NaN without labels
   source: str
   nonfinite: int = 0  # trials whose criticality is NaN or inf: left out of its mean, and shown
+  num_images: float = math.nan  # images each trial was measured on; NaN when not recorded
+  per_trial: tuple[tuple[int, float], ...] = ()  # (trial, criticality) of each trial
 
 
 def finite_mean(values: Iterable[float]) -> float:
@@ -142,7 +144,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[LayerSummary]:
           pred_kl_div=finite_mean(r['pred_kl_div'] for r in trial_rows),
           pred_agreement=finite_mean(r['pred_agreement'] for r in trial_rows),
           original_top1=top1, source=key[0],
-          nonfinite=int(sum(not np.isfinite(r['criticality']) for r in trial_rows))))
+          nonfinite=int(sum(not np.isfinite(r['criticality']) for r in trial_rows)),
+          num_images=finite_mean(r['num_images'] for r in trial_rows),
+          per_trial=tuple((r['trial'], r['criticality']) for r in trial_rows)))
   return summaries
 
 
@@ -166,3 +170,15 @@ def model_points(summaries: Sequence[LayerSummary]) -> list[tuple[str, float, fl
   """(model, mean criticality over its layers in %, original top-1 in %) of every model."""
   return [(model, 100 * finite_mean(s.criticality for s in layers), layers[0].original_top1)
           for model, layers in by_model(summaries).items()]
+
+
+def model_interval(layers: Sequence[LayerSummary]) -> tuple[float, float]:
+  """(mean criticality over one model's layers, half-width of its 95% Student t interval over
+  trials), both in %: each trial's mean over its finite layers, then `interval` over the
+  trials; the half-width is NaN with one trial."""
+  per_trial: dict[int, list[float]] = {}
+  for s in layers:
+    for trial, value in s.per_trial:
+      per_trial.setdefault(trial, []).append(value)
+  mean, half = interval([finite_mean(values) for values in per_trial.values()])
+  return 100 * finite_mean(s.criticality for s in layers), 100 * half
