@@ -1,0 +1,223 @@
+"""The report's figures read at a glance: checked by what they draw, read back from the matplotlib
+Figure before it is saved (tick label sizes, titles, markers, panels, error bars, the legend)
+and, for the saved size, from the text's extent in pixels at the PNG's resolution."""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from lc_jax import report
+from lc_jax.report import figures
+from lc_jax.report.stats import LayerSummary
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pixels  # pylint: disable=g-import-not-at-top
+
+
+def _model(name, layers, values, top1=math.nan, images=7, spread=0.05, seed=0):
+  """A model's LayerSummary list; `layers` are (name, kind, stage, num_params), `values` each
+  layer's criticality: three trials at `values` +- `spread`, clipped to [0, 1]."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for (layer, kind, stage, params), value in zip(layers, values):
+    trials = np.clip(value + rng.uniform(-spread, spread, 3), 0, 1)
+    mean, half = report.interval(trials)
+    out.append(LayerSummary(
+        model=name, model_id=name, layer=layer, kind=kind, stage=stage, mode='fresh',
+        num_params=params, trials=3, criticality=mean, ci_trials=half, ci_images=0.01,
+        top1_acc=math.nan, recovered_acc=math.nan, pred_kl_div=math.nan,
+        pred_agreement=math.nan, original_top1=top1, source=name, num_images=images,
+        per_trial=tuple(enumerate(trials.tolist()))))
+  return out
+
+
+def _resnet(depth):
+  """(name, kind, stage, num_params) of a ResNet's convs and fc, as timm names them."""
+  bottleneck = depth == 50
+  out = [('conv1', 'conv', 'stem', 9408)]
+  for stage, blocks in enumerate([3, 4, 6, 3] if bottleneck else [2, 2, 2, 2], 1):
+    width = 64 * 2 ** (stage - 1)
+    for block in range(blocks):
+      for conv in range(1, 4 if bottleneck else 3):
+        size = width * width * (9 if conv == 2 or not bottleneck else 1)
+        out.append((f'layer{stage}.{block}.conv{conv}', 'conv', f'layer{stage}', size))
+      if block == 0 and (stage > 1 or bottleneck):
+        out.append((f'layer{stage}.{block}.downsample.0', 'conv', f'layer{stage}',
+                    width * width * (4 if bottleneck else 2)))
+  out.append(('fc', 'linear', 'head', (2048 if bottleneck else 512) * 1000))
+  return out
+
+
+def _deep(n):
+  return [(f'blocks.{i // 10}.{i % 10}.conv_pw', 'conv', f'blocks.{i // 10}', 100) for i in range(n)]
+
+
+def _texts(fig):
+  """Every piece of text the figure shows: tick labels, titles, legends, annotations."""
+  from matplotlib.text import Text  # pylint: disable=g-import-not-at-top
+  return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def _check_legible(fig):
+  """Every tick label is at least 8 pt and, once drawn at the saved dpi, at least 8 pt tall."""
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  ticks = [label for ax in fig.axes for label in ax.get_xticklabels() + ax.get_yticklabels()
+           if label.get_visible() and label.get_text()]
+  assert ticks
+  sizes = {label.get_fontsize() for label in ticks}
+  assert min(sizes) >= 8, sizes
+  # The extent across the text's baseline, in pixels at the PNG's dpi (rotated labels: across).
+  scale = figures.DPI / fig.dpi
+  for label in ticks:
+    box = label.get_window_extent(renderer)
+    across = box.width if label.get_rotation() == 90 else box.height
+    assert across * scale >= 0.99 * 8 / 72 * figures.DPI, (label.get_text(), across * scale)
+
+
+def test_criticality_chart_title_ticks_and_names(tmp_path):
+  layers = _resnet(18)
+  summaries = _model('resnet18', layers, np.linspace(0.1, 0.9, len(layers)), images=7)
+  fig = figures.criticality_figure(summaries)
+  _check_legible(fig)
+  title = fig._suptitle.get_text()  # pylint: disable=protected-access
+  mean = 100 * np.mean([s.criticality for s in summaries])
+  for part in ('resnet18', 'fresh reset', '7 images', '3 trials', f'{mean:.1f}%'):
+    assert part in title, (part, title)
+  # Full names, stage and all: 'layer1.0.conv1', not '0.conv1'.
+  names = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+  assert names == [l[0] for l in layers]
+  path = str(tmp_path / 'criticality.png')
+  report.plot_criticality(summaries, path)
+  pixels.check_bars(path, summaries)
+
+
+def test_a_deep_model_gets_a_row_per_layer():
+  layers = _deep(99)
+  summaries = _model('deep', layers, np.linspace(0.05, 0.95, 99))
+  fig = figures.criticality_figure(summaries)
+  ax = fig.axes[0]
+  assert [t.get_text() for t in ax.get_yticklabels()] == [l[0] for l in layers]
+  assert fig.get_figheight() > fig.get_figwidth()
+  _check_legible(fig)
+  # Read back: each bar's length is its layer's criticality, top to bottom in forward order.
+  widths = [p.get_width() for p in ax.patches if p.get_height() == 0.75]
+  np.testing.assert_allclose(widths, [100 * s.criticality for s in summaries])
+
+
+@pytest.mark.parametrize('deep', [False, True])
+def test_a_clipped_interval_ends_in_a_mark(deep):
+  layers = _deep(99 if deep else 6)
+  values = np.full(len(layers), 0.5)
+  values[1], values[3] = 0.97, 0.02  # +-0.05 over 3 trials: the intervals pass 100 % and 0
+  summaries = _model('m', layers, values, spread=0.05, seed=3)
+  fig = figures.criticality_figure(summaries)
+  ax = fig.axes[0]
+  marks = {}
+  for line in ax.get_lines():
+    if line.get_marker() in ('^', 'v', '>', '<') and len(line.get_xdata()):
+      x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+      position, bound = (y, x) if deep else (x, y)
+      marks.update({int(p): float(b) for p, b in zip(position, bound)})
+  assert marks == {1: 100.0, 3: 0.0}
+  legend = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert any('clipped' in t for t in legend), legend
+
+
+def test_no_clip_mark_where_none_is_clipped():
+  summaries = _model('m', _deep(5), np.full(5, 0.5))
+  ax = figures.criticality_figure(summaries).axes[0]
+  assert not any(len(l.get_xdata()) for l in ax.get_lines() if l.get_marker() in ('^', 'v'))
+  assert not any('clipped' in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def _row_labels(fig):
+  colorbars = {im.colorbar.ax for ax in fig.axes for im in ax.get_images() if im.colorbar}
+  return [t.get_text() for ax in fig.axes if ax not in colorbars for t in ax.get_yticklabels()]
+
+
+def test_a_single_model_heatmap_has_no_mean_row():
+  fig = figures.heatmap_figure(_model('resnet50', _resnet(50), np.linspace(0, 1, 54)))
+  assert _row_labels(fig) == ['resnet50']
+  assert not [t for t in _texts(fig) if t.get_text().startswith(('mean of', 'mean over models'))]
+  _check_legible(fig)
+  title = fig._suptitle.get_text()  # pylint: disable=protected-access
+  assert '1 model' in title and '7 images' in title and '3 trials' in title
+
+
+def test_architectures_are_panels_with_their_own_columns(tmp_path):
+  r18, r50 = _resnet(18), _resnet(50)
+  rng = np.random.default_rng(0)
+  summaries = (_model('resnet50_a', r50, rng.uniform(0, 1, 54))
+               + _model('resnet18', r18, rng.uniform(0, 1, len(r18)))
+               + _model('resnet50_b', r50, rng.uniform(0, 1, 54)))
+  assert figures.architecture_groups(summaries) == [['resnet50_a', 'resnet50_b'], ['resnet18']]
+  fig = figures.heatmap_figure(summaries)
+  panels = [ax for ax in fig.axes if ax.get_label() == 'panel']
+  assert len(panels) == 2
+  columns = [[t.get_text() for t in ax.get_xticklabels()] for ax in panels]
+  assert columns == [[l[0] for l in r50], [l[0] for l in r18]]  # conv1 in each, apart
+  assert [[t.get_text() for t in ax.get_yticklabels()] for ax in panels] == [
+      ['resnet50_a', 'resnet50_b'], ['resnet18']]
+  # The drawn cells are each panel's own models' values; one mean row, of the two ResNet-50s.
+  cells = [ax.get_images()[0].get_array() for ax in panels]
+  want = [[100 * s.criticality for s in summaries if s.model == m] for m in
+          ('resnet50_a', 'resnet50_b', 'resnet18')]
+  np.testing.assert_allclose(cells[0], want[:2])
+  np.testing.assert_allclose(cells[1], want[2:])
+  means = [label for label in _row_labels(fig) if label.startswith('mean')]
+  assert means == ['mean of 2 models']
+  _check_legible(fig)
+  report.plot_heatmap(summaries, str(tmp_path / 'heatmap.png'))
+
+
+def test_one_architecture_with_and_without_batchnorm_shares_a_panel():
+  convs = _resnet(18)
+  with_bn = []
+  for layer in convs:
+    with_bn.append(layer)
+    if layer[1] == 'conv':
+      bn = (layer[0][:-1] + '1' if layer[0].endswith('downsample.0') else
+            layer[0].replace('conv', 'bn'))
+      with_bn.append((bn, 'batchnorm', layer[2], 128))
+  summaries = (_model('convs', convs, np.full(len(convs), 0.5))
+               + _model('all', with_bn, np.full(len(with_bn), 0.5)))
+  assert figures.architecture_groups(summaries) == [['convs', 'all']]
+
+
+def test_scatter_has_intervals_on_both_axes_and_rho_in_its_legend(tmp_path):
+  from matplotlib.container import ErrorbarContainer  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  top1s = [76.0, 80.0, 72.0, 78.0]
+  summaries = []
+  for i, top1 in enumerate(top1s):
+    summaries += _model(f'm{i}', _resnet(50), rng.uniform(0, 1, 54), top1=top1, images=10000,
+                        spread=0.1, seed=i)
+  summaries += _model('unlabelled', _resnet(50), rng.uniform(0, 1, 54))
+  fig, skipped = figures.scatter_figure(summaries)
+  assert skipped == ['unlabelled']
+  ax = fig.axes[0]
+  bars, = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+  assert bars.has_xerr and bars.has_yerr
+  # x: each trial's mean over the layers, then a Student t interval over the 3 trials.
+  x_half, y_half = [], []
+  for i, top1 in enumerate(top1s):
+    layers = [s for s in summaries if s.model == f'm{i}']
+    per_trial = np.mean([[v for _, v in s.per_trial] for s in layers], axis=0)
+    x_half.append(100 * stats.t.ppf(0.975, 2) * per_trial.std(ddof=1) / np.sqrt(3))
+    y_half.append(100 * 1.96 * np.sqrt(top1 / 100 * (1 - top1 / 100) / 10000))
+  x_segments = bars.lines[2][0].get_segments()
+  y_segments = bars.lines[2][1].get_segments()
+  np.testing.assert_allclose([(s[1][0] - s[0][0]) / 2 for s in x_segments], x_half, rtol=1e-6)
+  np.testing.assert_allclose([(s[1][1] - s[0][1]) / 2 for s in y_segments], y_half, rtol=0.02)
+  legend = ' '.join(t.get_text() for t in ax.get_legend().get_texts())
+  means = [100 * np.mean([s.criticality for s in summaries if s.model == f'm{i}'])
+           for i in range(4)]
+  rho = stats.spearmanr(means, top1s)[0]
+  assert 'rho' in legend and f'{rho:.2f}' in legend and '4 models' in legend, legend
+  _check_legible(fig)
+  assert report.plot_scatter(summaries, str(tmp_path / 'scatter.png')) == ['unlabelled']
