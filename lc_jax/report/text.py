@@ -17,12 +17,12 @@ def _pct(value: float, width: int, digits: int = 1, sign: str = '') -> str:
 
 
 def _layer_lines(layers: Sequence[LayerSummary], name_width: int) -> list[str]:
-  lines = [f'  {"layer":{name_width}s} {"kind":14s} {"stage":8s} {"crit %":>7s} {"±trials":>8s} '
-           f'{"±images":>8s} {"recov %":>8s} {"agree %":>8s}']
+  lines = [f'  {"layer":{name_width}s} {"kind":14s} {"stage":8s} {"crit %":>7s} '
+           f'{"±trials %":>9s} {"±images %":>9s} {"recov %":>8s} {"agree %":>8s}']
   for s in layers:
     lines.append(f'  {s.layer:{name_width}s} {s.kind:14s} {s.stage:8s} '
-                 f'{_pct(s.criticality, 7)} {_pct(s.ci_trials, 8, sign="±")} '
-                 f'{_pct(s.ci_images, 8, 2, sign="±")} {_pct(s.recovered_acc, 8)} '
+                 f'{_pct(s.criticality, 7)} {_pct(s.ci_trials, 9, sign="±")} '
+                 f'{_pct(s.ci_images, 9, 2, sign="±")} {_pct(s.recovered_acc, 8)} '
                  f'{_pct(s.pred_agreement, 8)}')
   return lines
 
@@ -41,8 +41,9 @@ def _trials_note(layers: Sequence[LayerSummary]) -> str | None:
 def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
   """The `top` most and least critical layers of each model, as printable text.
 
-  Columns: criticality (%), its 95% intervals over trials and over images, recovered top-1
-  (% of the original's) and top-1 agreement with the original (%).
+  Columns: criticality (%), its 95% intervals over trials and over images (percentage points),
+  recovered top-1 (% of the original's) and top-1 agreement with the original (%), each 100
+  times the fraction results.csv holds.
   """
   out = []
   for model, layers in by_model(summaries).items():
@@ -74,6 +75,9 @@ def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
                      'none with one trial')
     out.append(f' 95% intervals: ±trials {interval_text}; ±images over the images, '
                'mean over trials.')
+    out.append(' units: crit, recov and agree are 100 x the fractions criticality, recovered_acc '
+               "(top-1 as a share of the original's)")
+    out.append('  and pred_agreement of results.csv; its top1_acc and top5_acc are in % already.')
     note = _trials_note(layers)
     if note:
       out.append(' ' + note)
