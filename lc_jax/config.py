@@ -32,7 +32,9 @@ Fields (RunConfig):
   batches). Bounds the activation the walk keeps and each segment's temporaries for a large
   data.batch_size; the numbers are the same within float32 rounding (a batch is only the unit
   of saved progress); chunks are a multiple of the device count;
-- progress: print progress lines; cache_dir: where decoded images are cached (empty: default);
+- progress: show progress (lc_jax.progress: live bars on a terminal, else a line at most every
+  $LC_JAX_PROGRESS_EVERY seconds); verbose: also a line per finished row with its criticality;
+- cache_dir: where decoded images are cached (empty: default);
 - compilation_cache_dir: JAX's persistent compilation cache (empty: $LC_JAX_COMPILATION_CACHE or
   ~/.cache/lc_jax/compilation; 'none': off), so that a second process compiles nothing.
 """
@@ -54,9 +56,9 @@ MATMUL_PRECISIONS = ('highest', 'high', 'default', 'float32', 'tensorfloat32', '
 RANDOM_MODES = ('fresh', 'interpolate')
 # Fields that change how a run is shown or how fast it goes, not what it measures: a workdir
 # may be resumed with other values.
-NOT_MEASURED = ('progress', 'cache_dir', 'reuse_prefix', 'spread_resets', 'chunk_size',
-                'data.workers', 'model.offline', 'model.mirrors', 'model.allow_nonfinite',
-                'compilation_cache_dir')
+NOT_MEASURED = ('progress', 'verbose', 'cache_dir', 'reuse_prefix', 'spread_resets',
+                'chunk_size', 'data.workers', 'model.offline', 'model.mirrors',
+                'model.allow_nonfinite', 'compilation_cache_dir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,7 @@ class RunConfig:
   spread_resets: int = 1
   chunk_size: int = 0
   progress: bool = True
+  verbose: bool = False
   cache_dir: str = ''
   compilation_cache_dir: str = ''
 

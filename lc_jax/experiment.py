@@ -47,6 +47,7 @@ from lc_jax import init
 from lc_jax import layers as layers_lib
 from lc_jax import metrics
 from lc_jax import models
+from lc_jax import progress
 from lc_jax import reset
 from lc_jax import results
 from lc_jax import schema
@@ -283,11 +284,10 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
                                                             converted)
         with phases('compute'):
           busy = _evaluate(settings, store, model, images, labels, info, targets, primary)
-      if settings.progress and primary:
-        print(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s '
-              f'({compiles.work:.1f} s of compile work)'
-              + (f', {compiles.from_cache} more read from the compilation cache'
-                 if compiles.from_cache else ''), file=sys.stderr)
+      progress.say(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s '
+                   f'({compiles.work:.1f} s of compile work)'
+                   + (f', {compiles.from_cache} more read from the compilation cache'
+                      if compiles.from_cache else ''), settings.progress and primary)
     except UserError:
       # Refused before it kept a row (an unknown layer, NaN logits): a workdir that held
       # nothing is left as it was, without the lock file and converted model.
@@ -426,7 +426,8 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   lowered.append(metrics.per_image.lower(logits, None, y, mask))
   if targets:
     lowered.append(metrics.per_image.lower(logits, logits, y, mask))
-  forward.compile(lowered)
+  with progress.Phase('compile', len(lowered), 'programs', show) as phase:
+    forward.compile([_Counted(program, phase) for program in lowered])
 
   # ---------------------------------------------------------------- the original --------------
   # Its logits on every chunk are the reference of every reset (kept on the device); a chunk's
@@ -484,12 +485,24 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
     kept = max(x.size * x.dtype.itemsize for x in inputs)
     what = (f'a batch of {shape[0]}' if num_chunks == 1 else
             f'a chunk of {shape[0]} ({num_chunks} per batch of {info.local_batch_size})')
-    print((f'prefix reuse: {len(forward.names)} segments in {forward.programs(inputs)} programs; '
-           'the walk keeps one activation, ' if settings.reuse_prefix else
-           'no prefix reuse: every reset runs from the images; the largest segment input is ')
-          + f'at most {kept / 2**20:.0f} MiB for {what}', file=sys.stderr)
-  progress = _Progress(len(pending), trials * len(targets), info, first_batch, num_chunks, show,
-                       busy)
+    progress.say((f'prefix reuse: {len(forward.names)} segments in {forward.programs(inputs)} '
+                  'programs; the walk keeps one activation, ' if settings.reuse_prefix else
+                  'no prefix reuse: every reset runs from the images; the largest segment input '
+                  'is ') + f'at most {kept / 2**20:.0f} MiB for {what}')
+  total = trials * len(targets)
+  if show and (len(pending) < total or first_batch):
+    progress.say(f'resuming: {total - len(pending)} of {total} resets already in results.csv'
+                 + (f', {first_batch} of {info.num_batches} batches of the others done'
+                    if first_batch else ''))
+  # The resets phase counts image-resets (images times resets evaluated on them): a step
+  # evaluates its resets on a chunk's share of a batch. The busy share is shown once the clock
+  # has seen work unfinished on the device (tiny batches may always finish before the look).
+  per_batch = info.num_images / info.num_batches
+  finished = total - len(pending)
+  phase = progress.Phase(
+      'resets', len(pending) * (info.num_batches - first_batch) * per_batch, 'image-resets',
+      show, status=lambda: (f'device busy {100 * busy.fraction:3.0f}%' if busy.seconds > 0
+                            else ''))
   starts = list(todo)  # segments with resets, in order
 
   def dispatched():
@@ -509,22 +522,25 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   # Each step's values are read once the step after it is dispatched (the next batch's first
   # step at the end of a batch), so the device always has work queued while the host adds up,
   # writes and reports.
-  for b, c, k, values in _one_ahead(dispatched()):
-    final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
-    busy.wait(*(v['count'] for v in values))
-    for (trial, target), new in zip(todo[k], values):
-      key = _key(trial, target)
-      sums[key] = metrics.accumulate(sums.get(key), new)
-      if final:
-        measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
-        store.append(schema.row(model.model_id, evaluated, target.name, trial,
-                                settings.reset.mode, target.layers, measured))
-        progress.row(f'trial {trial} {target.name}', measured['criticality'])
-    busy.poll()
-    if not final:
-      progress.segment(b, c, forward.names[k], len(todo[k]))
-    if b < info.num_batches - 1 and c == num_chunks - 1 and k == starts[-1]:
-      sharding.agreed('saving the partial sums', lambda: store.save_partial(b + 1, sums))
+  with phase:
+    for b, c, k, values in _one_ahead(dispatched()):
+      final = b == info.num_batches - 1 and c == num_chunks - 1  # rows are complete after it
+      busy.wait(*(v['count'] for v in values))
+      for (trial, target), new in zip(todo[k], values):
+        key = _key(trial, target)
+        sums[key] = metrics.accumulate(sums.get(key), new)
+        if final:
+          measured = metrics.finalize(sums[key], has_labels, original['top1_acc'])
+          store.append(schema.row(model.model_id, evaluated, target.name, trial,
+                                  settings.reset.mode, target.layers, measured))
+          finished += 1
+          progress.say(f'[{finished:4d}/{total}] {f"trial {trial} {target.name}":32s} '
+                       f'criticality {100 * measured["criticality"]:7.3f}%',
+                       show and settings.verbose)
+      busy.poll()
+      phase.advance(len(todo[k]) * per_batch / num_chunks)
+      if b < info.num_batches - 1 and c == num_chunks - 1 and k == starts[-1]:
+        sharding.agreed('saving the partial sums', lambda: store.save_partial(b + 1, sums))
   missing = [key for key in pending if not store.done(*_unkey(key))]
   if missing:
     raise RuntimeError(f'{len(missing)} resets were not written, e.g. {missing[0]}')
@@ -555,53 +571,14 @@ def _unkey(key: str) -> tuple[int, str]:
   return int(trial), name
 
 
-class _Progress:
-  """Progress on stderr: after each segment of a chunk before the last one, the resets evaluated
-  on it; on the last chunk of the last batch, one line per finished row with its criticality.
-  Both give image-resets per second (images times resets evaluated on them), the share of the
-  time the device was busy (at least; evaluate.Busy) and the time left."""
+class _Counted:
+  """A lowered program whose compile advances the compile phase (evaluate.compile_all calls
+  `compile()` on its worker threads)."""
 
-  def __init__(self, todo: int, total: int, info, first_batch: int, num_chunks: int,
-               enabled: bool, busy: evaluate.Busy):
-    self.todo, self.total, self.info, self.enabled = todo, total, info, enabled
-    self.busy = busy
-    self.num_chunks = num_chunks
-    self.work = todo * (info.num_batches - first_batch)  # evaluations of one batch each
-    self.worked = 0.0
-    self.rows = 0
-    self.start = time.perf_counter()
-    if enabled and (todo < total or first_batch):
-      print(f'resuming: {total - todo} of {total} resets already in results.csv'
-            + (f', {first_batch} of {info.num_batches} batches of the others done'
-               if first_batch else ''), file=sys.stderr)
+  def __init__(self, lowered: jax.stages.Lowered, phase: progress.Phase):
+    self.lowered, self.phase = lowered, phase
 
-  def segment(self, batch: int, chunk: int, segment: str, resets: int) -> None:
-    self.worked += resets / self.num_chunks
-    if self.enabled:
-      where = f'batch {batch + 1}/{self.info.num_batches}' + (
-          f' chunk {chunk + 1}/{self.num_chunks}' if self.num_chunks > 1 else '')
-      self._print(f'[{where}] {segment:24s} {resets:4d} resets')
-
-  def row(self, what: str, criticality: float) -> None:
-    self.worked += 1 / self.num_chunks
-    self.rows += 1
-    if self.enabled:
-      finished = self.total - self.todo + self.rows
-      self._print(f'[{finished:4d}/{self.total}] {what:32s} criticality {100 * criticality:7.3f}%')
-
-  def _print(self, what: str) -> None:
-    elapsed = time.perf_counter() - self.start
-    rate = self.worked * self.info.num_images / self.info.num_batches / elapsed
-    left = elapsed / self.worked * max(self.work - self.worked, 0)
-    # The busy share is shown once the clock has seen work unfinished on the device: a run
-    # whose work always finished before the host looked (tiny batches) has no share to show.
-    busy = (f'device busy {100 * self.busy.fraction:3.0f}%  ' if self.busy.seconds > 0 else '')
-    print(f'{what}  {rate:8.0f} image-resets/s  {busy}{duration(left)} left', file=sys.stderr,
-          flush=True)
-
-
-def duration(seconds: float) -> str:
-  """`seconds` as 1h02m or 3m04s, for progress lines."""
-  minutes, seconds = divmod(int(seconds + 0.5), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+  def compile(self) -> jax.stages.Compiled:
+    compiled = self.lowered.compile()
+    self.phase.advance()
+    return compiled

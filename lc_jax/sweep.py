@@ -37,6 +37,7 @@ import ml_collections
 
 from lc_jax import errors
 from lc_jax import experiment
+from lc_jax import progress
 from lc_jax import report
 from lc_jax import results
 from lc_jax import schema
@@ -105,8 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
       for k, model_id in enumerate(models):
         if model_id in state['done']:
           continue
-        if show:
-          print(f'=== model {k + 1}/{len(models)}: {model_id}', file=sys.stderr, flush=True)
+        progress.say(f'=== model {k + 1}/{len(models)}: {model_id}', show)
         path = os.path.join(workdir, model_id)
         spent = {}
         try:
@@ -127,8 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
           if jax.process_count() > 1 and not e.shared:  # the other processes went on: all stop
             raise
           state['failed'][model_id] = str(e)
-          if show:
-            print(f'{model_id}: skipped: {e}', file=sys.stderr, flush=True)
+          progress.say(f'{model_id}: skipped: {e}', show)
         else:
           spent['conversion'] += here
           spent['wall'] += here
@@ -143,16 +142,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
         if show:
           left = [m for m in models[k + 1:] if m not in state['done']]
           per_model = (time.perf_counter() - start) / max(finished_here, 1)
-          print(f'=== {len(state["done"])}/{len(models)} models done, '
-                f'{len(state["failed"])} failed; about '
-                f'{experiment.duration(per_model * len(left))} left', file=sys.stderr, flush=True)
+          progress.say(f'=== {len(state["done"])}/{len(models)} models done, '
+                       f'{len(state["failed"])} failed; about '
+                       f'{progress.duration(per_model * len(left))} left')
     except (KeyboardInterrupt, SystemExit):
       ahead = None  # stopping does not wait for the conversion in the background (saves atomically)
       raise
     except Exception:  # pylint: disable=broad-except  # reported once the lock can be given up
-      if ahead is not None and show:
-        print(f'stopping once the background conversion of {ahead.model_id} is saved',
-              file=sys.stderr, flush=True)
+      if ahead is not None:
+        progress.say(f'stopping once the background conversion of {ahead.model_id} is saved',
+                     show)
       raise
     finally:  # otherwise the lock is not given up while that conversion writes
       if ahead is not None:

@@ -25,6 +25,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from lc_jax import progress as progress_lib
 from lc_jax.data import cache
 from lc_jax.data import subset
 from lc_jax.data.config import DataConfig
@@ -141,10 +142,10 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
       num_batches=subset.num_batches(num_images, config.batch_size),
       cache_path=os.path.join(cache_dir, name + '.npy'), cache_hit=hit, seconds=seconds,
       content=content_digest(positions, digests))
-  if progress and hit:
-    print(f'loaded {len(positions)} images from {info.cache_path} in {seconds:.2f} s'
-          + (' (their bytes and the pixels checked)' if digests is not None
-             else ' (the pixels checked)'), file=sys.stderr)
+  if hit:
+    progress_lib.say(f'loaded {len(positions)} images from {info.cache_path} in {seconds:.2f} s'
+                     + (' (their bytes and the pixels checked)' if digests is not None
+                        else ' (the pixels checked)'), progress)
   return images, labels, info
 
 
@@ -274,7 +275,8 @@ def _decode(source: Source, indices: np.ndarray, out: np.ndarray, transform: Tra
   start-up and pickling cost of processes.
   """
   workers = workers or len(os.sched_getaffinity(0))
-  meter = _Progress(len(indices), f'decoding {source.describe()}', progress)
+  progress_lib.say(f'decoding {len(indices)} images of {source.describe()}', progress)
+  meter = progress_lib.Phase('images', len(indices), 'images', progress)
   failures: list[tuple[int, str]] = []
 
   def work(row: int, name: str, file) -> tuple[int, str] | None:
@@ -312,32 +314,3 @@ def _decode(source: Source, indices: np.ndarray, out: np.ndarray, transform: Tra
       settle(concurrent.futures.wait(pending).done)
   meter.close()
   return sorted(failures)
-
-
-class _Progress:
-  """Images done and images/s on stderr: redrawn in place on a terminal, else a line every 10 s."""
-
-  def __init__(self, total: int, what: str, enabled: bool):
-    self.total, self.what, self.enabled = total, what, enabled
-    self.done = 0
-    self.start = self.shown = time.perf_counter()
-    self.tty = enabled and sys.stderr.isatty()
-
-  def _line(self) -> str:
-    elapsed = time.perf_counter() - self.start
-    rate = self.done / elapsed if elapsed > 0 else 0.0
-    return f'{self.what}: {self.done}/{self.total} images, {rate:.0f} images/s'
-
-  def advance(self, count: int) -> None:
-    self.done += count
-    now = time.perf_counter()
-    if self.enabled and now - self.shown >= (0.5 if self.tty else 10.0):
-      self.shown = now
-      print('\r' + self._line() if self.tty else self._line(), end='' if self.tty else '\n',
-            file=sys.stderr, flush=True)
-
-  def close(self) -> None:
-    if self.enabled:
-      elapsed = time.perf_counter() - self.start
-      print(('\r' if self.tty else '') + self._line() + f' ({elapsed:.1f} s)', file=sys.stderr,
-            flush=True)
