@@ -2,8 +2,9 @@
 
 Formats: PyTorch zip and legacy files (.pth, .pth.tar, .pt, .ckpt) through
 `torch.load(weights_only=True)`, and .safetensors through the safetensors numpy API (no torch).
-A zip checkpoint of tensors in plain containers (dicts, numbers, strings) is read without torch,
-by an unpickler that knows only tensors and dicts: faster, and torch never enters memory.
+A zip or legacy checkpoint of tensors in plain containers (dicts, numbers, strings) is read
+without torch, by an unpickler that knows only tensors and dicts: faster, torch never enters
+memory, and the base install reads the bundled checkpoint (a legacy file).
 The format is told by the file's first bytes, not its name.
 """
 
@@ -182,7 +183,9 @@ def load(path: str, trust_pickle: bool = False,
     if obj is None:  # holds more than tensors and plain containers: torch reads it
       obj = _read_torch(path, trust_pickle, allowed)
   elif fmt == 'torch-legacy':
-    obj = _read_torch(path, trust_pickle, allowed)
+    obj = _read_torch_legacy(path, allowed)
+    if obj is None:  # holds more than tensors and plain containers: torch reads it
+      obj = _read_torch(path, trust_pickle, allowed)
   else:
     raise ConversionError(f'{path} is not a checkpoint: expected a PyTorch file (.pth, .pt, '
                           '.pth.tar, .ckpt) or a .safetensors file')
@@ -267,16 +270,14 @@ _STORAGES = {'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStora
              'BoolStorage': np.bool_}
 
 
-class _TensorUnpickler(pickle.Unpickler):
-  """Unpickles a torch zip checkpoint into numpy arrays without torch; knows only tensors,
-  parameters, ordered dicts and the `allowed` classes of plain data, and stops at anything else
-  (nothing of the file is run)."""
+class _PlainUnpickler(pickle.Unpickler):
+  """Unpickles tensors, parameters, ordered dicts and the `allowed` classes of plain data into
+  numpy without torch, and stops at anything else (nothing of the file is run). Storages come
+  from `persistent_load`, which each format defines; this one refuses them."""
 
-  def __init__(self, archive: zipfile.ZipFile, prefix: str, allowed: tuple[type, ...] = ()):
-    super().__init__(io.BytesIO(archive.read(prefix + 'data.pkl')))
-    self.archive, self.prefix = archive, prefix
+  def __init__(self, file, allowed: tuple[type, ...] = ()):
+    super().__init__(file, encoding='utf-8')  # torch.load's encoding, for Python 2 files
     self.allowed = {(c.__module__, c.__qualname__): c for c in allowed}
-    self.storages: dict[str, np.ndarray] = {}
 
   def find_class(self, module: str, name: str):
     if (module, name) in self.allowed:
@@ -284,7 +285,7 @@ class _TensorUnpickler(pickle.Unpickler):
     if (module, name) == ('collections', 'OrderedDict'):
       return collections.OrderedDict
     if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
-      return _rebuild_tensor
+      return self.rebuild_tensor
     if (module, name) == ('torch._utils', '_rebuild_parameter'):
       return lambda data, requires_grad, hooks: data
     if module == 'torch' and name in _STORAGES:
@@ -292,20 +293,119 @@ class _TensorUnpickler(pickle.Unpickler):
     raise _NotPlain(f'{module}.{name}')
 
   def persistent_load(self, pid):
+    raise _NotPlain('a storage outside the main pickle')
+
+  def rebuild_tensor(self, storage, offset, size, stride, *unused):
+    return _rebuild_tensor(storage, offset, size, stride, *unused)
+
+
+class _TensorUnpickler(_PlainUnpickler):
+  """A torch zip checkpoint's `data.pkl`, its storages read from the archive's `data/` files."""
+
+  def __init__(self, archive: zipfile.ZipFile, prefix: str, allowed: tuple[type, ...] = ()):
+    super().__init__(io.BytesIO(archive.read(prefix + 'data.pkl')), allowed)
+    self.archive, self.prefix = archive, prefix
+    self.storages: dict[str, np.ndarray] = {}
+
+  def persistent_load(self, pid):
     kind, dtype, key, _, numel = pid
     if kind != 'storage' or not isinstance(numel, int) or numel < 0:
       raise _NotPlain(kind)
     if key not in self.storages:  # tensors sharing a storage share one read
       raw = self.archive.read(f'{self.prefix}data/{key}')
-      itemsize = 2 if dtype == 'bfloat16' else np.dtype(dtype).itemsize
-      if len(raw) < numel * itemsize:
+      if len(raw) < numel * _itemsize(dtype):
         raise _NotPlain('short storage')
-      if dtype == 'bfloat16':  # the top half of a float32: widen exactly
-        storage = (np.frombuffer(raw, np.uint16, numel).astype(np.uint32) << 16).view(np.float32)
-      else:
-        storage = np.frombuffer(raw, dtype, numel)
-      self.storages[key] = storage
+      self.storages[key] = _storage(raw, dtype, numel)
     return self.storages[key]
+
+
+def _itemsize(dtype) -> int:
+  return 2 if dtype == 'bfloat16' else np.dtype(dtype).itemsize
+
+
+def _storage(raw, dtype, numel: int, offset: int = 0) -> np.ndarray:
+  """`numel` elements of `dtype` from the bytes `raw` at byte `offset`, without a copy but for
+  bfloat16, which is widened exactly (it is the top half of a float32)."""
+  if dtype == 'bfloat16':
+    return (np.frombuffer(raw, np.uint16, numel, offset).astype(np.uint32) << 16).view(np.float32)
+  return np.frombuffer(raw, dtype, numel, offset)
+
+
+# torch's legacy (non-zip) format: these three pickles, the main pickle, the storage keys, then
+# each storage's element count (8 bytes, little-endian) and bytes (torch/serialization.py).
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_PROTOCOL = 1001
+
+
+class _LegacyUnpickler(_PlainUnpickler):
+  """The main pickle of a torch legacy file. Its storages' bytes follow it in the file, so it is
+  read twice: first to learn each storage's type and size (`storages` None: no tensor is
+  built), then with the storages read."""
+
+  def __init__(self, file, storages: dict[str, np.ndarray] | None,
+               allowed: tuple[type, ...] = ()):
+    super().__init__(file, allowed)
+    self.storages = storages
+    self.wanted: dict[str, tuple[Any, int]] = {}  # key -> (dtype, element count)
+
+  def persistent_load(self, pid):
+    if not isinstance(pid, tuple) or len(pid) != 6:
+      raise _NotPlain('a persistent id besides storages')
+    kind, dtype, key, _, numel, view = pid
+    kind = kind.decode('ascii') if isinstance(kind, bytes) else kind
+    if (kind != 'storage' or not isinstance(key, str) or not isinstance(numel, int) or numel < 0
+        or not any(dtype is d for d in _STORAGES.values())):
+      raise _NotPlain(str(kind))
+    if self.wanted.setdefault(key, (dtype, numel)) != (dtype, numel):
+      raise _NotPlain('one storage of two types or sizes')
+    if self.storages is None:
+      return None
+    storage = self.storages[key]
+    if view is None:
+      return storage
+    _, offset, count = view  # a view of the storage, written by torch before 1.0
+    if not (isinstance(offset, int) and isinstance(count, int) and 0 <= offset
+            and 0 <= count and offset + count <= len(storage)):
+      raise _NotPlain('a view outside its storage')
+    return storage[offset:offset + count]
+
+  def rebuild_tensor(self, storage, offset, size, stride, *unused):
+    if self.storages is None:
+      return None
+    return _rebuild_tensor(storage, offset, size, stride, *unused)
+
+
+def _read_torch_legacy(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
+  """A torch legacy (non-zip) checkpoint of tensors in plain containers, read without torch;
+  None when it holds anything else, or is damaged (torch then reads it and explains)."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+    stream = io.BytesIO(raw)
+    magic, protocol, sys_info = (_PlainUnpickler(stream).load() for _ in range(3))
+    if (magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict)
+        or sys_info.get('little_endian') is not True):
+      return None
+    start = stream.tell()
+    scan = _LegacyUnpickler(stream, None, allowed)
+    scan.load()
+    keys = _PlainUnpickler(stream).load()
+    if not isinstance(keys, list) or sorted(keys) != sorted(scan.wanted):
+      return None
+    storages: dict[str, np.ndarray] = {}
+    at = stream.tell()
+    for key in keys:
+      dtype, numel = scan.wanted[key]
+      count, = struct.unpack_from('<q', raw, at)
+      at += 8
+      if count != numel or at + count * _itemsize(dtype) > len(raw):
+        return None
+      storages[key] = _storage(raw, dtype, count, at)
+      at += count * _itemsize(dtype)
+    stream.seek(start)
+    return _LegacyUnpickler(stream, storages, allowed).load()
+  except Exception:  # pylint: disable=broad-except
+    return None  # anything unusual or damaged: torch.load reads it, or says what is wrong
 
 
 class _NotPlain(Exception):
