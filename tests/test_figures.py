@@ -221,3 +221,11 @@ def test_scatter_has_intervals_on_both_axes_and_rho_in_its_legend(tmp_path):
   assert 'rho' in legend and f'{rho:.2f}' in legend and '4 models' in legend, legend
   _check_legible(fig)
   assert report.plot_scatter(summaries, str(tmp_path / 'scatter.png')) == ['unlabelled']
+
+
+def test_tables_state_their_units():
+  text = report.table(_model('m', _deep(5), np.linspace(0.1, 0.5, 5)))
+  header = next(line for line in text.splitlines() if 'crit %' in line)
+  assert '±trials %' in header and '±images %' in header and 'recov %' in header
+  assert '100 x the fractions criticality, recovered_acc' in text
+  assert 'top1_acc and top5_acc are in % already' in text
