@@ -28,9 +28,8 @@ from lc_jax.errors import UserError
 
 PHOTOS = ('chelsea', 'coffee', 'rocket', 'astronaut')
 
-_ARCH = flags.DEFINE_string('arch', None, 'Architecture; inferred from the checkpoint if omitted.')
-_PHOTOS = flags.DEFINE_list('photos', list(PHOTOS), 'scikit-image photos to run.')
-_TRUST_PICKLE = flags.DEFINE_bool('trust_pickle', False, 'Allow legacy pickled checkpoints.')
+# Defined when run as a program (`_run`): lc_jax.crossval imports this module as a library.
+_ARCH = _PHOTOS = _TRUST_PICKLE = None
 
 
 def photos(names: Sequence[str] = PHOTOS, resize: int = 256, crop: int = 224) -> np.ndarray:
@@ -185,5 +184,14 @@ def main(argv):
   print(f'  largest relative difference: {worst}, {diffs[worst] / scales[worst]:.3g}')
 
 
+def _run() -> None:
+  global _ARCH, _PHOTOS, _TRUST_PICKLE  # pylint: disable=global-statement
+  _ARCH = flags.DEFINE_string('arch', None, 'Architecture; inferred from the checkpoint if '
+                              'omitted.')
+  _PHOTOS = flags.DEFINE_list('photos', list(PHOTOS), 'scikit-image photos to run.')
+  _TRUST_PICKLE = flags.DEFINE_bool('trust_pickle', False, 'Allow legacy pickled checkpoints.')
+  app.run(main, flags_parser=errors.parse_flags)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  _run()

@@ -4,7 +4,9 @@
       app.run(main, flags_parser=errors.parse_flags)   # main wrapped in @errors.exits_cleanly
 
 Bad flags (an unknown config key, a value of the wrong type, a config file that does not load)
-end the same way, and Ctrl-C ends in one line and exit status 130.
+end the same way, and Ctrl-C ends in one line and exit status 130. `--help` prints the entry
+point's usage (its docstring) and the flags this project defines, and exits 0; absl's own flags
+(logging, debugging) are listed by `--helpfull`.
 """
 
 import difflib
@@ -17,6 +19,13 @@ from absl import flags
 from absl import logging
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+# Packages whose flags an entry point's `--help` lists: the entry point's own (`__main__`) and
+# this project's. Flags of other packages (absl's logging and debugging, orbax's) are listed by
+# `--helpfull`.
+OWN_PACKAGES = ('__main__', 'lc_jax', 'converters', 'benchmarks')
+HELP = ('--help', '-help', '-h', '-?', '--helpshort', '-helpshort')
+HELPFULL = ('--helpfull', '-helpfull')
 
 
 class UserError(Exception):
@@ -76,10 +85,20 @@ def define_config_file(name: str, default: str, help_text: str):
   return holder
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
+def parse_flags(argv: Sequence[str], usage: str | None = None) -> list[str]:
   """absl's flag parsing (pass as `app.run(..., flags_parser=parse_flags)`), with every error
   as one line: a misspelt config key with the closest known one, a wrong value, a config file
-  that is missing or fails to load."""
+  that is missing or fails to load. `--help` (and `--helpfull`) print `help_text(usage)` and
+  exit 0; `usage` defaults to the docstring of the program's `__main__` module."""
+  options = list(argv[1:argv.index('--')] if '--' in argv else argv[1:])
+  wanted = [a for a in options if a in HELP + HELPFULL]
+  if wanted:
+    try:
+      print(help_text(usage, full=any(a in HELPFULL for a in wanted)))
+      sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head`
+      pass
+    sys.exit(0)
   try:
     remaining = flags.FLAGS(argv)
   except KeyboardInterrupt:
@@ -103,6 +122,50 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     except Exception as e:  # pylint: disable=broad-except  # the config file itself raised
       fail(f'the config file failed to load: {type(e).__name__}: {str(e).splitlines()[0]}')
   return remaining
+
+
+def help_text(usage: str | None = None, full: bool = False) -> str:
+  """What `--help` prints: `usage` (default: the `__main__` module's docstring), then each flag
+  that this project's modules define (OWN_PACKAGES) with its help and default; `full` adds the
+  flags of every other module (absl's logging and debugging flags, ...)."""
+  if usage is None:
+    usage = sys.modules['__main__'].__doc__ or f'usage: {sys.argv[0]} [flags]'
+  own, others = [], []
+  for module, defined in flags.FLAGS.flags_by_module_dict().items():
+    # absl names the `__main__` module after the program's path (sys.argv[0]).
+    mine = module == sys.argv[0] or module.split('.')[0] in OWN_PACKAGES
+    (own if mine else others).append((module, defined))
+  lines = [usage.strip('\n').rstrip(), '', 'flags:']
+  seen = set()
+  for _, defined in own:
+    for flag in defined:
+      if flag.name not in seen:
+        seen.add(flag.name)
+        lines += _describe(flag)
+  if _CONFIG_FLAGS:
+    lines.append(flags.text_wrap(
+        f'--{_CONFIG_FLAGS[0]}.FIELD=VALUE sets one field of the config file, e.g. '
+        f'--{_CONFIG_FLAGS[0]}.data.batch_size=64 (docs/command_line.md lists them).',
+        indent='    ', firstline_indent='  '))
+  if full:
+    for module, defined in others:
+      lines += ['', f'{module}:']
+      for flag in defined:
+        if flag.name not in seen:
+          seen.add(flag.name)
+          lines += _describe(flag)
+  else:
+    lines += ['', "absl's own flags (logging, debugging): --helpfull"]
+  return '\n'.join(lines)
+
+
+def _describe(flag) -> list[str]:
+  """A flag's lines in `--help`: `--name: help`, then its default."""
+  name = f'--[no]{flag.name}' if flag.boolean else f'--{flag.name}'
+  lines = [flags.text_wrap(f'{name}: {flag.help}', indent='    ', firstline_indent='  ')]
+  if flag.default_as_str is not None:  # not `default`: a config flag's loads the file
+    lines.append(f'    (default: {flag.default_as_str})')
+  return lines
 
 
 def _unknown_key(message: str, argv: Sequence[str]) -> str:

@@ -317,10 +317,12 @@ def test_cli_writes_heatmap_and_scatter(tmp_path):
   assert 'resnet50.a1_in1k' in result.stdout and 'tv_resnet50' in result.stdout
   for name in ('heatmap.png', 'scatter.png'):
     _png_size(out / name)
-  # --out defaults to the current folder.
+  # --out defaults to report/ in the first OUT folder, never the current one.
   result = _cli([a, b, '--top', '0'], cwd=tmp_path)
   assert result.returncode == 0, result.stderr
-  assert (tmp_path / 'heatmap.png').exists() and (tmp_path / 'scatter.png').exists()
+  assert os.path.exists(os.path.join(a, 'report', 'heatmap.png'))
+  assert os.path.exists(os.path.join(a, 'report', 'scatter.png'))
+  assert not (tmp_path / 'heatmap.png').exists()
 
 
 def test_cli_reads_a_sweeps_folder_in_its_order(tmp_path):

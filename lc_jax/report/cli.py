@@ -1,8 +1,19 @@
-"""The command `python -m lc_jax.report OUT... [--out DIR] [--top N]`, and the per-workdir report
-that run.py prints at the end of a run."""
+"""The command `python -m lc_jax.report`, and the per-workdir report that run.py prints at the end
+of a run.
+
+    python -m lc_jax.report OUT... [--out DIR] [--top N]
+    python -m lc_jax.report OUT... --compare PAPER_CSV
+
+OUT is a run's workdir, a sweep's folder or a results CSV; several are read together. Prints the
+most and least critical layers of each model and a table of the models, and draws heatmap.png
+(layers by models) and scatter.png (mean criticality against original top-1) into --out
+(default: OUT/report/ of the first OUT, or report/ beside it when it is a CSV file). With
+--compare, compares each model with the paper's results CSV instead of drawing.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -34,6 +45,12 @@ def write_workdir_report(workdir: str, top: int = 10) -> str:
   return table(summaries, top)
 
 
+def default_out(path: str) -> str:
+  """Where the figures go without --out: `report/` inside the first OUT folder, or beside it when
+  it is a CSV file."""
+  return os.path.join(path if os.path.isdir(path) else os.path.dirname(path) or '.', 'report')
+
+
 def _out_folder(out: str) -> str:
   """Creates the --out folder if needed; refuses a file, or a folder it cannot create or write."""
   return workdir.ensure_folder(out, '--out', 'heatmap.png and scatter.png')
@@ -58,7 +75,7 @@ def _main(argv: Sequence[str]) -> None:
   if not paths:
     raise UserError('give at least one workdir, sweep folder or results CSV: '
                     'python -m lc_jax.report OUT1 OUT2 ... [--out DIR]')
-  out, top = flags.FLAGS.out, flags.FLAGS.top
+  out, top = flags.FLAGS.out or default_out(paths[0]), flags.FLAGS.top
   rows = []
   for path in paths:
     for csv_path in results_of(path):
@@ -98,9 +115,10 @@ def run() -> None:
   # and may define flags of the same names.
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('out', '.', 'Folder for heatmap.png and scatter.png.')
+  flags.DEFINE_string('out', None, 'Folder for heatmap.png and scatter.png (created); by '
+                      'default report/ in the first OUT folder, or beside it when it is a CSV.')
   flags.DEFINE_integer('top', 10, 'Most and least critical layers listed per model; 0: none.')
   flags.DEFINE_string('compare', None, "The paper's results CSV: compare each model of OUT... "
                       'with it (mean criticality, rank correlation, largest differences in '
                       'trial standard errors, original top-1) instead of drawing figures.')
-  app.run(main, flags_parser=errors.parse_flags)
+  app.run(main, flags_parser=functools.partial(errors.parse_flags, usage=__doc__))

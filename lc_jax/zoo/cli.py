@@ -1,4 +1,4 @@
-"""The command `python -m lc_jax.zoo`:
+"""The command `python -m lc_jax.zoo VERB ...`, the models of the paper's study:
 
     list [--category C]             the models: id, category, recipe, normalisation, top-1, cached
     info ID                         one model in full: sources, sha256, cache paths, notes
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Sequence
 
@@ -143,4 +144,4 @@ def run() -> None:
   flags.DEFINE_bool('progress', True, 'fetch: show download progress bars.')
   flags.DEFINE_bool('trust_pickle', False, 'add: let the conversion check unpickle arbitrary '
                     'objects (only for files from a source you trust).')
-  app.run(main, flags_parser=errors.parse_flags)
+  app.run(main, flags_parser=functools.partial(errors.parse_flags, usage=__doc__))
