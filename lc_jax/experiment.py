@@ -410,6 +410,10 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   # put on the devices when the one before it is taken: its transfer runs during that one's
   # compute.
   chunk = data.chunk_rows(info.local_batch_size, settings.chunk_size, forward.rows_multiple)
+  if show and info.batch_size < settings.data.batch_size:  # data.loader.fitted_batch_size
+    rows = -(-info.local_batch_size // chunk) * chunk * jax.process_count()
+    progress.say(f'{info.num_images} images: one batch of {rows}, not '
+                 f'{settings.data.batch_size} (data.batch_size)')
 
   def batches(first: int = 0):
     host = (pieces for b, pieces in enumerate(data.chunks(images, labels, info, chunk))
@@ -495,14 +499,17 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
                  + (f', {first_batch} of {info.num_batches} batches of the others done'
                     if first_batch else ''))
   # The resets phase counts image-resets (images times resets evaluated on them): a step
-  # evaluates its resets on a chunk's share of a batch. The busy share is shown once the clock
-  # has seen work unfinished on the device (tiny batches may always finish before the look).
+  # evaluates its resets on a chunk's share of a batch. Its cost, for the time left, is in
+  # segments run: a reset from segment k runs the segments from k on. The busy share is shown
+  # once the clock has seen work unfinished on the device (tiny batches may always finish
+  # before the look).
   per_batch = info.num_images / info.num_batches
+  cost = {k: len(items) * (len(forward.names) - k) for k, items in todo.items()}
   finished = total - len(pending)
   phase = progress.Phase(
       'resets', len(pending) * (info.num_batches - first_batch) * per_batch, 'image-resets',
       show, status=lambda: (f'device busy {100 * busy.fraction:3.0f}%' if busy.seconds > 0
-                            else ''))
+                            else ''), work=(info.num_batches - first_batch) * sum(cost.values()))
   starts = list(todo)  # segments with resets, in order
 
   def dispatched():
@@ -538,7 +545,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
                        f'criticality {100 * measured["criticality"]:7.3f}%',
                        show and settings.verbose)
       busy.poll()
-      phase.advance(len(todo[k]) * per_batch / num_chunks)
+      phase.advance(len(todo[k]) * per_batch / num_chunks, cost[k] / num_chunks)
       if b < info.num_batches - 1 and c == num_chunks - 1 and k == starts[-1]:
         sharding.agreed('saving the partial sums', lambda: store.save_partial(b + 1, sums))
   missing = [key for key in pending if not store.done(*_unkey(key))]

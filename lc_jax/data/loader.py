@@ -59,6 +59,7 @@ class DataInfo:
   skipped: list[str]
   ignored_files: int
   class_names: list[str] | None
+  # The global batch used (fitted_batch_size): data.batch_size, or one batch of all the images.
   batch_size: int
   local_batch_size: int
   num_batches: int
@@ -91,11 +92,12 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
       'subset': {'num_images': num_images, 'order': config.order,
                  'seed': 0 if config.order == 'sorted' else config.seed},
       'transform': transform.spec()})
-  positions = subset.host_positions(num_images, config.batch_size, process_index, process_count)
+  batch_size = fitted_batch_size(num_images, config.batch_size, process_count)
+  positions = subset.host_positions(num_images, batch_size, process_index, process_count)
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir or cache.default_dir()))
   whole = f'{source.kind}-{num_images}x{transform.crop_size}-{fingerprint}'
   name = whole if process_count == 1 else (
-      f'{whole}-host{process_index}of{process_count}-batch{config.batch_size}')
+      f'{whole}-host{process_index}of{process_count}-batch{batch_size}')
 
   indices = subset.select(source.size(), config.num_images, config.seed, config.order)[positions]
   digests = source.digests(indices.tolist(), config.workers)
@@ -113,7 +115,7 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
       print(f'{changed}; decoding the images again', file=sys.stderr)
       images = meta = None
       name = whole if process_count == 1 else (
-          f'{whole}-host{process_index}of{process_count}-batch{config.batch_size}')
+          f'{whole}-host{process_index}of{process_count}-batch{batch_size}')
     elif name == whole and process_count > 1:
       images = np.asarray(images[positions])
   if meta is None:
@@ -138,8 +140,8 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
       valid=~np.isin(positions, list(skipped)),
       skipped=[skipped[p] for p in positions.tolist() if p in skipped],
       ignored_files=meta['ignored_files'], class_names=meta['class_names'],
-      batch_size=config.batch_size, local_batch_size=config.batch_size // process_count,
-      num_batches=subset.num_batches(num_images, config.batch_size),
+      batch_size=batch_size, local_batch_size=batch_size // process_count,
+      num_batches=subset.num_batches(num_images, batch_size),
       cache_path=os.path.join(cache_dir, name + '.npy'), cache_hit=hit, seconds=seconds,
       content=content_digest(positions, digests))
   if hit:
@@ -147,6 +149,17 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
                      + (' (their bytes and the pixels checked)' if digests is not None
                         else ' (the pixels checked)'), progress)
   return images, labels, info
+
+
+def fitted_batch_size(num_images: int, batch_size: int, process_count: int = 1) -> int:
+  """The global batch a run uses: `batch_size` (data.batch_size), or with fewer images one batch
+  of all of them, rounded up to a multiple of the hosts (each host's share is then rounded up to
+  its devices, `chunk_rows`), so that a batch never holds more rows than the images it can still
+  get. A batch's size does not enter the metrics (sums over images); with one batch there is
+  no saved progress between batches, so a resumed run is the same either way."""
+  if num_images >= batch_size:
+    return batch_size
+  return max(1, -(-num_images // process_count)) * process_count
 
 
 def batches(images: np.ndarray, labels: np.ndarray | None, info: DataInfo
