@@ -95,15 +95,21 @@ def duration(seconds: float) -> str:
 class Phase:
   """One phase of work, `total` steps of `unit` (images, programs, image-resets): `advance(n)`
   as steps finish, `close()` (or a `with` block) when it ends. `status`, when given, is asked
-  for a short text at each line (the device's busy share). Nothing is shown unless `enabled`."""
+  for a short text at each line (the device's busy share). Nothing is shown unless `enabled`.
+
+  Where steps of a unit cost unequal time, `work` is the phase's cost in units of its own
+  (`advance(n, work=w)` as it is done), and the time left is the cost left at the measured
+  cost per second: a reset of an early layer runs more of the network than one of a late one."""
 
   def __init__(self, name: str, total: float, unit: str, enabled: bool = True,
-               status: Callable[[], str] | None = None):
+               status: Callable[[], str] | None = None, work: float | None = None):
     self.name, self.total, self.unit, self.enabled = name, total, unit, enabled
     self.status = status
-    self.done = 0.0
+    self.work = total if work is None else work
+    self.done = self.worked = 0.0
     self.start = self.shown = time.perf_counter()
-    self._first: tuple[float, float] | None = None  # (time, done) at the end of the first step
+    # (time, done, worked) at the end of the first step
+    self._first: tuple[float, float, float] | None = None
     self._every = every() if enabled else 0.0
     self._lock = threading.Lock()  # compile workers advance a phase from their threads
     self._closed = False
@@ -125,13 +131,14 @@ class Phase:
       self._bar.close()
       self._bar = None
 
-  def advance(self, count: float = 1) -> None:
-    """`count` more steps done."""
+  def advance(self, count: float = 1, work: float | None = None) -> None:
+    """`count` more steps done, of cost `work` (default: `count`)."""
     with self._lock:
       self.done += count
+      self.worked += count if work is None else work
       now = time.perf_counter()
       if self._first is None:
-        self._first = (now, self.done)
+        self._first = (now, self.done, self.worked)
       if not self.enabled or self._closed:
         return
       if self._bar is not None:
@@ -166,11 +173,10 @@ class Phase:
     return self.done / (now - self.start) if self.done and now > self.start else None
 
   def _left(self, now: float) -> str:
-    rate = self.rate(now)
-    steady = self._first is not None and self.done > self._first[1]
-    if not steady or not rate:
-      return '?'
-    return duration(max(self.total - self.done, 0) / rate)
+    if self._first is None or self.worked <= self._first[2] or now <= self._first[0]:
+      return '?'  # nothing steady measured yet
+    per_second = (self.worked - self._first[2]) / (now - self._first[0])
+    return duration(max(self.work - self.worked, 0) / per_second)
 
   def _tail(self, now: float, end: str | None = None) -> str:
     rate = self.rate(now)
