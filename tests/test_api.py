@@ -29,6 +29,7 @@ from lc_jax import schema
 from lc_jax import torch_reference
 from lc_jax.errors import UserError
 
+import numpy_metrics  # pylint: disable=g-import-not-at-top
 import pixels  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,6 +198,95 @@ def test_results_write_read_and_plot(tmp_path):
   pixels.check_bars(str(tmp_path / 'criticality.png'), result.summaries())
   assert 'most critical first' in result.table() and 'original top-1 ' in result.table()
   assert set(result.criticality()) == {'Conv_0', 'depthwise', 'Conv_1', 'Dense_1', 'Dense_0'}
+
+
+def _same_rows(got, want, atol=0.0):
+  """Row by row, the same layers and trials and every metric within `atol` (NaN where NaN)."""
+  assert [(r['layer'], r['trial']) for r in got] == [(r['layer'], r['trial']) for r in want]
+  worst = 0.0
+  for ours, theirs in zip(got, want):
+    assert (ours['num_images'], ours['kind'], ours['mode']) == (
+        theirs['num_images'], theirs['kind'], theirs['mode'])
+    for column in schema.METRICS:
+      a, b = ours[column], theirs[column]
+      assert np.isnan(a) == np.isnan(b), (ours['layer'], column, a, b)
+      if not np.isnan(a):
+        worst = max(worst, abs(a - b))
+  assert worst <= atol, worst
+  return worst
+
+
+def test_batches_and_image_label_pairs_give_the_rows_of_the_arrays():
+  module, images = LinenCNN(), _images(10)
+  labels = np.random.RandomState(1).randint(0, 10, 10)
+  variables = module.init(jax.random.key(1), images)
+  settings = dict(trials=2, key=jax.random.key(4), batch_size=4)
+  parts = [slice(0, 4), slice(4, 8), slice(8, 10)]  # the array's batches of 4
+  whole = lc_jax.criticality(module, variables, images, labels=labels, **settings)
+  assert not np.isnan(whole.rows[0]['top1_acc'])
+  pairs = lc_jax.criticality(module, variables, ((images[p], labels[p]) for p in parts),
+                             **settings)
+  _same_rows(pairs.rows, whole.rows)
+  unlabelled = lc_jax.criticality(module, variables, images, **settings)
+  assert np.isnan(unlabelled.rows[0]['top1_acc'])
+  batches = lc_jax.criticality(module, variables, [images[p] for p in parts], **settings)
+  _same_rows(batches.rows, unlabelled.rows)
+
+
+def test_uint8_images_to_any_model_are_scaled_by_1_over_255():
+  module = LinenCNN()
+  raw = (np.random.RandomState(3).rand(6, SIZE, SIZE, 3) * 256).astype(np.uint8)
+  variables = module.init(jax.random.key(1), _images(2))
+  settings = dict(trials=2, key=jax.random.key(4), batch_size=4)
+  scaled = lc_jax.criticality(module, variables, raw.astype(np.float32) / 255, **settings)
+  worst = _same_rows(lc_jax.criticality(module, variables, raw, **settings).rows, scaled.rows,
+                     atol=1e-6)
+  print(f'uint8 vs float/255: largest metric difference {worst:.2g}')
+
+
+def test_zero_resets_of_whole_blocks_equal_zeroing_them_by_hand():
+  """mode='zero', granularity='block' on a registered ResNet-18 (run by segments from each
+  block): each row is the metrics, in float64 numpy, of the model applied with the block's
+  convs (and the fc) set to zero by hand."""
+  module = models.get('resnet18').create()
+  rng = np.random.RandomState(0)
+
+  def draw(path, leaf):  # He-scaled kernels, BatchNorm statistics near the identity
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+    if name in ('scale', 'var'):
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+  variables = jax.tree_util.tree_map_with_path(draw, models.variable_shapes(module, 32))
+  images = np.random.RandomState(1).rand(6, 32, 32, 3).astype(np.float32)
+  labels = np.random.RandomState(2).randint(0, 1000, 6)
+  result = lc_jax.criticality(module, variables, images, labels=labels, layers='conv,linear',
+                              pattern='layer1.0,layer3.0,fc', granularity='block', mode='zero',
+                              batch_size=4)
+  by_hand = {'layer1.0': [('layer1', '0', 'conv1'), ('layer1', '0', 'conv2')],
+             'layer3.0': [('layer3', '0', 'conv1'), ('layer3', '0', 'conv2'),
+                          ('layer3', '0', 'downsample', '0')],
+             'head': [('fc',)]}
+  assert [(r['layer'], r['trial'], r['mode']) for r in result.rows] == [
+      ('original', 0, 'none')] + [(name, 0, 'zero') for name in by_hand]
+  reference = np.asarray(module.apply(variables, images))
+  worst = 0.0
+  for row, (name, paths) in zip(result.rows[1:], by_hand.items()):
+    zeroed = jax.tree.map(np.array, variables)
+    for path in paths:
+      params = zeroed['params']
+      for part in path:
+        params = params[part]
+      for leaf in params.values():
+        leaf[...] = 0
+    want = numpy_metrics.numpy_reference(reference, np.asarray(module.apply(zeroed, images)),
+                                         labels)
+    assert want['criticality'] > 1e-3, name  # each block's reset moves the predictions
+    for column, value in want.items():
+      worst = max(worst, abs(row[column] - value))
+  print(f'zero resets of blocks vs by hand: largest metric difference {worst:.2g}')
+  assert worst <= 1e-5
 
 
 def test_bad_input_is_one_clear_error():

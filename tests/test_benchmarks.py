@@ -78,8 +78,9 @@ def test_sweep_benchmark_splits_each_models_time(tmp_path):
     assert min(conversion, compiled, images, compute) >= 0 and rest >= -0.05
     assert conversion + compiled + images + compute <= wall + 0.2
     assert 0 <= busy <= 100 and gflop > 0 and ratio >= 1 and rate > 0
-  # The second model was converted in the background while the first computed.
-  assert models[0][6] == 0 and models[1][6] > 0
+  # The first model converts in front, the second in the background (test_sweep checks that it
+  # does; its seconds, printed to 0.1, may round to 0 on a fast machine).
+  assert models[0][6] == 0 and models[1][6] >= 0
   assert [sum(m[k] for m in models[:2]) for k in (0, 6, 8)] == pytest.approx(
       [models[2][0], models[2][6], models[2][8]], abs=0.2)
   # The models' wall times against the sweep's, timed apart around the whole sweep: they fit

@@ -61,16 +61,40 @@ def test_resnet50_segments_their_inputs_and_where_a_reset_starts():
   assert forward.names[forward.start(block)] == 'layer3.0'
 
 
-def test_bfloat16_stays_close_to_float32():
+def _equations(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs inside it (jit, custom_jvp), in order."""
+  for equation in jaxpr.eqns:
+    yield equation
+    for param in equation.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          yield from _equations(inner)
+
+
+def test_bfloat16_runs_every_conv_and_dense_in_bfloat16():
   module, variables, layers, images = _model('resnet18')
   exact = evaluate.Forward(module, layers)
   fast = evaluate.Forward(evaluate.with_precision(module, 'bfloat16'), layers)
+  # Every convolution and matmul of the forward takes bfloat16 operands: ResNet-18's 20 convs
+  # and its fc.
+  jaxpr = jax.make_jaxpr(fast.module.apply)(variables, images.astype(np.float32) / 255).jaxpr
+  ops = [(e.primitive.name, {str(v.aval.dtype) for v in e.invars})
+         for e in _equations(jaxpr) if e.primitive.name in ('conv_general_dilated', 'dot_general')]
+  assert len(ops) == 21 and all(dtypes == {'bfloat16'} for _, dtypes in ops), ops
+  # ... and the activations between blocks (the residual sums) are bfloat16.
+  inputs = fast.inputs(variables, jax.ShapeDtypeStruct(images.shape, jnp.uint8))
+  assert [str(x.dtype) for x in inputs] == ['uint8'] + ['bfloat16'] * (len(inputs) - 1)
   want = np.asarray(exact(variables, exact.put(images)))
   got = np.asarray(fast(variables, fast.put(images)))
   assert got.dtype == np.float32
   error = np.abs(got - want).max() / np.abs(want).max()
   print(f'bfloat16 vs float32 logits: max abs diff {error:.2g} of the largest logit')
-  assert 0 < error < 0.05
+  # Measured on these images: 0.0080 with everything in bfloat16. With one op alone in
+  # bfloat16 it is at most 0.0031 (the input's cast 0.0011, the stem conv 0.0021, the worst
+  # single conv 0.0031, the worst single BatchNorm 0.0015): a switch that converts one op stays
+  # below 0.005. (Every conv but no BatchNorm, 0.0058, leaves float32 between the blocks.)
+  assert 0.005 < error < 0.02
   with pytest.raises(UserError, match='unknown precision'):
     evaluate.with_precision(module, 'float16')
 
@@ -192,41 +216,83 @@ def test_spread_resets_give_each_resets_own_logits(eight_devices):
     assert float(line.split()[-1]) <= 1e-5, line
 
 
-def test_busy_counts_the_time_dispatched_work_was_unfinished():
-  """evaluate.Busy, the progress line's device busy share: the time from a dispatch until the
-  host sees its result ready counts (nearly all of it, polled often), idle time does not."""
-  x = jnp.full((512, 512), 1 / 512, jnp.float32)
+class _Result:
+  """A result that is ready when the test says so; waiting for it moves the clock to `ready_at`."""
+
+  def __init__(self, clock, ready_at):
+    self.clock, self.ready_at = clock, ready_at
+
+  def is_ready(self):
+    return self.clock.now >= self.ready_at
+
+  def block_until_ready(self):
+    self.clock.now = max(self.clock.now, self.ready_at)
+    return self
+
+
+def test_busy_counts_the_time_dispatched_work_was_unfinished(monkeypatch):
+  """evaluate.Busy, the progress line's device busy share: from a dispatch until the host sees
+  its result ready counts, idle time does not. On a clock the test sets and results it makes
+  ready, the seconds are exact."""
+  clock = type('Clock', (), {'now': 100.0})()
+  monkeypatch.setattr(evaluate, 'time', type('Time', (), {'perf_counter': lambda: clock.now}))
+  busy = evaluate.Busy()
+  clock.now = 103.0
+  busy.poll()
+  assert busy.seconds == 0  # idle: nothing dispatched
+  first = _Result(clock, ready_at=108.0)
+  busy.dispatched(first)  # at 103
+  clock.now = 105.0
+  busy.poll()
+  assert busy.seconds == 2  # unfinished at the look: 103 to 105
+  clock.now = 110.0
+  busy.poll()  # ready by now: 105 to 110 is not known to have been busy, and is not counted
+  assert busy.seconds == 2
+  clock.now = 112.0
+  busy.poll()
+  assert busy.seconds == 2  # idle again
+  # Two results: busy from the older one's dispatch until the last is seen ready.
+  second, third = _Result(clock, ready_at=115.0), _Result(clock, ready_at=118.0)
+  busy.dispatched(second)  # at 112
+  clock.now = 113.0
+  busy.dispatched(third)
+  clock.now = 116.0
+  busy.poll()  # second ready, third not: 112 to 116
+  assert busy.seconds == 6
+  # Waiting counts up to the moment the result is ready, with no look in between.
+  busy.wait(third)
+  assert clock.now == 118.0 and busy.seconds == 8
+  busy.wait(third)  # ready: nothing more
+  assert busy.seconds == 8
+  # A segment's output: only the newest is held; the one before it, unfinished, still counts.
+  segments = [_Result(clock, ready_at=125.0), _Result(clock, ready_at=126.0)]
+  clock.now = 120.0
+  busy.segment(segments[0])
+  clock.now = 121.0
+  busy.segment(segments[1])  # the look at 121 sees the first unfinished: 120 to 121
+  clock.now = 124.0
+  busy.poll()  # 121 to 124
+  assert busy.seconds == 12
+  clock.now = 130.0
+  busy.poll()
+  assert busy.seconds == 12 and busy.fraction == 12 / 30
+  monkeypatch.undo()
+
+  # Real device work: counted, and never more than the wall time it took.
+  x = jnp.full((256, 256), 1 / 256, jnp.float32)
 
   @jax.jit
   def work(x):
-    return jax.lax.fori_loop(0, 300, lambda _, a: jnp.tanh(a @ x), x)
+    return jax.lax.fori_loop(0, 100, lambda _, a: jnp.tanh(a @ x), x)
   work(x).block_until_ready()  # compiled
   busy = evaluate.Busy()
-  time.sleep(0.2)  # idle: nothing dispatched
-  busy.poll()
-  assert busy.seconds == 0
   start = time.perf_counter()
-  y = work(x)
-  busy.dispatched(y)
-  while not y.is_ready():
-    busy.poll()
-    time.sleep(0.002)
-  finished = time.perf_counter() - start
-  time.sleep(0.2)  # idle again
-  busy.poll()
-  assert 0.8 * finished - 0.01 <= busy.seconds <= finished
-  # Waiting for a result counts up to the moment it is ready, with no look in between.
-  before, start = busy.seconds, time.perf_counter()
   y = work(x)
   busy.dispatched(y)
   busy.wait(y)
   waited = time.perf_counter() - start
-  assert 0.95 * waited - 0.01 <= busy.seconds - before <= waited
-  time.sleep(0.2)
-  busy.poll()
-  finished += waited
-  print(f'busy {busy.seconds:.3f} s of {finished:.3f} s of work; fraction {busy.fraction:.2f}')
-  assert busy.fraction < finished / (finished + 0.6) + 0.05
+  print(f'busy {busy.seconds:.4f} s of {waited:.4f} s of work')
+  assert 0 <= busy.seconds <= waited and busy.fraction <= 1
 
 
 def test_compiles_counts_this_threads_programs_and_a_new_cache_folder_takes_effect(tmp_path):

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
 import numpy_metrics  # pylint: disable=g-import-not-at-top
+import processes  # pylint: disable=g-import-not-at-top
 import run_config  # pylint: disable=g-import-not-at-top
 from lc_jax import torch_reference as torch_models  # pylint: disable=g-import-not-at-top
 
@@ -179,36 +179,46 @@ def _rows(workdir):
     return list(csv.DictReader(f))
 
 
-def test_killed_run_resumes_to_the_same_results(checkpoint, tmp_path):
-  cache = tmp_path / 'cache'
-  # The uninterrupted run to compare with, in this process (its results.csv is what run.py
-  # writes: the resumed run.py run below must give it byte for byte).
-  _run_here(_config(checkpoint, cache), tmp_path / 'full')
-  rows = _rows(tmp_path / 'full')
+@pytest.fixture(scope='module')
+def uninterrupted(checkpoint, tmp_path_factory):
+  """(workdir, cache) of the run the killed ones are compared with, run in this process (its
+  results.csv is what run.py writes: a resumed run.py run must give it byte for byte)."""
+  root = tmp_path_factory.mktemp('uninterrupted')
+  _run_here(_config(checkpoint, root / 'cache'), root / 'full')
+  rows = _rows(root / 'full')
   assert len(rows) == 1 + 2 * 21  # the original, then 2 trials of ResNet-18's 21 conv + fc
   assert rows[0]['layer'] == 'original' and rows[1]['layer'] == 'conv1'
   assert {r['num_images'] for r in rows} == {'7'}  # 7 photos in batches of 4: one pad row
-  assert os.path.isfile(tmp_path / 'full' / 'run.json')
+  assert os.path.isfile(root / 'full' / 'run.json')
+  return root / 'full', root / 'cache'
 
+
+@pytest.mark.parametrize('number', [signal.SIGKILL, signal.SIGTERM], ids=['kill-9', 'sigterm'])
+def test_killed_run_resumes_to_the_same_results(checkpoint, uninterrupted, tmp_path, number):
+  # SIGTERM has no handler: it ends the run where it is, as kill -9 does.
+  full, cache = uninterrupted
   killed = tmp_path / 'killed'
-  process = subprocess.Popen(_run_args(checkpoint, killed, cache), cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    path = killed / 'results.csv'
-    if path.exists() and path.read_text().count('\n') >= 6:
+  process = subprocess.Popen(_run_args(checkpoint, killed, cache, '--config.verbose=true'),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+  # The verbose line of its 4th reset row, then frozen while its rows are counted: the signal
+  # comes after what was counted, however fast the run goes on.
+  for line in process.stderr:
+    finished = re.search(r'\[\s*(\d+)/42\] ', line)
+    if finished and int(finished[1]) >= 4:
       break
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  assert processes.freeze(process), 'the run ended before its 4th reset'
   done_before = len(_rows(killed))
-  print(f'killed after {done_before} of {len(rows)} rows')
-  assert 5 <= done_before < len(rows)
+  processes.signal_frozen(process, number)
+  process.communicate()
+  assert process.returncode == -number
+  print(f'killed by {signal.Signals(number).name} after {done_before} of 43 rows')
+  assert 5 <= done_before < 43
 
   resumed = _run(*_run_args(checkpoint, killed, cache))
   assert resumed.returncode == 0, resumed.stderr
   assert f'resuming: {done_before - 1} of 42 resets already in results.csv' in resumed.stderr
-  assert (killed / 'results.csv').read_bytes() == (tmp_path / 'full' / 'results.csv').read_bytes()
+  assert (killed / 'results.csv').read_bytes() == (full / 'results.csv').read_bytes()
   for name in ('run.json', 'criticality.png'):  # what run.py leaves besides results.csv
     assert os.path.isfile(killed / name), name
 

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 from lc_jax import data
 from lc_jax import metrics
 from lc_jax import schema
+import processes
 import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,17 +120,6 @@ def finished(tmp_path_factory, weights):
 # ------------------------------------------------------------------------- one writer ---------
 
 
-def _wait_for(predicate, process, timeout=240):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if predicate():
-      return True
-    if process.poll() is not None:
-      return False
-    time.sleep(0.05)
-  return False
-
-
 def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_path):
   workdir, cache = tmp_path / 'run', tmp_path / 'cache'
   slow = ('--config.data.batch_size=1', '--config.trials=3', '--config.reset.layers=first:8',
@@ -136,7 +127,8 @@ def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_one_leaves_no_stal
   first = subprocess.Popen(_args(workdir, cache, *slow), cwd=ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
   try:
-    assert _wait_for(lambda: (workdir / schema.RESULTS).exists(), first)
+    # Frozen once it has written rows: it holds the lock, unfinished, while the second starts.
+    assert processes.freeze_when(lambda: (workdir / schema.RESULTS).exists(), first)
     second = _run(*_args(workdir, cache, *slow))
     line = _one_error_line(second)
     print(line)
@@ -159,11 +151,27 @@ def raced(tmp_path_factory, weights):
   [(stdout, stderr)]). The winner's run is also the uninterrupted run of the Ctrl-C test."""
   del weights  # in every run's arguments
   workdir, cache = tmp_path_factory.mktemp('raced') / 'run', tmp_path_factory.mktemp('cache')
-  processes = [subprocess.Popen(_args(workdir, cache, '--config.data.batch_size=1', '--quiet'),
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for _ in range(2)]
-  outputs = [p.communicate(timeout=600) for p in processes]
-  return workdir, [p.returncode for p in processes], outputs
+  runs = [subprocess.Popen(_args(workdir, cache, '--config.data.batch_size=1', '--quiet'),
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for _ in range(2)]
+  # The one that takes the lock is frozen until the other has ended: however soon the winner
+  # would finish, the other finds the workdir locked, never a finished run.
+  def holder():
+    try:
+      with open(workdir / schema.LOCK) as f:
+        return next(r for r in runs if r.pid == json.load(f)['pid'])
+    except (OSError, ValueError, KeyError, StopIteration):  # not yet written
+      return None
+  deadline = time.time() + 300
+  while holder() is None and time.time() < deadline and all(r.poll() is None for r in runs):
+    time.sleep(0.01)
+  winner = holder()
+  assert winner is not None and processes.freeze(winner), [r.poll() for r in runs]
+  loser = runs[1 - runs.index(winner)]
+  outputs = {loser.pid: loser.communicate(timeout=600)}
+  processes.thaw(winner)
+  outputs[winner.pid] = winner.communicate(timeout=600)
+  return workdir, [r.returncode for r in runs], [outputs[r.pid] for r in runs]
 
 
 def test_two_runs_started_at_once_on_an_empty_workdir_give_one_run(raced):
@@ -271,6 +279,31 @@ def test_rows_of_another_run_are_refused_when_run_json_is_gone(finished, tmp_pat
     assert json.load(f)['run_id'] == _rows(copy)[0]['run_id']
 
 
+def test_a_changed_checkpoint_at_the_same_path_refuses_the_workdir(weights, tmp_path):
+  if not weights.endswith('.safetensors'):
+    pytest.skip('needs torch to write the weights as .safetensors')
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  checkpoint = tmp_path / 'weights.safetensors'
+  shutil.copyfile(weights, checkpoint)
+  args = [f'--config.model.checkpoint={checkpoint}' if a.startswith('--config.model.checkpoint=')
+          else a for a in _args(tmp_path / 'run', tmp_path / 'cache', '--quiet')]
+  _run_here(*args)
+  before = (tmp_path / 'run' / schema.RESULTS).read_bytes()
+  # One tensor changed, the file's size and modification time kept: only its bytes tell.
+  stat = os.stat(checkpoint)
+  tensors = load_file(checkpoint)
+  name = next(k for k in sorted(tensors) if k.endswith('.weight'))
+  tensors[name] = (tensors[name] * 1.01).astype(tensors[name].dtype)
+  save_file(tensors, str(checkpoint))
+  os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert os.path.getsize(checkpoint) == stat.st_size
+  with pytest.raises(UserError,
+                     match=r'holds a run of another configuration \(checkpoint_sha256: '):
+    _run_here(*args)
+  assert (tmp_path / 'run' / schema.RESULTS).read_bytes() == before
+
+
 # ------------------------------------------------------------------------- bad input ----------
 
 
@@ -371,8 +404,10 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes_to_the_same_file(finished, 
     process = subprocess.Popen(_args(workdir, finished[1], '--config.data.batch_size=1'),
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-  assert _wait_for(lambda: (workdir / schema.PARTIAL).exists(), process)
-  process.send_signal(signal.SIGINT)
+  # Frozen while partial.json is there (it goes when the run ends): the run is unfinished when
+  # Ctrl-C arrives.
+  assert processes.freeze_when(lambda: (workdir / schema.PARTIAL).exists(), process)
+  processes.signal_frozen(process, signal.SIGINT)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 130, stderr[-2000:]
   assert stderr.strip().splitlines()[-1] == (
@@ -448,7 +483,9 @@ def test_a_second_process_reads_its_programs_from_the_compilation_cache(finished
   assert second.returncode == 0, second.stderr
   counts = []
   for name, stderr in (('first', first), ('second', second.stderr)):
-    line = [l for l in stderr.splitlines() if l.startswith('compiled ')][-1]
+    # Off a terminal progress lines come through absl logging (a prefix before the text).
+    line = [l[l.index('compiled '):] for l in stderr.splitlines()
+            if re.search(r'(^|\] )compiled \d+ programs', l)][-1]
     print(f'{name}: {line}')
     counts.append(line)
   assert not counts[0].startswith('compiled 0 ')

@@ -102,6 +102,20 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
   (models_flag,) = [a for a in args if a.startswith('--models=')]
   config, workdir = run_config.of([a for a in args if a != models_flag])
   capsys.readouterr()
+  # Which thread converts each model, and when, against the runs of the models.
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  events = []
+
+  def logged(what, function):
+    def call(config, *args, **kwargs):
+      events.append((what, config.model.id, 'start', threading.current_thread().name))
+      try:
+        return function(config, *args, **kwargs)
+      finally:
+        events.append((what, config.model.id, 'end', threading.current_thread().name))
+    return call
+  monkeypatch.setattr(experiment, 'preconvert', logged('convert', experiment.preconvert))
+  monkeypatch.setattr(experiment, 'run', logged('run', experiment.run))
   timings = {}
   sweep.run(config, workdir, sweep.select(models_flag.split('=', 1)[1]), timings)
   full_stderr = capsys.readouterr().err
@@ -117,13 +131,21 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
   compiled = re.findall(r'compiled (\d+) programs in [\d.]+ s(, \d+ more read)?', full_stderr)
   print(compiled)
   assert len(compiled) == 3 and compiled[1:] == [('0', ''), ('0', '')]
-  # The second and third models were converted in the background while the one before computed:
-  # their own turn waited for nothing, or little.
+  # The second and third models were converted once, in the background, begun while the one
+  # before computed.
   print({m: {k: round(v, 2) for k, v in t.items()} for m, t in timings.items()})
   assert 'converted_ahead' not in timings[MODELS[0]]
-  for model_id in MODELS[1:]:
+  main = threading.current_thread().name
+  assert [e for e in events if e[1] == MODELS[0] and e[0] == 'convert'] == [
+      ('convert', MODELS[0], 'start', main), ('convert', MODELS[0], 'end', main)]
+  for before, model_id in zip(MODELS, MODELS[1:]):
+    converted = [e for e in events if e[1] == model_id and e[0] == 'convert']
+    assert [e[2:] for e in converted] == [('start', f'converting {model_id}'),
+                                          ('end', f'converting {model_id}')]
+    # Begun before the model before it ended its run, ended after that run began.
+    assert events.index(converted[0]) < events.index(('run', before, 'end', main))
+    assert events.index(('run', before, 'start', main)) < events.index(converted[1])
     assert timings[model_id]['converted_ahead'] > 0
-    assert timings[model_id]['conversion'] < timings[model_id]['converted_ahead']
   for t in timings.values():  # a lower bound of the time the device had work (a small program
     # that XLA's CPU client runs inline, during its dispatch, is not seen)
     assert 0 <= t['device_busy'] <= t['compute'] + t['compile']
