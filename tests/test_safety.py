@@ -151,27 +151,11 @@ def raced(tmp_path_factory, weights):
   [(stdout, stderr)]). The winner's run is also the uninterrupted run of the Ctrl-C test."""
   del weights  # in every run's arguments
   workdir, cache = tmp_path_factory.mktemp('raced') / 'run', tmp_path_factory.mktemp('cache')
-  runs = [subprocess.Popen(_args(workdir, cache, '--config.data.batch_size=1', '--quiet'),
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for _ in range(2)]
-  # The one that takes the lock is frozen until the other has ended: however soon the winner
-  # would finish, the other finds the workdir locked, never a finished run.
-  def holder():
-    try:
-      with open(workdir / schema.LOCK) as f:
-        return next(r for r in runs if r.pid == json.load(f)['pid'])
-    except (OSError, ValueError, KeyError, StopIteration):  # not yet written
-      return None
-  deadline = time.time() + 300
-  while holder() is None and time.time() < deadline and all(r.poll() is None for r in runs):
-    time.sleep(0.01)
-  winner = holder()
-  assert winner is not None and processes.freeze(winner), [r.poll() for r in runs]
-  loser = runs[1 - runs.index(winner)]
-  outputs = {loser.pid: loser.communicate(timeout=600)}
-  processes.thaw(winner)
-  outputs[winner.pid] = winner.communicate(timeout=600)
-  return workdir, [r.returncode for r in runs], [outputs[r.pid] for r in runs]
+  processes = [subprocess.Popen(_args(workdir, cache, '--config.data.batch_size=1', '--quiet'),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  return workdir, [p.returncode for p in processes], outputs
 
 
 def test_two_runs_started_at_once_on_an_empty_workdir_give_one_run(raced):
