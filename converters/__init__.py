@@ -15,3 +15,4 @@ from converters import resnet  # noqa: F401  pylint: disable=g-bad-import-order
 from converters import efficientnet  # noqa: F401  pylint: disable=g-bad-import-order
 from converters import vit  # noqa: F401  pylint: disable=g-bad-import-order
 from converters import convnext  # noqa: F401  pylint: disable=g-bad-import-order
+from converters import zoo_check  # noqa: F401  pylint: disable=g-bad-import-order

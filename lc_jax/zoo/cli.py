@@ -14,6 +14,7 @@ import functools
 import sys
 from typing import Sequence
 
+import converters  # noqa: F401  # zoo add checks that files convert (converters.zoo_check)
 from lc_jax import errors
 from lc_jax.errors import UserError
 from lc_jax.zoo import cache

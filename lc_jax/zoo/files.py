@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from lc_jax.errors import UserError
 from lc_jax.zoo import cache
@@ -91,7 +91,9 @@ def add(model_id: str, files: Sequence[str], *, trust_pickle: bool = False) -> l
     got = cache.sha256(file)
     if want is not None and got != want:
       raise cache.mismatch(model_id, source, file, got, want, where, by_hand=True)
-  _check_converts(entry, files, trust_pickle)
+  if check_converts is None:
+    raise RuntimeError('lc_jax.zoo.add checks that the files convert: import converters first')
+  check_converts(entry, files, trust_pickle)
   with cache.staging(model_id) as into:
     copies = []
     for file, source in zip(files, entry.sources):
@@ -105,24 +107,6 @@ def add(model_id: str, files: Sequence[str], *, trust_pickle: bool = False) -> l
             for copy, source, file in zip(copies, entry.sources, files)]
 
 
-def _check_converts(entry: Entry, files: Sequence[str], trust_pickle: bool) -> None:
-  import converters  # pylint: disable=g-import-not-at-top  # pulls in JAX: only when adding
-  convert_layout = getattr(converters, 'convert_layout', None)
-  if convert_layout is None:
-    raise UserError('this lc-jax has no converters.convert_layout, so the files cannot be '
-                    'checked; update lc-jax')
-  from converters.reader import UntrustedPickle  # pylint: disable=g-import-not-at-top
-  try:
-    convert_layout(list(files), entry.recipe, 'resnet50', mean=entry.mean, std=entry.std,
-                   trust_pickle=trust_pickle)
-  except UntrustedPickle as e:
-    raise UserError(f'{e.path} holds Python objects besides tensors, and unpickling them can '
-                    'run code from the file; if you trust it, add it with --trust_pickle: '
-                    f'python -m lc_jax.zoo add --trust_pickle {entry.id} {" ".join(files)}; '
-                    'nothing was added') from None
-  except Exception as e:  # pylint: disable=broad-except  # any failure means "does not convert"
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    reason = lines[0] if isinstance(e, UserError) and lines else \
-        f'{type(e).__name__}: {lines[0] if lines else ""}'
-    raise UserError(f'{", ".join(files)} does not convert as {entry.id} (layout '
-                    f'{entry.recipe}): {reason}; nothing was added') from None
+# How `add` checks that files convert: set by `converters` when it is imported (it converts,
+# and it sits above the zoo, which fetches files and knows no converter).
+check_converts: Callable[[Entry, Sequence[str], bool], None] | None = None
