@@ -21,6 +21,7 @@ import numpy as np
 
 import converters
 from converters import mapping
+from lc_jax import batches
 from lc_jax import data
 from lc_jax import errors
 from lc_jax import models
@@ -43,7 +44,7 @@ def photos(names: Sequence[str] = PHOTOS, resize: int = 256, crop: int = 224) ->
     if not hasattr(skimage.data, name):
       raise UserError(f'scikit-image has no photo {name!r}; try {", ".join(PHOTOS)}')
     image = PIL.Image.fromarray(getattr(skimage.data, name)()).convert('RGB')
-    batch.append(transform(image).astype(np.float32) / 255)
+    batch.append(batches.to_unit(transform(image)))
   return np.stack(batch)
 
 

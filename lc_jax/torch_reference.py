@@ -1,8 +1,9 @@
 """The paper's layer-criticality loop in plain PyTorch: the reference the JAX code is checked against.
 
-Small on purpose and independent of the JAX code (it imports only torch and numpy), so that a
-disagreement between the two points at one of them rather than at shared code. It follows the
-protocol of Gavrikov et al. 2024 (see the README) without the reference code's defects:
+Small on purpose and independent of the JAX code (it imports only torch, numpy and the shared
+input constants), so that a disagreement between the two points at one of them rather than at
+shared code. It follows the protocol of Gavrikov et al. 2024 (see the README) without the
+reference code's defects:
 
 - the trained weights are backed up once as real copies (clones), not the shallow CPU copy that
   let resets pile up from layer to layer, and restored before every reset and at the end;
@@ -10,7 +11,7 @@ protocol of Gavrikov et al. 2024 (see the README) without the reference code's d
 - the images are preprocessed once by the caller (uint8 NHWC) and reused for every evaluation.
 
     rows = run_protocol(model, fresh_state_dicts, images, labels, ['conv1', 'fc'],
-                        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD)  # from lc_jax.constants
 
 `calibrated(model, images)` gives a randomly drawn torch model BatchNorm statistics and affine
 parameters that matter, for parity checks and benchmarks without trained weights.
@@ -26,6 +27,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lc_jax.constants import NO_MEAN
+from lc_jax.constants import NO_STD
+from lc_jax.constants import PIXEL_MAX
 
 MODES = ('fresh', 'zero')
 
@@ -52,9 +57,9 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, mean: Sequence[float] |
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   device = _model_device(model)
   # Per-channel constants shaped for NCHW broadcasting.
-  mean_t = torch.tensor(mean if mean is not None else (0.0,) * 3, dtype=torch.float32,
+  mean_t = torch.tensor(mean if mean is not None else NO_MEAN, dtype=torch.float32,
                         device=device).view(1, 3, 1, 1)
-  std_t = torch.tensor(std if std is not None else (1.0,) * 3, dtype=torch.float32,
+  std_t = torch.tensor(std if std is not None else NO_STD, dtype=torch.float32,
                        device=device).view(1, 3, 1, 1)
   was_training = model.training
   model.eval()
@@ -63,7 +68,7 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, mean: Sequence[float] |
     for start in range(0, len(images), batch_size):
       # A copy: the images may be read-only (a memory-mapped cache), which torch warns about.
       batch = torch.from_numpy(np.array(images[start:start + batch_size]))
-      x = batch.to(device).permute(0, 3, 1, 2).to(torch.float32) / 255
+      x = batch.to(device).permute(0, 3, 1, 2).to(torch.float32) / PIXEL_MAX
       x = (x - mean_t) / std_t
       outputs.append(model(x).to(torch.float32).cpu())
   finally:

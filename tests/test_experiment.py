@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lc_jax import batches
 from lc_jax import data
 from lc_jax import metrics
 from lc_jax import schema
@@ -39,11 +40,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (500, 128, 1, 125), (500, 0, 1, 500), (4, 3, 1, 2), (7, 3, 1, 3), (4, 9, 1, 4), (5, 1, 1, 1),
     (500, 100, 8, 88), (500, 128, 8, 128), (4, 3, 8, 8), (12, 5, 2, 4)])
 def test_chunks_are_even_and_padded_like_a_batch(batch_size, limit, devices, rows):
-  assert data.chunk_rows(batch_size, limit, devices) == rows
+  assert batches.chunk_rows(batch_size, limit, devices) == rows
   x = np.arange(batch_size, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
   mask = np.arange(batch_size) < batch_size - 1  # the batch's last row is padding already
   for labels in (None, np.arange(batch_size, dtype=np.int32)):
-    chunks = data.loader.split((x, labels, mask), rows)
+    chunks = batches.split((x, labels, mask), rows)
     assert len(chunks) == -(-batch_size // rows)
     assert {tuple(part.shape[0] for part in chunk) for chunk in chunks} == {(rows, rows, rows)}
     xs, ys, masks = (np.concatenate(parts) for parts in zip(*chunks))

@@ -22,11 +22,12 @@ from converters import mapping
 from lc_jax import config as lc_config
 from lc_jax import layers as layers_lib
 from lc_jax import models
+from lc_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 from lc_jax.errors import UserError
 from lc_jax.models import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 @pytest.fixture(scope='module')
@@ -104,7 +105,7 @@ def test_nonfinite_logits_stop(resnet18_state, tmp_path):
   state = dict(resnet18_state, **{'fc.weight': np.full_like(resnet18_state['fc.weight'], 3e38)})
   path = _save(state, tmp_path / 'huge.safetensors')
   from lc_jax import experiment  # pylint: disable=g-import-not-at-top
-  with pytest.raises(UserError, match='the model outputs NaN or inf') as raised:
+  with pytest.raises(UserError, match="the model's own logits are not finite") as raised:
     experiment.run(_run_config(path, ('compilation_cache_dir', 'none')), str(tmp_path / 'run'))
   assert '\n' not in str(raised.value)
   assert not (tmp_path / 'run').exists(), os.listdir(tmp_path / 'run')  # nothing left behind
@@ -286,13 +287,14 @@ class _Run:
 
 def test_zoo_add_pickle_names_trust_pickle(tmp_path, monkeypatch, resnet18_state):
   torch = pytest.importorskip('torch')
+  from lc_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from lc_jax import zoo  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('LC_JAX_ZOO_DIR', str(tmp_path / 'zoo'))
   path = tmp_path / 'noisymix.pth'
   torch.save({'state_dict': {k: torch.from_numpy(v) for k, v in resnet18_state.items()},
               'run': _Run()}, path)
   with pytest.raises(UserError) as raised:
-    zoo.add('resnet50_noisymix', [str(path)])
+    checkpoints.add('resnet50_noisymix', [str(path)])
   message = str(raised.value)
   assert '\n' not in message
   assert ('if you trust it, add it with --trust_pickle: python -m lc_jax.zoo add --trust_pickle '
@@ -310,7 +312,7 @@ def test_zoo_file_of_another_digest_given_by_hand_is_no_corrupt_download(tmp_pat
   wrong = tmp_path / 'resnet50_l2_eps3.ckpt'
   wrong.write_bytes(b'another release')
   with pytest.raises(UserError) as raised:  # zoo add
-    zoo.add(model_id, [str(wrong)])
+    zoo.register(model_id, [str(wrong)])
   assert 'download' not in str(raised.value)
   assert 'it is not the file the zoo names: another release of the weights, or a damaged copy; '\
          f'the right one is resnet50_l2_eps3.ckpt from {source.canonical_url}' in str(raised.value)

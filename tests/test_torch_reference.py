@@ -18,11 +18,11 @@ from lc_jax import layers as layers_lib
 from lc_jax import metrics as jax_metrics
 from lc_jax import models
 from lc_jax import schema
+from lc_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 from lc_jax import torch_reference as ref
 import numpy_metrics
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 SIZE = 64
 BATCH = 8
 # Stem, a conv inside a block, a BatchNorm (running statistics), a downsample path and the head.

@@ -4,7 +4,7 @@ decode-once cache, and per-host batches.
     images, labels, info = lc_jax.data.load(config.data, cache_dir=DIR,
                                             process_index=0, process_count=1)
     for batch, batch_labels, mask in lc_jax.data.batches(images, labels, info):
-      ...  # uint8 NHWC; the model divides by 255 and normalises
+      ...  # uint8 NHWC; lc_jax.batches.to_unit scales it, the model normalises
 
 Sources: 'imagefolder' (a directory in torchvision's ImageFolder layout, like ImageNet val),
 'tfds' (imagenet2012 validation, or any tfds image classification dataset; needs the tfds
@@ -13,11 +13,11 @@ paper's protocol: 10,000 images in the order of a DataLoader shuffled with seed 
 CenterCrop(224).
 """
 
+from lc_jax.batches import chunk_rows
 from lc_jax.data.cache import default_dir as default_cache_dir
 from lc_jax.data.config import DataConfig
 from lc_jax.data.config import default_config
 from lc_jax.data.loader import batches
-from lc_jax.data.loader import chunk_rows
 from lc_jax.data.loader import chunks
 from lc_jax.data.loader import DataInfo
 from lc_jax.data.loader import load

@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image
 
 from lc_jax import progress as progress_lib
+from lc_jax.batches import pad  # re-exported until every caller imports lc_jax.batches
+from lc_jax.batches import split
 from lc_jax.data import cache
 from lc_jax.data import subset
 from lc_jax.data.config import DataConfig
@@ -154,9 +156,9 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
 def fitted_batch_size(num_images: int, batch_size: int, process_count: int = 1) -> int:
   """The global batch a run uses: `batch_size` (data.batch_size), or with fewer images one batch
   of all of them, rounded up to a multiple of the hosts (each host's share is then rounded up to
-  its devices, `chunk_rows`), so that a batch never holds more rows than the images it can still
-  get. A batch's size does not enter the metrics (sums over images); with one batch there is
-  no saved progress between batches, so a resumed run is the same either way."""
+  its devices, `lc_jax.batches.chunk_rows`), so that a batch never holds more rows than the
+  images it can still get. A batch's size does not enter the metrics (sums over images); with one
+  batch there is no saved progress between batches, so a resumed run is the same either way."""
   if num_images >= batch_size:
     return batch_size
   return max(1, -(-num_images // process_count)) * process_count
@@ -184,42 +186,14 @@ def batches(images: np.ndarray, labels: np.ndarray | None, info: DataInfo
     yield batch, batch_labels, mask
 
 
-def chunk_rows(batch_size: int, limit: int, multiple: int = 1) -> int:
-  """Rows per chunk when a batch of `batch_size` runs in chunks of at most `limit` images (0: no
-  limit), each a multiple of `multiple` (a process's devices): the fewest chunks, as even as
-  that allows, so the padding stays small."""
-  if not limit or limit >= batch_size:
-    return -(-batch_size // multiple) * multiple
-  most = max(multiple, limit // multiple * multiple)
-  count = -(-batch_size // most)
-  rows = -(-batch_size // count)
-  return -(-rows // multiple) * multiple
-
-
 def chunks(images: np.ndarray, labels: np.ndarray | None, info: DataInfo, rows: int
            ) -> Iterator[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-  """For each batch of `batches`, its chunks of `rows` rows (see `chunk_rows`): (images, labels,
-  mask), every chunk the same shape (one compiled program). This is where a batch is padded,
-  once: padding rows are zeros with label -1 (also for a source without labels) and mask
-  False."""
+  """For each batch of `batches`, its chunks of `rows` rows (see `lc_jax.batches.chunk_rows`):
+  (images, labels, mask), every chunk the same shape (one compiled program). This is where a
+  batch is padded, once (`lc_jax.batches.split`): padding rows are zeros with label -1 (also for
+  a source without labels) and mask False."""
   for batch in batches(images, labels, info):
     yield split(batch, rows)
-
-
-def split(batch: tuple, rows: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """A host batch (images, labels or None, mask) as chunks of `rows` rows, the last padded."""
-  x, y, mask = batch
-  y = np.full(mask.shape, -1, np.int32) if y is None else y
-  x, y, mask = pad(x, rows), pad(y, rows, -1), pad(mask, rows, False)
-  return [(x[i:i + rows], y[i:i + rows], mask[i:i + rows]) for i in range(0, len(mask), rows)]
-
-
-def pad(batch: np.ndarray, multiple: int, fill: Any = 0) -> np.ndarray:
-  """`batch` with rows of `fill` appended up to a multiple of `multiple`."""
-  missing = -len(batch) % multiple
-  if not missing:
-    return batch
-  return np.concatenate([batch, np.full((missing, *batch.shape[1:]), fill, batch.dtype)])
 
 
 def _changed(meta: Mapping[str, Any], positions: np.ndarray, digests: list[str] | None

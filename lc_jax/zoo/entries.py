@@ -5,11 +5,8 @@ from __future__ import annotations
 import dataclasses
 import urllib.parse
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# SimCLRv2 and the diffusion-noise model were trained on [0, 1] RGB without normalisation.
-NO_MEAN = (0.0, 0.0, 0.0)
-NO_STD = (1.0, 1.0, 1.0)
+from lc_jax.constants import IMAGENET_MEAN
+from lc_jax.constants import IMAGENET_STD
 
 KINDS = ('url', 'hf', 'gdrive')
 RECIPES = ('timm', 'torchvision', 'state_dict', 'robustness', 'aux_bn', 'split', 'simclrv2',

@@ -9,7 +9,8 @@ write this table: what the loader and upstream code did not pin down is marked '
 
 from __future__ import annotations
 
-from lc_jax.zoo.entries import NO_MEAN, NO_STD, Entry, gdrive, hf, url
+from lc_jax.constants import NO_MEAN, NO_STD
+from lc_jax.zoo.entries import Entry, gdrive, hf, url
 
 _HF_MAIN = ("HF revision 'main': no commit of this repository is known (unconfirmed which "
             'commit the paper used); the file is pinned by its recorded sha256 (trust on first '
