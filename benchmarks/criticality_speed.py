@@ -272,7 +272,7 @@ def compare(tmp: str) -> None:
   legs = [l.strip() for l in _LEGS.value if l.strip()]
   unknown = sorted(set(legs) - set(LEG_NAMES))
   if unknown:
-    raise app.UsageError(f'unknown leg(s) {", ".join(unknown)}; choose from a, b, c')
+    raise errors.unknown('leg', unknown[0], LEG_NAMES, error=app.UsageError)
   num_images, batch_size = _NUM_IMAGES.value, _BATCH_SIZE.value
   available = sorted(os.sched_getaffinity(0))
   threads = _THREADS.value or len(available)

@@ -123,9 +123,10 @@ def benchmark(workdir: str) -> None:
   """Runs every setting into `workdir` and prints the table."""
   names = [s.strip() for s in _SETTINGS.value if s.strip()]
   unknown = [s for s in names if s not in SETTINGS]
-  if unknown or not names:
-    raise app.UsageError(f'unknown setting(s) {", ".join(unknown)}; choose from '
-                         f'{", ".join(SETTINGS)}')
+  if unknown:
+    raise errors.unknown('setting', unknown[0], SETTINGS, error=app.UsageError)
+  if not names:
+    raise app.UsageError(f'--settings is empty: give one or more of {", ".join(SETTINGS)}')
   config = _CONFIG.value
   config.progress = False
   if not config.compilation_cache_dir:

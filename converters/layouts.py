@@ -25,6 +25,7 @@ from converters.convert import build
 from converters.convert import digests_sha256
 from converters import reader
 from converters.reader import ConversionError, DropRule
+from lc_jax import errors
 
 # Plain data that training scripts pickle next to the weights; unpickling it runs no code.
 SAFE_GLOBALS = (argparse.Namespace,)
@@ -209,7 +210,7 @@ def convert_layout(files: Sequence[str], layout: str, arch: str | None = 'resnet
 
 def _layout(name: str) -> Layout:
   if name not in LAYOUTS:
-    raise ConversionError(f'unknown checkpoint layout {name!r}; known: {", ".join(LAYOUTS)}')
+    raise errors.unknown('checkpoint layout', name, LAYOUTS, error=ConversionError)
   return LAYOUTS[name]
 
 

@@ -42,7 +42,7 @@ def photos(names: Sequence[str] = PHOTOS, resize: int = 256, crop: int = 224) ->
   batch = []
   for name in names:
     if not hasattr(skimage.data, name):
-      raise UserError(f'scikit-image has no photo {name!r}; try {", ".join(PHOTOS)}')
+      raise errors.unknown('scikit-image photo', name, PHOTOS)
     image = PIL.Image.fromarray(getattr(skimage.data, name)()).convert('RGB')
     batch.append(batches.to_unit(transform(image)))
   return np.stack(batch)

@@ -13,7 +13,7 @@ import difflib
 import functools
 import re
 import sys
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from absl import flags
 from absl import logging
@@ -38,10 +38,45 @@ class UserError(Exception):
   shared: bool = False
 
 
+def closest(name: str, known: Iterable[str], n: int = 3) -> list[str]:
+  """The (at most `n`) known names closest to `name`, closest first; [] when none is close."""
+  return difflib.get_close_matches(str(name), list(known), n=n, cutoff=0.5)
+
+
 def did_you_mean(name: str, known, n: int = 3) -> str:
   """'; did you mean a, b?' with the known names closest to `name`, or '' when none is close."""
-  close = difflib.get_close_matches(name, list(known), n=n, cutoff=0.5)
+  close = closest(name, known, n)
   return f'; did you mean {", ".join(close)}?' if close else ''
+
+
+# An "unknown X" message spells out at most this many known names.
+SHOWN = 12
+
+
+def unknown(what: str, name: str, known: Iterable[str] = (), listed_by: str = '',
+            close: Sequence[str] | None = None, error: type[Exception] = UserError
+            ) -> Exception:
+  """The error for a `name` that is none of `known`, worded one way for every kind `what`:
+
+      unknown reset mode 'frsh' (did you mean fresh?); known: fresh, zero, ...
+      unknown model id 'dino' (did you mean resnet50_dino?); python -m lc_jax.zoo list lists them
+
+  The nearest names come in parentheses when any is close (`close` gives them where the caller
+  knows better). Then the known names, the first SHOWN of a longer list and their count, or,
+  with `listed_by`, the command or page that lists them. Returns an `error` (a UserError, or
+  e.g. a ConversionError) for the caller to raise.
+  """
+  known = list(known)
+  close = closest(name, known) if close is None else list(close)
+  message = f'unknown {what} {name!r}'
+  if close:
+    message += f' (did you mean {", ".join(close)}?)'
+  if listed_by:
+    message += f'; {listed_by} lists them'
+  elif known:
+    shown = ', '.join(str(k) for k in known[:SHOWN])
+    message += f'; known: {shown}' + (f', ... ({len(known)} in all)' if len(known) > SHOWN else '')
+  return error(message)
 
 
 def fail(message: str, status: int = 1):

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from lc_jax import errors
 from lc_jax.errors import UserError
 from lc_jax.layers import Layer
 
@@ -201,7 +202,7 @@ def register_scheme(name: str, scheme_fn: Scheme) -> None:
 def scheme(name: str) -> Scheme:
   """The initialiser of a scheme: (layer, key) -> the layer's leaves."""
   if name not in SCHEMES:
-    raise UserError(f'unknown initialisation scheme {name!r}; choose from {", ".join(SCHEMES)}')
+    raise errors.unknown('initialisation scheme', name, SCHEMES)
   return SCHEMES[name]
 
 

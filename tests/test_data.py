@@ -288,9 +288,10 @@ def test_bad_folders(tmp_path):
 def test_bad_settings(folder, tmp_path):
   with pytest.raises(UserError, match=r'asked for 1000 images .* holds only 21'):
     data.load(_config(folder, num_images=1000), cache_dir=str(tmp_path))
-  with pytest.raises(UserError, match='unknown data setting.*num_image;'):
+  with pytest.raises(UserError,
+                     match=r"unknown data setting 'num_image' \(did you mean num_images\?\); "):
     data.load(dict(_config(folder), num_image=5), cache_dir=str(tmp_path))
-  with pytest.raises(UserError, match='data.order must be one of'):
+  with pytest.raises(UserError, match="unknown data.order 'random'; known: torch, numpy, sorted"):
     data.load(_config(folder, order='random'), cache_dir=str(tmp_path))
   with pytest.raises(UserError, match='does not split evenly over 3 hosts'):
     data.load(_config(folder, batch_size=8), cache_dir=str(tmp_path), process_count=3)

@@ -18,6 +18,7 @@ import pytest
 
 from lc_jax import batches
 from lc_jax import data
+from lc_jax import engine
 from lc_jax import metrics
 from lc_jax import schema
 from lc_jax.errors import UserError
@@ -235,7 +236,7 @@ def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, t
       ('other config', ['--config.reset.layers=layer1.*', '--config.seed=1'],
        'holds a run of another configuration (config.seed: 0 -> 1'),
       ('unknown layer', ['--config.reset.layers=layer1.0.conv9'],
-       "unknown layer 'layer1.0.conv9'; did you mean layer1.0.conv"),
+       "unknown layer 'layer1.0.conv9' (did you mean layer1.0.conv"),
       ('checkpoint does not fit', ['--config.model.arch=resnet50'],
        'holds resnet18 weights, not resnet50'),
       ('unreadable data path', ['--config.reset.layers=layer1.*',
@@ -529,9 +530,9 @@ def test_one_ahead_makes_the_next_item_before_handing_out_one():
     for k in range(3):
       made.append(k)
       yield k
-  assert [(k, list(made)) for k in experiment._one_ahead(items())] == [
+  assert [(k, list(made)) for k in engine._one_ahead(items())] == [
       (0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
-  assert not list(experiment._one_ahead([]))
+  assert not list(engine._one_ahead([]))
 
 
 _ARENAS = """

@@ -335,7 +335,7 @@ def test_refused_run_leaves_no_files(resnet18_state, tmp_path):
   config = _run_config(path, ('reset.layers', 'layer1.0.conv9'))
   (tmp_path / 'empty').mkdir()
   for workdir in (tmp_path / 'new' / 'run', tmp_path / 'empty'):
-    with pytest.raises(UserError, match="unknown layer 'layer1.0.conv9'; did you mean"):
+    with pytest.raises(UserError, match=r"unknown layer 'layer1.0.conv9' \(did you mean"):
       experiment.run(config, str(workdir))  # converted into workdir/model, then refused
     assert not (tmp_path / 'new').exists()
     assert os.listdir(tmp_path / 'empty') == []

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from lc_jax import errors
 from lc_jax.errors import UserError
 
 SOURCES = ('imagefolder', 'tfds', 'photos')
@@ -44,8 +45,7 @@ class DataConfig:
   def __post_init__(self):
     for field, choices in (('source', SOURCES), ('order', ORDERS), ('on_error', ON_ERROR)):
       if getattr(self, field) not in choices:
-        raise UserError(f'data.{field} must be one of {", ".join(choices)}, '
-                        f'got {getattr(self, field)!r}')
+        raise errors.unknown(f'data.{field}', getattr(self, field), choices)
     for field in ('num_images', 'batch_size', 'seed', 'workers', 'resize_size', 'crop_size'):
       value = getattr(self, field)
       positive = field in ('batch_size', 'resize_size', 'crop_size')
@@ -65,8 +65,7 @@ class DataConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - known)
     if unknown:
-      raise UserError(f'unknown data setting(s) {", ".join(unknown)}; known: '
-                      f'{", ".join(sorted(known))}')
+      raise errors.unknown('data setting', unknown[0], sorted(known))
     return cls(**config)
 
 

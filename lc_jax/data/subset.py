@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lc_jax import errors
+from lc_jax.data.config import ORDERS
 from lc_jax.errors import UserError
 
 
@@ -45,7 +47,7 @@ def order(num_total: int, seed: int, kind: str) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_total)
   if kind == 'sorted':
     return np.arange(num_total)
-  raise UserError(f"unknown image order {kind!r}; use 'torch', 'numpy' or 'sorted'")
+  raise errors.unknown('image order', kind, ORDERS)
 
 
 def subset_size(num_total: int, num_images: int, where: str) -> int:

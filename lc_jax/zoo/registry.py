@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 
-from lc_jax.errors import did_you_mean
-from lc_jax.errors import UserError
+from lc_jax import errors
 from lc_jax.zoo.entries import Entry
 from lc_jax.zoo.paper import ENTRIES
 
@@ -21,12 +20,12 @@ def get(model_id: str) -> Entry:
   try:
     return _BY_ID[model_id]
   except KeyError:
-    raise UserError(f'unknown model id {model_id!r}{did_you_mean(model_id, _BY_ID)} (python -m '
-                    'lc_jax.zoo list shows all 51)') from None
+    raise errors.unknown('model id', model_id, _BY_ID, listed_by='python -m lc_jax.zoo list'
+                         ) from None
 
 
 def ids(category: str | None = None) -> list[str]:
   """Every model id, or those of `category`, grouped by category in the paper's order."""
   if category is not None and category not in CATEGORIES:
-    raise UserError(f'unknown category {category!r}; one of: {", ".join(CATEGORIES)}')
+    raise errors.unknown('category', category, CATEGORIES)
   return [i for i, e in _BY_ID.items() if category is None or e.category == category]
