@@ -65,7 +65,7 @@ SETTINGS = {
     'bfloat16': ('highest', 'bfloat16', 'bfloat16'),
 }
 
-_CONFIG = errors.define_config_file('config', os.path.join(ROOT, 'configs', 'demo.py'),
+_CONFIG = launch.define_config_file('config', os.path.join(ROOT, 'configs', 'demo.py'),
                                     'Experiment config file, as run.py takes it.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Folder for every setting; empty: a temporary one.')
 _SETTINGS = flags.DEFINE_list('settings', list(SETTINGS),
@@ -201,4 +201,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=errors.parse_flags)
+  app.run(main, flags_parser=launch.parse_flags)

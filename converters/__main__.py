@@ -17,20 +17,11 @@ from absl import flags
 import converters
 from converters import cli
 from lc_jax import errors
+from lc_jax import launch
 from lc_jax import models
 
-_ARCH = flags.DEFINE_string('arch', None, 'Architecture name; inferred from the checkpoint when '
-                            f'left out. Known: {", ".join(models.names())}.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder for the converted model.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a model already in --out.')
-_TRUST_PICKLE = flags.DEFINE_bool(
-    'trust_pickle', False, 'Allow legacy checkpoints that hold Python objects besides tensors. '
-    'Unpickling runs code from the file: use only for files you trust.')
-_ALLOW_NONFINITE = flags.DEFINE_bool(
-    'allow_nonfinite', False, 'Keep tensors that hold NaN or inf (refused by default: a model '
-    'with them computes NaN).')
-_MEAN = flags.DEFINE_list('mean', None, 'Input normalisation mean per channel, e.g. 0,0,0.')
-_STD = flags.DEFINE_list('std', None, 'Input normalisation std per channel, e.g. 1,1,1.')
+# Defined when run as a program (`_run`).
+_ARCH = _OUT = _OVERWRITE = _TRUST_PICKLE = _ALLOW_NONFINITE = _MEAN = _STD = None
 
 
 @errors.exits_cleanly
@@ -47,5 +38,23 @@ def main(argv):
   print(cli.summary(metadata, variables, os.path.abspath(_OUT.value) if _OUT.value else None))
 
 
+def _run() -> None:
+  # pylint: disable=global-statement
+  global _ARCH, _OUT, _OVERWRITE, _TRUST_PICKLE, _ALLOW_NONFINITE, _MEAN, _STD
+  _ARCH = flags.DEFINE_string('arch', None, 'Architecture name; inferred from the checkpoint when '
+                              f'left out. Known: {", ".join(models.names())}.')
+  _OUT = flags.DEFINE_string('out', None, 'Output folder for the converted model.')
+  _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a model already in --out.')
+  _TRUST_PICKLE = flags.DEFINE_bool(
+      'trust_pickle', False, 'Allow legacy checkpoints that hold Python objects besides tensors. '
+      'Unpickling runs code from the file: use only for files you trust.')
+  _ALLOW_NONFINITE = flags.DEFINE_bool(
+      'allow_nonfinite', False, 'Keep tensors that hold NaN or inf (refused by default: a model '
+      'with them computes NaN).')
+  _MEAN = flags.DEFINE_list('mean', None, 'Input normalisation mean per channel, e.g. 0,0,0.')
+  _STD = flags.DEFINE_list('std', None, 'Input normalisation std per channel, e.g. 1,1,1.')
+  app.run(main, flags_parser=launch.parse_flags)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=errors.parse_flags)
+  _run()

@@ -24,6 +24,7 @@ from converters import mapping
 from lc_jax import batches
 from lc_jax import data
 from lc_jax import errors
+from lc_jax import launch
 from lc_jax import models
 from lc_jax.errors import UserError
 
@@ -191,7 +192,7 @@ def _run() -> None:
                               'omitted.')
   _PHOTOS = flags.DEFINE_list('photos', list(PHOTOS), 'scikit-image photos to run.')
   _TRUST_PICKLE = flags.DEFINE_bool('trust_pickle', False, 'Allow legacy pickled checkpoints.')
-  app.run(main, flags_parser=errors.parse_flags)
+  app.run(main, flags_parser=launch.parse_flags)
 
 
 if __name__ == '__main__':

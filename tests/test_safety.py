@@ -312,9 +312,9 @@ def _bad_workdir(kind, tmp_path, finished):
 BAD_INPUT = [
     # name, workdir, extra flags, expected fragment
     ('misspelt config key', 'new', ['--config.reset.mdoe=zero'],
-     'unknown config key reset.mdoe; did you mean reset.mode?'),
+     "unknown config key 'reset.mdoe' (did you mean reset.mode?)"),
     ('misspelt nested key', 'new', ['--config.data.batchsize=2'],
-     'unknown config key data.batchsize; did you mean data.batch_size?'),
+     "unknown config key 'data.batchsize' (did you mean data.batch_size?)"),
     ('workdir is a file', 'file', [], 'is a file, not a folder'),
     ('workdir under a file', 'under_a_file', [], 'cannot create the --workdir folder'),
     ('cache folder under a file', 'new', ['--config.cache_dir={tmp}/afile/cache'],

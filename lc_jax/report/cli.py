@@ -20,6 +20,7 @@ import sys
 from typing import Sequence
 
 from lc_jax import errors
+from lc_jax import launch
 from lc_jax import workdir
 from lc_jax.errors import UserError
 from lc_jax.report import compare
@@ -121,4 +122,4 @@ def run() -> None:
   flags.DEFINE_string('compare', None, "The paper's results CSV: compare each model of OUT... "
                       'with it (mean criticality, rank correlation, largest differences in '
                       'trial standard errors, original top-1) instead of drawing figures.')
-  app.run(main, flags_parser=functools.partial(errors.parse_flags, usage=__doc__))
+  app.run(main, flags_parser=functools.partial(launch.parse_flags, usage=__doc__))
