@@ -9,7 +9,7 @@ projected onto an accelerator.
 Draws NUM_MODELS random ResNet-50s (the timm resnet50 with seeds 0, 1, ..., BatchNorm calibrated
 on images of --image_size, benchmarks/_shared.make_checkpoint; kept in WORKDIR/checkpoints and
 reused), registers them as the files of as many zoo models of the plain state_dict layout in a
-zoo cache of their own (WORKDIR/zoo, made afresh: `lc_jax.zoo.add`), writes NUM_IMAGES
+zoo cache of their own (WORKDIR/zoo, made afresh: `lc_jax.checkpoints.add`), writes NUM_IMAGES
 generated JPEGs (benchmarks/decode.py's), and runs `lc_jax.sweep.run` over them into
 WORKDIR/sweep with the paper's protocol (configs/paper.py: conv + linear layers, fresh resets,
 seed 0) at --batch_size and --trials, an empty image cache and an empty persistent compilation
@@ -96,7 +96,7 @@ def zoo_ids(count: int) -> list[str]:
 
 def set_up(workdir: str, ids: list[str]) -> str:
   """Checkpoints, zoo cache and images in `workdir`; returns the images' folder."""
-  from lc_jax import zoo  # pylint: disable=g-import-not-at-top
+  from lc_jax import checkpoints  # pylint: disable=g-import-not-at-top
   size = _IMAGE_SIZE.value
   os.environ['LC_JAX_ZOO_DIR'] = zoo_dir = os.path.join(workdir, 'zoo')
   shutil.rmtree(zoo_dir, ignore_errors=True)  # no conversion kept from an earlier run
@@ -105,7 +105,7 @@ def set_up(workdir: str, ids: list[str]) -> str:
     path = os.path.join(workdir, 'checkpoints', f'{ARCH}_seed{seed}_{size}px.pth')
     if not os.path.exists(path):
       _shared.make_checkpoint(path, ARCH, seed=seed, image_size=size)
-    zoo.add(model_id, [path])
+    checkpoints.add(model_id, [path])
   images = os.path.join(workdir, 'images')
   shutil.rmtree(images, ignore_errors=True)
   _shared.make_images(images, _NUM_IMAGES.value)

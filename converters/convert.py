@@ -1,4 +1,7 @@
-"""`convert`: a PyTorch or safetensors checkpoint -> (architecture, Flax variables, metadata)."""
+"""`convert`: a PyTorch or safetensors checkpoint file -> (architecture, Flax variables, metadata).
+
+Local files only (a path, or bundled:NAME); a zoo model's files are fetched, and read in their
+layout, by lc_jax.checkpoints."""
 
 from __future__ import annotations
 
@@ -9,26 +12,21 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-import lc_jax
 from converters import mapping
 from converters import reader
 from converters import recipes
 from converters.reader import ConversionError
 from lc_jax import models
-
-
-ZOO = 'zoo:'  # a checkpoint argument 'zoo:ID' names a model of the paper's zoo (lc_jax.zoo)
+from lc_jax.version import __version__
 
 
 def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-            offline: bool | None = None, mirrors: str | None = None,
             allow_nonfinite: bool = False) -> tuple[str, dict, dict[str, Any]]:
   """Converts the checkpoint at `src` into Flax variables, strictly.
 
-  `src` is a file, 'bundled:NAME', or 'zoo:ID' (a model of lc_jax.zoo: its files are fetched,
-  or taken from the cache offline, and read in its layout with its normalisation; `offline` and
-  `mirrors` are passed to lc_jax.zoo.fetch).
+  `src` is a file, or 'bundled:NAME' for a checkpoint shipped in an installed package (a zoo
+  model: lc_jax.checkpoints.convert('zoo:ID')).
 
   `arch` is inferred from the checkpoint when not given; a checkpoint of another architecture
   or family is refused. Every model variable must be filled and every checkpoint key used,
@@ -41,9 +39,6 @@ def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
 
   Returns (arch, variables, metadata) with variables {'params': ..., 'batch_stats': ...}.
   """
-  if src.startswith(ZOO):
-    return _convert_zoo(src[len(ZOO):], arch, trust_pickle, mean, std, offline, mirrors,
-                        allow_nonfinite)
   checkpoint = reader.read(src, trust_pickle=trust_pickle)
   arch, variables, metadata = build(checkpoint.tensors, arch, mean, std, checkpoint.path,
                                     normalization=checkpoint.normalization,
@@ -119,7 +114,7 @@ def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: st
          if normalization is not None else {}),
       'num_tensors': len(tensors),
       'num_parameters': int(sum(np.size(v) for v in jax.tree.leaves(variables['params']))),
-      'lc_jax_version': lc_jax.__version__,
+      'lc_jax_version': __version__,
   }
 
 
@@ -164,36 +159,9 @@ def _with_origin(mismatch: mapping.Mismatch, origin: dict[str, str]) -> mapping.
                           shapes=[(label(k), e, f) for k, e, f in mismatch.shapes])
 
 
-def _convert_zoo(model_id: str, arch: str | None, trust_pickle: bool, mean, std,
-                 offline: bool | None, mirrors: str | None, allow_nonfinite: bool
-                 ) -> tuple[str, dict, dict[str, Any]]:
-  from converters.layouts import convert_layout  # pylint: disable=g-import-not-at-top
-  from lc_jax import zoo  # pylint: disable=g-import-not-at-top
-  entry = zoo.get(model_id)
-  files = zoo.fetch(model_id, offline=offline, mirrors=mirrors or None)
-  arch, variables, metadata = convert_layout(
-      files, entry.recipe, arch or 'resnet50', trust_pickle=trust_pickle,
-      mean=entry.mean if mean is None else mean, std=entry.std if std is None else std,
-      allow_nonfinite=allow_nonfinite)
-  # convert_layout's sha256 is digests_sha256 of the files it read: the zoo source's own.
-  metadata['source'] = ZOO + model_id
-  return arch, variables, metadata
-
-
 def digests_sha256(digests: Sequence[str]) -> str:
   """One file's sha256 is its own; several files' (backbone, then head) is the sha256 of their
   hex digests concatenated in order."""
   if len(digests) == 1:
     return digests[0]
   return hashlib.sha256(''.join(digests).encode()).hexdigest()
-
-
-def source_sha256(src: str, *, offline: bool | None = None, mirrors: str | None = None) -> str:
-  """The sha256 that identifies the checkpoint argument `src` (a file, bundled:NAME or zoo:ID,
-  whose files are fetched and checked first): what a converted model and a run's identity are
-  keyed by; for zoo:ID, `digests_sha256` of its files' digests."""
-  if src.startswith(ZOO):
-    from lc_jax import zoo  # pylint: disable=g-import-not-at-top
-    zoo.fetch(src[len(ZOO):], offline=offline, mirrors=mirrors or None)  # hashes every file
-    return digests_sha256(zoo.digests(src[len(ZOO):]))
-  return reader.sha256(reader.resolve(src))

@@ -74,7 +74,9 @@ DROP_RULES = (
 )
 
 
-# Checkpoints that ship inside installed packages, asked for as 'bundled:NAME'.
+# Checkpoints that ship inside installed packages, asked for as 'bundled:NAME' (a family's
+# converter registers its own; lc_jax.checkpoints reads every kind of checkpoint argument).
+BUNDLED_PREFIX = 'bundled:'
 BUNDLED: dict[str, Callable[[], str]] = {}
 
 
@@ -84,10 +86,11 @@ def register_bundled(name: str, locate: Callable[[], str]) -> None:
 
 
 def resolve(src: str) -> str:
-  """The file a checkpoint argument names: a path, or 'bundled:NAME' for a shipped checkpoint."""
-  if not src.startswith('bundled:'):
+  """The file a local checkpoint argument names: a path, or 'bundled:NAME' for a checkpoint
+  shipped in an installed package."""
+  if not src.startswith(BUNDLED_PREFIX):
     return os.path.abspath(os.path.expanduser(src))
-  name = src[len('bundled:'):]
+  name = src[len(BUNDLED_PREFIX):]
   if name not in BUNDLED:
     raise ConversionError(f'unknown bundled checkpoint {name!r}; known: '
                           f'{", ".join(sorted(BUNDLED)) or "none"}')

@@ -6,8 +6,7 @@ stay free of JAX until a run needs it.
 """
 
 from lc_jax.errors import UserError
-
-__version__ = '0.1.0'
+from lc_jax.version import __version__
 
 
 def __getattr__(name: str):

@@ -186,6 +186,7 @@ def _typed(values: Mapping[str, Any], cls, prefix: str) -> dict[str, Any]:
 
 def _check_values(run: RunConfig) -> None:
   # Imported here: these modules import JAX, the dataclasses above do not need it.
+  from lc_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from lc_jax import evaluate  # pylint: disable=g-import-not-at-top
   from lc_jax import init  # pylint: disable=g-import-not-at-top
   from lc_jax import layers  # pylint: disable=g-import-not-at-top
@@ -196,7 +197,7 @@ def _check_values(run: RunConfig) -> None:
   if not model.checkpoint:
     raise UserError('no checkpoint is set: give --config.model.checkpoint=PATH (a .pth, .pt, '
                     '.pth.tar, .ckpt or .safetensors file, bundled:NAME, or zoo:ID)')
-  _check_checkpoint(model.checkpoint, 'model.checkpoint')
+  checkpoints.check(model.checkpoint, 'model.checkpoint')
   if model.arch and model.arch not in models.names():
     raise UserError(f'unknown architecture model.arch={model.arch!r}'
                     f'{did_you_mean(model.arch, models.names())} (known: '
@@ -220,7 +221,7 @@ def _check_values(run: RunConfig) -> None:
   if reset_.mode == 'checkpoint':
     if not reset_.init_checkpoint:
       raise UserError('reset.mode=checkpoint needs reset.init_checkpoint=PATH')
-    _check_checkpoint(reset_.init_checkpoint, 'reset.init_checkpoint')
+    checkpoints.check(reset_.init_checkpoint, 'reset.init_checkpoint')
   if not 0.0 <= reset_.alpha <= 1.0:
     raise UserError(f'reset.alpha={reset_.alpha} must lie in [0, 1] (the trained weights\' '
                     'share: 0 is the reset, 1 the trained layer)')
@@ -242,20 +243,6 @@ def _check_values(run: RunConfig) -> None:
                     'batches')
   if run.cache_dir:
     _check_folder(run.cache_dir, 'cache_dir')
-
-
-def _check_checkpoint(source: str, field: str) -> None:
-  if source.startswith('bundled:'):
-    return  # resolved (and an unknown name refused) by the converter
-  if source.startswith('zoo:'):
-    from lc_jax import zoo  # pylint: disable=g-import-not-at-top
-    zoo.get(source[len('zoo:'):])  # an unknown id is refused with the closest ones
-    return
-  path = os.path.abspath(os.path.expanduser(source))
-  if not os.path.exists(path):
-    raise UserError(f'{field}: checkpoint not found: {path}')
-  if not os.path.isfile(path):
-    raise UserError(f'{field}: {path} is a folder, not a checkpoint file')
 
 
 def _check_folder(folder: str, field: str) -> None:

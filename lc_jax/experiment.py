@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-import converters
+from lc_jax import checkpoints
 from lc_jax import config as lc_config
 from lc_jax import data
 from lc_jax import evaluate
@@ -116,7 +116,7 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
   module, variables, card = sharding.agreed('reading the converted model',
                                             lambda: loaded or models.load(model_dir))
   spec = models.get(card['arch'])
-  model_id = wanted.id or _default_id(wanted.checkpoint)
+  model_id = wanted.id or checkpoints.default_id(wanted.checkpoint)
   # Host arrays: the run places them on its mesh in one transfer (`Forward.replicate`);
   # `jnp.asarray` would compile a copy program per distinct shape.
   return Model(module, jax.tree.map(np.asarray, variables), card, spec,
@@ -142,10 +142,10 @@ def _checkpoint_sha256(settings: RunConfig, converted: Converted | None) -> str:
 
 
 def _source_sha256(settings: RunConfig) -> str:
-  """The checkpoint's sha256 (for zoo:ID, of the cached file, downloaded first if missing)."""
+  """The checkpoint's sha256 (checkpoints.sha256: a zoo:ID is downloaded first if missing)."""
   wanted = settings.model
-  return converters.source_sha256(wanted.checkpoint, offline=wanted.offline or None,
-                                  mirrors=wanted.mirrors)
+  return checkpoints.sha256(wanted.checkpoint, offline=wanted.offline or None,
+                            mirrors=wanted.mirrors)
 
 
 def _identity(settings: RunConfig, sha256: str) -> dict:
@@ -153,48 +153,13 @@ def _identity(settings: RunConfig, sha256: str) -> dict:
   return {'config': settings.measured(), 'checkpoint_sha256': sha256}
 
 
-def _convert(wanted, model_dir: str, sha256: str) -> tuple:
-  """(module, variables, card) of the checkpoint `wanted.checkpoint` (of sha256 `sha256`)
-  converted into `model_dir`: the one already there or (zoo:ID) in the zoo's cache of
-  conversions, keyed by the source's sha256, when intact; otherwise converted now."""
-  places = [model_dir] + ([_zoo_converted(sha256)]
-                          if wanted.checkpoint.startswith(converters.ZOO) else [])
-  for place in places:
-    loaded = _reusable(place, wanted.arch, sha256)
-    if loaded is not None:
-      if place != model_dir:
-        converters.save(model_dir, loaded[2]['arch'], loaded[1], loaded[2], overwrite=True)
-      return loaded
-  arch, variables, card = converters.convert(
-      wanted.checkpoint, wanted.arch or None, trust_pickle=wanted.trust_pickle,
+def _convert(wanted: lc_config.ModelConfig, model_dir: str, sha256: str) -> tuple:
+  """(module, variables, card) of the run's checkpoint converted into `model_dir`, or an
+  earlier conversion reused (checkpoints.convert_into)."""
+  return checkpoints.convert_into(
+      wanted.checkpoint, model_dir, sha256, arch=wanted.arch, trust_pickle=wanted.trust_pickle,
       offline=wanted.offline or None, mirrors=wanted.mirrors,
       allow_nonfinite=wanted.allow_nonfinite)
-  for place in places:
-    converters.save(place, arch, variables, card, overwrite=True)
-  return models.load(model_dir)
-
-
-def _reusable(model_dir: str, arch: str, sha256: str) -> tuple | None:
-  """`models.load(model_dir)` if it holds a conversion of the source `sha256` (as `arch`, when
-  given) by this lc-jax version, intact; None otherwise (a damaged one is reported)."""
-  try:
-    card = models.store.read_card(model_dir)
-    if (card and card.get('arch') == (arch or card.get('arch')) and card.get('sha256') == sha256
-        and card.get('lc_jax_version') == _version()):
-      return models.load(model_dir)
-  except UserError as e:  # its source is known: make it again
-    print(f'{model_dir} was damaged; converting the checkpoint again ({e})', file=sys.stderr)
-  return None
-
-
-def _zoo_converted(sha256: str) -> str:
-  from lc_jax import zoo  # pylint: disable=g-import-not-at-top
-  return os.path.join(zoo.cache_dir(), 'converted', sha256)
-
-
-def _version() -> str:
-  import lc_jax  # pylint: disable=g-import-not-at-top
-  return lc_jax.__version__
 
 
 def _content(info: data.DataInfo) -> str:
@@ -205,16 +170,6 @@ def _content(info: data.DataInfo) -> str:
   return data.loader.combine_content(parts)
 
 
-def _default_id(checkpoint: str) -> str:
-  if checkpoint.startswith(converters.ZOO):
-    return checkpoint[len(converters.ZOO):]
-  name = os.path.basename(checkpoint.split('bundled:')[-1])
-  for suffix in ('.safetensors', '.pth.tar', '.pth', '.pt', '.ckpt', '.tar'):
-    if name.endswith(suffix):
-      return name[:-len(suffix)]
-  return name
-
-
 def reset_source(settings: RunConfig, model: Model, trial: int) -> dict | None:
   """The weights a reset of trial `trial` draws from: a fresh model, a checkpoint, or none."""
   mode = settings.reset.mode
@@ -222,7 +177,7 @@ def reset_source(settings: RunConfig, model: Model, trial: int) -> dict | None:
     scheme = settings.reset.init_scheme or model.spec.init_scheme
     return init.fresh_variables(model.layers, scheme, init.trial_key(settings.seed, trial))
   if mode == 'checkpoint':
-    _, variables, _ = converters.convert(
+    _, variables, _ = checkpoints.convert(
         settings.reset.init_checkpoint, model.card['arch'],
         trust_pickle=settings.model.trust_pickle, offline=settings.model.offline or None,
         mirrors=settings.model.mirrors)

@@ -35,6 +35,7 @@ from absl import flags
 import jax
 import ml_collections
 
+from lc_jax import checkpoints
 from lc_jax import errors
 from lc_jax import experiment
 from lc_jax import progress
@@ -68,7 +69,7 @@ def select(models: str) -> list[str]:
 def model_config(config: ml_collections.ConfigDict, model_id: str) -> ml_collections.ConfigDict:
   """`config` for one zoo model: its checkpoint, its id, its family's init scheme."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model.checkpoint = f'zoo:{model_id}'
+  config.model.checkpoint = checkpoints.ZOO + model_id
   config.model.id = model_id
   if not config.reset.init_scheme:
     config.reset.init_scheme = zoo.get(model_id).init_scheme

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from lc_jax import checkpoints
 from lc_jax import zoo
 from lc_jax.errors import UserError
 from lc_jax.zoo import cache
@@ -499,7 +500,7 @@ def test_add_accepts_good_files(env, tmp_path, fake_convert):
   backbone, head = tmp_path / 'b.pth', tmp_path / 'h.pth'
   backbone.write_bytes(b'backbone')
   head.write_bytes(b'head')
-  paths = zoo.add('resnet50_swav', [str(backbone), str(head)])
+  paths = checkpoints.add('resnet50_swav', [str(backbone), str(head)])
   entry = registry.get('resnet50_swav')
   assert paths == [cache.path(entry.id, s) for s in entry.sources]
   assert fake_convert == [([str(backbone), str(head)], 'split', 'resnet50', *IMAGENET, False)]
@@ -512,39 +513,55 @@ def test_add_refuses_a_wrong_digest_or_a_file_that_does_not_convert(env, tmp_pat
   wrong = tmp_path / 'robust.ckpt'
   wrong.write_bytes(b'not the madrylab file')
   with pytest.raises(UserError) as error:
-    zoo.add('robust_resnet50_l2_eps3', [str(wrong)])
+    checkpoints.add('robust_resnet50_l2_eps3', [str(wrong)])
   assert MADRY_SHA_L2_EPS3 in str(error.value) and sha(wrong.read_bytes()) in str(error.value)
   assert fake_convert == []  # refused before the conversion check
   bad = tmp_path / 'bad.pth'
   bad.write_bytes(b'bad checkpoint')
   with pytest.raises(UserError) as error:
-    zoo.add('resnet50_noisymix', [str(bad)])
+    checkpoints.add('resnet50_noisymix', [str(bad)])
   assert 'does not convert as resnet50_noisymix' in str(error.value)
   assert 'fit no ResNet-50' in str(error.value) and '\n' not in str(error.value)
   for model_id in ('robust_resnet50_l2_eps3', 'resnet50_noisymix'):
     assert zoo.missing(model_id) and leftovers(model_id) == []
     assert cache.recorded(model_id, registry.get(model_id).sources[0]) is None
   with pytest.raises(UserError, match=r'takes 2 file\(s\)'):
-    zoo.add('resnet50_dino', [str(bad)])
+    checkpoints.add('resnet50_dino', [str(bad)])
   with pytest.raises(UserError, match='no such file'):
-    zoo.add('resnet50_noisymix', [str(tmp_path / 'absent.pth')])
+    checkpoints.add('resnet50_noisymix', [str(tmp_path / 'absent.pth')])
+
+
+def test_register_keeps_files_without_converting_them(env, tmp_path, fake_convert):
+  """lc_jax.zoo converts nothing: `register` checks the digest, copies and records; the check
+  that the files convert is the caller's (lc_jax.checkpoints.add passes it)."""
+  bad = tmp_path / 'bad.pth'
+  bad.write_bytes(b'bad checkpoint')
+  (path,) = zoo.register('resnet50_noisymix', [str(bad)])
+  assert fake_convert == [] and open(path, 'rb').read() == b'bad checkpoint'
+  checked = []
+  zoo.register('resnet50_swav', [str(bad), str(bad)],
+               check=lambda entry, paths: checked.append((entry.id, paths)))
+  assert checked == [('resnet50_swav', [str(bad), str(bad)])]
+  wrong = tmp_path / 'robust.ckpt'
+  wrong.write_bytes(b'not the madrylab file')
+  with pytest.raises(UserError, match=MADRY_SHA_L2_EPS3):  # the digest, before `check`
+    zoo.register('robust_resnet50_l2_eps3', [str(wrong)], check=lambda *a: checked.append(a))
+  assert len(checked) == 1 and zoo.missing('robust_resnet50_l2_eps3')
+  assert not hasattr(zoo, 'add')  # lc_jax.checkpoints.add: the one add that checks
 
 
 def test_add_with_the_real_converter(env, tmp_path):
-  converters = pytest.importorskip('converters')
-  if not hasattr(converters, 'convert_layout'):
-    pytest.skip('converters.convert_layout (converters/layouts.py) does not exist yet')
   timm = pytest.importorskip('timm')
   safetensors_torch = pytest.importorskip('safetensors.torch')
   good = tmp_path / 'model.safetensors'
   state = timm.create_model('resnet50', pretrained=False).state_dict()
   safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(good))
-  (path,) = zoo.add('resnet50.a1_in1k', [str(good)])
+  (path,) = checkpoints.add('resnet50.a1_in1k', [str(good)])
   assert open(path, 'rb').read() == good.read_bytes()
   garbage = tmp_path / 'garbage.safetensors'
   garbage.write_bytes(b'\0' * 64)
   with pytest.raises(UserError, match='does not convert as resnet50.a2_in1k'):
-    zoo.add('resnet50.a2_in1k', [str(garbage)])
+    checkpoints.add('resnet50.a2_in1k', [str(garbage)])
   assert zoo.missing('resnet50.a2_in1k')
 
 
@@ -596,7 +613,7 @@ def test_cli_fetch_reports_each_failure_and_exits_1(env, server):
 
 
 @pytest.mark.parametrize('args, message', [
-    (('info', 'resnet50_dinoo'), "unknown model id 'resnet50_dinoo'; did you mean resnet50_dino"),
+    (('info', 'resnet50_dinoo'), "unknown model id 'resnet50_dinoo' (did you mean resnet50_dino"),
     (('fetch',), 'fetch takes model ids, or --all, or --category C'),
     (('fetch', '--all', 'resnet50_dino'), 'fetch takes model ids, or --all, or --category C'),
     (('fetch', 'resnet50_dino', 'nope'), "unknown model id 'nope'"),

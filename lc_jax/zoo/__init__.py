@@ -4,8 +4,10 @@ and a verified local copy of its files.
     from lc_jax import zoo
     entry = zoo.get('robust_resnet50_l2_eps3')   # Entry: sources, recipe, mean/std, top-1, notes
     paths = zoo.fetch(entry.id)                  # downloads once, checks sha256 on every use
-    arch, variables, meta = converters.convert_layout(paths, entry.recipe, 'resnet50',
-                                                      mean=entry.mean, std=entry.std)
+    arch, variables, meta = lc_jax.checkpoints.convert(f'zoo:{entry.id}')  # fetched, converted
+
+The zoo fetches and keeps files; it converts none (lc_jax.checkpoints does, and its `add`
+checks that files downloaded by hand convert before `register` keeps them).
 
 Command line: python -m lc_jax.zoo list | info ID | fetch ID... | fetch --all | add ID FILE.
 Downloads need the `zoo` extra (pip install "lc-jax[zoo]"). Environment: LC_JAX_ZOO_DIR (the
@@ -15,8 +17,8 @@ prefix rewrites; see transport).
 
 from lc_jax.zoo.cache import cache_dir
 from lc_jax.zoo.entries import Entry, Source
-from lc_jax.zoo.files import add, digests, fetch, missing
+from lc_jax.zoo.files import digests, fetch, missing, register
 from lc_jax.zoo.registry import CATEGORIES, get, ids
 
-__all__ = ['CATEGORIES', 'Entry', 'Source', 'add', 'cache_dir', 'digests', 'fetch', 'get', 'ids',
-           'missing']
+__all__ = ['CATEGORIES', 'Entry', 'Source', 'cache_dir', 'digests', 'fetch', 'get', 'ids',
+           'missing', 'register']

@@ -4,6 +4,7 @@
     info ID                         one model in full: sources, sha256, cache paths, notes
     fetch ID... | --all | --category C    downloads (and verifies) the models' files
     add ID FILE [FILE]              registers files downloaded by hand (backbone, then head)
+                                    once they convert (lc_jax.checkpoints.add)
 
 `fetch` goes on past a model that fails, reports each failure, and exits 1 at the end if any did.
 """
@@ -14,14 +15,16 @@ import functools
 import sys
 from typing import Sequence
 
-import converters  # noqa: F401  # zoo add checks that files convert (converters.zoo_check)
+from lc_jax import checkpoints
 from lc_jax import errors
+from lc_jax import launch
+from lc_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 from lc_jax.errors import UserError
 from lc_jax.zoo import cache
 from lc_jax.zoo import files
 from lc_jax.zoo import registry
 from lc_jax.zoo import transport
-from lc_jax.zoo.entries import IMAGENET_MEAN, IMAGENET_STD, Entry
+from lc_jax.zoo.entries import Entry
 
 USAGE = ('python -m lc_jax.zoo list [--category C] | info ID | fetch ID... | fetch --all | '
          'fetch --category C | add ID FILE [FILE]')
@@ -124,10 +127,10 @@ def main(argv: Sequence[str]) -> None:
     if len(args) < 2:
       raise UserError('add takes a model id and its file(s): python -m lc_jax.zoo add ID FILE '
                       '[FILE]')
-    for path in files.add(args[0], args[1:], trust_pickle=f.trust_pickle):
+    for path in checkpoints.add(args[0], args[1:], trust_pickle=f.trust_pickle):
       print(f'added {path}')
   else:
-    raise UserError(f'unknown command {command!r}: {USAGE}')
+    raise errors.unknown('command', command, ('list', 'info', 'fetch', 'add'))
 
 
 def _no_args(command: str, args: Sequence[str]) -> None:
@@ -145,4 +148,4 @@ def run() -> None:
   flags.DEFINE_bool('progress', True, 'fetch: show download progress bars.')
   flags.DEFINE_bool('trust_pickle', False, 'add: let the conversion check unpickle arbitrary '
                     'objects (only for files from a source you trust).')
-  app.run(main, flags_parser=functools.partial(errors.parse_flags, usage=__doc__))
+  app.run(main, flags_parser=functools.partial(launch.parse_flags, usage=__doc__))

@@ -1,8 +1,11 @@
-"""`fetch`: a model's verified local files, downloading what the cache lacks; `add`: files
-downloaded by hand.
+"""`fetch`: a model's verified local files, downloading what the cache lacks; `register`:
+files downloaded by hand.
 
     paths = zoo.fetch('resnet50_dino')          # [backbone, head], each hashed and checked
-    zoo.add('resnet50_noisymix', ['~/Downloads/noisymix.pth'])   # Drive over its quota
+    zoo.register('resnet50_noisymix', ['~/Downloads/noisymix.pth'])   # Drive over its quota
+
+The zoo keeps files and converts none: lc_jax.checkpoints.add registers files after checking
+that they convert (`python -m lc_jax.zoo add`).
 """
 
 from __future__ import annotations
@@ -73,10 +76,12 @@ def _download(entry: Entry, source: Source, table: Mapping[str, str], progress: 
     return cache.install(entry.id, source, new_file, origin)
 
 
-def add(model_id: str, files: Sequence[str], *, trust_pickle: bool = False) -> list[str]:
+def register(model_id: str, files: Sequence[str], *,
+             check: Callable[[Entry, list[str]], None] | None = None) -> list[str]:
   """Registers `files` (in the registry's order: backbone, then head) as `model_id`'s, after
-  checking a known sha256 and that they convert; copies them into the cache and records their
-  sha256. Anything wrong is one UserError, and then nothing is added."""
+  checking a known sha256 and then calling `check(entry, paths)` (which raises a UserError to
+  refuse them; lc_jax.checkpoints.add checks that they convert); copies them into the cache and
+  records their sha256. Anything wrong is one UserError, and then nothing is added."""
   entry = registry.get(model_id)
   names = ', '.join(s.filename for s in entry.sources)
   if len(files) != len(entry.sources):
@@ -91,9 +96,8 @@ def add(model_id: str, files: Sequence[str], *, trust_pickle: bool = False) -> l
     got = cache.sha256(file)
     if want is not None and got != want:
       raise cache.mismatch(model_id, source, file, got, want, where, by_hand=True)
-  if check_converts is None:
-    raise RuntimeError('lc_jax.zoo.add checks that the files convert: import converters first')
-  check_converts(entry, files, trust_pickle)
+  if check is not None:
+    check(entry, files)
   with cache.staging(model_id) as into:
     copies = []
     for file, source in zip(files, entry.sources):
@@ -106,7 +110,3 @@ def add(model_id: str, files: Sequence[str], *, trust_pickle: bool = False) -> l
     return [cache.install(model_id, source, copy, file)
             for copy, source, file in zip(copies, entry.sources, files)]
 
-
-# How `add` checks that files convert: set by `converters` when it is imported (it converts,
-# and it sits above the zoo, which fetches files and knows no converter).
-check_converts: Callable[[Entry, Sequence[str], bool], None] | None = None
