@@ -22,7 +22,7 @@ them, decoded or from the cache; compute = evaluating the original and every res
 taken out; rest = the run's other work; ahead = the seconds its conversion took in the
 background while the model before it computed, not part of its wall time), the device's busy
 fraction (the run's measured `device_busy` / wall: the share of the wall time in which the
-device had reset work unfinished, lc_jax.evaluate.Busy; a lower bound), the model FLOPs it executed (2 * MACs of every conv and linear,
+device had reset work unfinished, lc_jax.timing.Busy; a lower bound), the model FLOPs it executed (2 * MACs of every conv and linear,
 counted on the timm model with forward hooks, padding rows included) against the protocol's
 minimum (the original, and per reset the forward from the reset layer on, over the images), and
 the executed FLOP/s while computing. Then the overhead (conversion + compile + images) of each
@@ -245,4 +245,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=errors.parse_flags)
+  app.run(main, flags_parser=launch.parse_flags)

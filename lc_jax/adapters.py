@@ -60,7 +60,7 @@ def adapt(model: Any, variables: dict | None, example: jax.Array, *,
     raise TypeError('a linen model needs its variables')
   variables = {c: variables[c] for c in COLLECTIONS if c in variables}
   if hasattr(model, 'segments'):
-    spec = _registered_spec(model)
+    spec = registered_spec(model)
     layers = layers_lib.inventory(model, spec.block_depth)
     name = scheme or spec.init_scheme
     return Adapted(layers, variables, model.apply,
@@ -73,7 +73,7 @@ def adapt(model: Any, variables: dict | None, example: jax.Array, *,
   return Adapted(layers, variables, model.apply, draw)
 
 
-def _registered_spec(module: nn.Module) -> models.Architecture:
+def registered_spec(module: nn.Module) -> models.Architecture:
   for name in models.names():
     spec = models.get(name)
     if isinstance(module, spec.build) and all(

@@ -17,6 +17,7 @@ results.csv rows. Nothing is written unless asked.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -29,14 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lc_jax import adapters
-from lc_jax import config as lc_config
+from lc_jax import batches as batches_lib
+from lc_jax import engine
 from lc_jax import evaluate
-from lc_jax import layers as layers_lib
-from lc_jax import metrics
+from lc_jax import models
 from lc_jax import report
 from lc_jax import reset as reset_lib
+from lc_jax import results
 from lc_jax import schema
-from lc_jax.data.loader import pad
+from lc_jax import workdir as workdir_lib
 from lc_jax.errors import UserError
 
 
@@ -77,7 +79,8 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
                 key: jax.Array | None = None, batch_size: int = 256, alpha: float = 0.0,
                 source: dict | None = None, scheme: str | None = None,
                 fresh: Callable[[jax.Array], Any] | None = None, keep_per_image: bool = False,
-                model_id: str | None = None) -> Result:
+                model_id: str | None = None, workdir: str | None = None,
+                progress: bool = False, mesh: jax.sharding.Mesh | None = None) -> Result:
   """How far each selected layer's reset moves the predictions on `images`.
 
   `images`: an array (N, H, W, C), uint8 (scaled by 1/255) or float (a registered model takes
@@ -93,6 +96,14 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
   `model_id` labels the rows: by default the architecture's name when `model` is one, else
   'model'.
 
+  The loop is run.py's (lc_jax.engine). `workdir=DIR` makes it durable as run.py's: rows are
+  appended to DIR/results.csv as they are measured, partial sums saved between batches, the
+  folder locked while it runs and DIR/run.json written; a call on the same DIR after an
+  interrupt resumes and returns the same rows. It needs the images as one array (their digest
+  is part of the run's identity, with the variables' and the settings). `progress=True` shows
+  progress on stderr; `mesh` (lc_jax.sharding.make_mesh) places the batches and variables over
+  several devices.
+
   Bad input is one UserError before any work: images that are not (N, H, W, C), of another
   dtype, not finite, or that the model does not run on (channels first, a channel count its
   first layer does not take); labels that are not integer classes of the model, one per image;
@@ -104,6 +115,12 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
   _check_count('trials', trials)
   _check_count('batch_size', batch_size)
   _check_model(model, variables)
+  reset_lib.check_mode(mode)
+  if mode == 'checkpoint' and source is None:
+    raise UserError("mode 'checkpoint' needs the other checkpoint's variables as source=")
+  if workdir is not None and not isinstance(images, (np.ndarray, jax.Array)):
+    raise UserError('workdir= needs the images as one array (N, H, W, C): their digest is part '
+                    "of the run's identity; an iterable of batches runs without a workdir")
   if model_id is None:
     model_id = model if isinstance(model, str) else 'model'
   batches = _batches(images, labels, batch_size)
@@ -112,100 +129,73 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
     raise UserError('the image set is empty')
   adapted, takes = _adapt(model, variables, first, scheme=scheme, fresh=fresh)
   takes.check(first)
-  types = [t.strip() for t in layers.split(',')] if isinstance(layers, str) else list(layers)
-  if mode == 'skip':
-    types += [t for t in ('batchnorm', 'layer_scale') if t not in types]
-  targets = layers_lib.select(adapted.layers, types, pattern, granularity)
-  if mode == 'skip':
-    targets = [t for t in targets if any(layer.residual for layer in t.layers)]
-  reset_lib.check_mode(mode)
-  if mode == 'checkpoint' and source is None:
-    raise UserError("mode 'checkpoint' needs the other checkpoint's variables as source=")
-  num_trials = trials if mode in lc_config.RANDOM_MODES else 1
-  # A trial's reset weights go to the device once (fresh draws are host arrays), not at
-  # every reset of every batch.
-  resets = {t: reset_lib.make(mode, adapted.layers, alpha=alpha, source=jax.device_put(
-      adapted.fresh(jax.random.fold_in(key, t)) if mode in lc_config.RANDOM_MODES else source))
-            for t in range(num_trials)}
-  run = _Runner(adapted)
-  # Resets grouped by the segment they start from (0 for every one without segments).
-  todo: dict[int, list[tuple[int, layers_lib.Target]]] = {}
-  for target in targets:
-    todo.setdefault(run.start(target), []).extend((t, target) for t in range(num_trials))
-  todo = dict(sorted(todo.items()))
-  starts = list(todo)
+  types = layers.split(',') if isinstance(layers, str) else list(layers)
+  targets = reset_lib.targets(adapted.layers, mode, types, pattern, granularity)
+  plan = engine.Plan(model_id, targets, mode, trials, alpha)
+  forward = evaluate.Forward(adapted.module, adapted.layers, mesh, apply=adapted.apply)
+  placed = forward.replicate(adapted.variables)  # one copy on the devices
+  has_labels = first.labels is not None
+  num_batches = -(-len(images) // batch_size) if workdir is not None else None
 
-  total, sums, kept, has_labels = None, {}, {}, first.labels is not None
-  finite = jnp.asarray(True)
-  for batch in _chain(first, batches):
-    if batch is not first:
-      takes.check(batch)
-      if (batch.labels is not None) != has_labels:
-        raise UserError(f'{batch.where} has {"labels" if batch.labels is not None else "no labels"}'
-                        f' and batch 0 {"has them" if has_labels else "has none"}: give labels '
-                        'with every batch or with none')
-    x, y, mask, count = run.put(batch.images, batch.labels)
-    reference = run(adapted.variables, x, 0, None)
-    finite &= jnp.all(jnp.isfinite(reference) | ~mask[:, None])  # checked once, at the end
-    total = metrics.accumulate(total, metrics.per_image(reference, None, y, mask))
-    h = run(adapted.variables, x, 0, starts[0])
-    for k, next_k in zip(starts, starts[1:] + [None]):
-      for trial, target in todo[k]:
-        logits = run(resets[trial](adapted.variables, target), h, k, None)
-        values = metrics.per_image(reference, logits, y, mask)
-        sums[(trial, target.name)] = metrics.accumulate(sums.get((trial, target.name)), values)
-        if keep_per_image:
-          kept.setdefault((trial, target.name), []).append(np.asarray(values['crit'])[:count])
-      if next_k is not None:
-        h = run(adapted.variables, h, k, next_k)
+  def host_batches():  # each batch checked as it comes, padded to the devices: one chunk
+    for batch in _chain(first, batches):
+      if batch is not first:
+        takes.check(batch)
+        if (batch.labels is not None) != has_labels:
+          raise UserError(f'{batch.where} has '
+                          f'{"labels" if batch.labels is not None else "no labels"} and batch 0 '
+                          f'{"has them" if has_labels else "has none"}: give labels with every '
+                          'batch or with none')
+      mask = np.ones(len(batch.images), bool)
+      yield [batches_lib.pad_batch(batch.images, batch.labels, mask, forward.rows_multiple)]
 
-  if not bool(finite):
-    raise UserError("the model's own logits are not finite (NaN or inf) on some of the images: "
-                    'no criticality can be measured against them')
-  original = metrics.finalize(total, has_labels)
-  original['recovered_acc'] = 1.0 if has_labels else float('nan')
-  num_images = int(total['count'])
-  rows = [schema.row(model_id, num_images, schema.ORIGINAL, 0, 'none', (), original)]
-  for target in targets:
-    for trial in range(num_trials):
-      measured = metrics.finalize(sums[(trial, target.name)], has_labels, original['top1_acc'])
-      rows.append(schema.row(model_id, num_images, target.name, trial, mode, target.layers,
-                             measured))
-  rows = [{**row, 'run_id': 'api'} for row in rows]
-  return Result(rows, {k: np.concatenate(v) for k, v in kept.items()})
+  def run(store) -> Result:
+    walk = engine.Walk(plan, forward, placed, store, has_labels=has_labels,
+                       num_batches=num_batches, num_images=len(images) if num_batches else None,
+                       show=progress, keep_per_image=keep_per_image)
+    # A trial's reset weights go to the devices once (fresh draws are host arrays), not at
+    # every reset of every batch.
+    resets = {t: reset_lib.make(mode, adapted.layers, alpha=alpha, source=forward.replicate(
+        adapted.fresh(jax.random.fold_in(key, t)) if mode in reset_lib.RANDOM_MODES else source))
+              for t in walk.pending_trials}
+    if walk.needed:
+      walk.compile(batches_lib.pad_batch(first.images, first.labels,
+                                         np.ones(len(first.images), bool), forward.rows_multiple))
+    walk.run(host_batches(), resets)
+    return Result(list(store.rows), walk.per_image)
+
+  if workdir is None:
+    return run(engine.Memory())
+  run_info = {
+      'config': {'layers': types, 'pattern': pattern, 'granularity': granularity, 'mode': mode,
+                 'trials': plan.num_trials, 'alpha': alpha, 'scheme': scheme,
+                 'batch_size': batch_size, 'key': np.asarray(jax.random.key_data(key)).tolist(),
+                 'model_id': model_id},
+      'checkpoint_sha256': models.store.digest(jax.device_get(adapted.variables)),
+      'source_sha256': (models.store.digest(jax.device_get(source)) if source is not None
+                        else None),
+      'images': {'content': _content_digest(images, labels)},
+      'targets': [t.name for t in targets], 'model_id': model_id, 'num_images': len(images)}
+  with workdir_lib.Lock(workdir):
+    store = results.Store(workdir, run_info)
+    try:
+      return run(store)
+    finally:
+      store.close()
 
 
-class _Runner:
-  """Runs an adapted model: by segments on the device mesh (prefix reuse) when it has them, else
-  its whole jitted apply (segment 0 is then the only one)."""
-
-  def __init__(self, adapted: adapters.Adapted):
-    self.forward = (evaluate.Forward(adapted.module, adapted.layers)
-                    if adapted.module is not None else None)
-    self._apply = jax.jit(adapted.apply)
-
-  def start(self, target: layers_lib.Target) -> int:
-    return self.forward.start(target) if self.forward else 0
-
-  def put(self, images: np.ndarray, labels: np.ndarray | None):
-    """(images, labels, mask, count) of a batch padded to a multiple of the devices."""
-    count = len(images)
-    rows = self.forward.rows_multiple if self.forward else 1
-    labels = np.full(count, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
-    mask = np.ones(count, bool)
-    parts = (pad(np.asarray(images), rows), pad(labels, rows, -1), pad(mask, rows, False))
-    if self.forward:
-      return (*(self.forward.put(p) for p in parts), count)
-    return (*(jnp.asarray(p) for p in parts), count)
-
-  def __call__(self, variables: dict, x: jax.Array, start: int, stop: int | None) -> jax.Array:
-    if self.forward:
-      return self.forward(variables, x, start, stop)
-    if start == 0 and stop == 0:
-      return x  # the input of segment 0
-    if x.dtype == jnp.uint8:
-      x = x.astype(jnp.float32) / 255.0
-    return self._apply(variables, x)
+def _content_digest(images: np.ndarray, labels) -> str:
+  """sha256 of the images' shape, dtype and bytes, and of the labels'."""
+  hasher = hashlib.sha256()
+  for array in (images, labels):
+    if array is None:
+      hasher.update(b'none')
+      continue
+    array = np.ascontiguousarray(np.asarray(array))
+    hasher.update(f'{array.shape}{array.dtype}'.encode())
+    for start in range(0, len(array), _CHUNK):
+      hasher.update(array[start:start + _CHUNK].tobytes())
+  return hasher.hexdigest()
 
 
 @dataclasses.dataclass

@@ -9,7 +9,8 @@ Fields (RunConfig):
 - model: checkpoint (a file, bundled:NAME, or zoo:ID for a model of the paper's zoo), arch
   (empty: inferred), id (the row label in results; empty: the checkpoint's file name),
   trust_pickle, allow_nonfinite (keep weights that hold NaN or inf, refused by default), offline
-  and mirrors (for zoo:ID, see lc_jax.zoo);
+  and mirrors (for zoo:ID, see lc_jax.zoo); or factory instead of checkpoint and arch:
+  package.module:function returning your own Flax model (lc_jax.factory);
 - data: see lc_jax.data.config (source, path, num_images, batch_size, seed, order, sizes, ...);
 - reset: mode (fresh, zero, checkpoint, interpolate, skip), layer_types ('conv,linear'; add
   batchnorm for the reference code's default; layernorm, embedding, layer_scale, attn_qkv,
@@ -32,6 +33,9 @@ Fields (RunConfig):
   batches). Bounds the activation the walk keeps and each segment's temporaries for a large
   data.batch_size; the numbers are the same within float32 rounding (a batch is only the unit
   of saved progress); chunks are a multiple of the device count;
+- keep_per_image: also write WORKDIR/per_image.npz, each (trial, layer)'s criticality per image
+  (keys 'TRIAL/LAYER', float64 over the decoded images in image order), durably and resumably,
+  for the report's bootstrap over images and paired differences; one process only;
 - progress: show progress (lc_jax.progress: live bars on a terminal, else a line at most every
   $LC_JAX_PROGRESS_EVERY seconds); verbose: also a line per finished row with its criticality;
 - cache_dir: where decoded images are cached (empty: default);
@@ -42,21 +46,21 @@ Fields (RunConfig):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from typing import Any, Mapping
 
 import ml_collections
 
+from lc_jax import reset as reset_lib
 from lc_jax.data.config import DataConfig
-from lc_jax.errors import did_you_mean
+from lc_jax import errors
 from lc_jax.errors import UserError
 
 MATMUL_PRECISIONS = ('highest', 'high', 'default', 'float32', 'tensorfloat32', 'bfloat16')
-RANDOM_MODES = ('fresh', 'interpolate')
 # Fields that change how a run is shown or how fast it goes, not what it measures: a workdir
 # may be resumed with other values.
-NOT_MEASURED = ('progress', 'verbose', 'cache_dir', 'reuse_prefix', 'spread_resets',
+NOT_MEASURED = ('progress', 'verbose', 'keep_per_image', 'cache_dir', 'reuse_prefix',
+                'spread_resets',
                 'chunk_size', 'data.workers', 'model.offline', 'model.mirrors',
                 'model.allow_nonfinite', 'compilation_cache_dir')
 
@@ -66,6 +70,7 @@ class ModelConfig:
   """Which checkpoint, as which architecture, under which name."""
 
   checkpoint: str = ''
+  factory: str = ''  # package.module:function giving your own Flax model (lc_jax.factory)
   arch: str = ''
   id: str = ''
   trust_pickle: bool = False
@@ -88,13 +93,8 @@ class ResetConfig:
 
   @property
   def types(self) -> list[str]:
-    """layer_types as a list; skip brings in the layers that end a branch, which it zeroes
-    (BatchNorm in ResNets and EfficientNets, layer scale in ConvNeXts; a ViT's branch ends are
-    Linears, selected by type: attn_proj, mlp or both with linear)."""
-    types = [t.strip() for t in self.layer_types.split(',') if t.strip()]
-    if self.mode == 'skip':
-      types += [t for t in ('batchnorm', 'layer_scale') if t not in types]
-    return types
+    """layer_types as a list, with what the mode adds (lc_jax.reset.layer_types)."""
+    return reset_lib.layer_types(self.mode, self.layer_types.split(','))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +112,7 @@ class RunConfig:
   reuse_prefix: bool = True
   spread_resets: int = 1
   chunk_size: int = 0
+  keep_per_image: bool = False  # WORKDIR/per_image.npz: each row's criticality per image
   progress: bool = True
   verbose: bool = False
   cache_dir: str = ''
@@ -120,7 +121,7 @@ class RunConfig:
   @property
   def num_trials(self) -> int:
     """Trials run: the deterministic modes give the same numbers every time, so one."""
-    return self.trials if self.reset.mode in RANDOM_MODES else 1
+    return reset_lib.trials(self.reset.mode, self.trials)
 
   def measured(self) -> dict[str, Any]:
     """The fields that change the numbers (all but NOT_MEASURED), as a plain dict."""
@@ -159,10 +160,9 @@ def check(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig) -> 
 def _refuse_unknown(values: Mapping[str, Any], cls, prefix: str) -> None:
   fields = {f.name: f for f in dataclasses.fields(cls)}
   for key, value in values.items():
-    if key not in fields:
-      close = difflib.get_close_matches(key, list(fields), n=1)
-      hint = f'; did you mean {prefix}{close[0]}?' if close else ''  # the full dotted key
-      raise UserError(f'unknown config key {prefix}{key}{hint}')
+    if key not in fields:  # named by the full dotted key
+      raise errors.unknown('config key', prefix + key, [prefix + name for name in fields],
+                           listed_by='docs/command_line.md')
     default = fields[key].default
     if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
       _refuse_unknown(value, type(default), f'{prefix}{key}.')
@@ -194,26 +194,34 @@ def _check_values(run: RunConfig) -> None:
   from lc_jax import reset  # pylint: disable=g-import-not-at-top
 
   model, reset_ = run.model, run.reset
-  if not model.checkpoint:
+  if model.factory:
+    from lc_jax import factory  # pylint: disable=g-import-not-at-top
+    if model.checkpoint or model.arch:
+      raise UserError('model.factory and model.checkpoint (with model.arch) exclude each other: '
+                      'give one, and leave the other empty (--config.model.checkpoint= '
+                      '--config.model.arch=)')
+    factory.check(model.factory)
+    if reset_.mode == 'checkpoint':
+      raise UserError('reset.mode=checkpoint takes converted checkpoint weights: it needs '
+                      'model.checkpoint, not model.factory')
+  elif not model.checkpoint:
     raise UserError('no checkpoint is set: give --config.model.checkpoint=PATH (a .pth, .pt, '
-                    '.pth.tar, .ckpt or .safetensors file, bundled:NAME, or zoo:ID)')
-  checkpoints.check(model.checkpoint, 'model.checkpoint')
+                    '.pth.tar, .ckpt or .safetensors file, bundled:NAME, or zoo:ID), or '
+                    '--config.model.factory=package.module:function')
+  else:
+    checkpoints.check(model.checkpoint, 'model.checkpoint')
   if model.arch and model.arch not in models.names():
-    raise UserError(f'unknown architecture model.arch={model.arch!r}'
-                    f'{did_you_mean(model.arch, models.names())} (known: '
-                    f'{", ".join(models.names())})')
+    raise errors.unknown('architecture', model.arch, models.names())
   reset.check_mode(reset_.mode)
   if not reset_.types:
     raise UserError(f'reset.layer_types is empty: give one or more of '
                     f'{", ".join(layers.TYPES)}, comma-separated (the paper: conv,linear)')
   unknown = [t for t in reset_.types if t not in layers.TYPES]
   if unknown:
-    raise UserError(f'unknown layer type {unknown[0]!r} in reset.layer_types; choose from '
-                    f'{", ".join(layers.TYPES)}')
+    raise errors.unknown('layer type', unknown[0], layers.TYPES)
   layers.check_pattern(reset_.layers)
   if reset_.granularity not in layers.GRANULARITIES:
-    raise UserError(f'unknown reset.granularity {reset_.granularity!r}; choose from '
-                    f'{", ".join(layers.GRANULARITIES)}')
+    raise errors.unknown('reset.granularity', reset_.granularity, layers.GRANULARITIES)
   if reset_.mode == 'skip' and reset_.granularity != 'block':
     raise UserError('reset.mode=skip removes whole residual blocks: set reset.granularity=block')
   if reset_.init_scheme:
@@ -230,8 +238,7 @@ def _check_values(run: RunConfig) -> None:
   if not 0 <= run.seed < 2**32:
     raise UserError(f'seed={run.seed} must lie in [0, 2^32)')
   if run.matmul_precision not in MATMUL_PRECISIONS:
-    raise UserError(f'unknown matmul_precision {run.matmul_precision!r}; choose from '
-                    f'{", ".join(MATMUL_PRECISIONS)}')
+    raise errors.unknown('matmul_precision', run.matmul_precision, MATMUL_PRECISIONS)
   evaluate.compute_dtype(run.precision)  # refuses an unknown precision
   if run.precision == 'tf32' and run.matmul_precision != 'highest':
     raise UserError(f'precision=tf32 sets the matmul precision itself (tensorfloat32); leave '

@@ -14,7 +14,8 @@ handed only its own variables (the layers the inventory assigns to its block), s
 elsewhere does not even reach it. A block that a family can build on its own
 (`module.standalone(k)`: the block module and its variables' path) runs as that module on its
 variables re-rooted, so equal blocks (a stage's blocks after its first, all of a ViT's) are one
-program, compiled once.
+program, compiled once. A model without segments (any Flax model, lc_jax.adapters) is one
+segment, 'model', given by its pure apply: `Forward(None, layers, apply=apply)`.
 
 Devices (lc_jax.sharding): all devices (every process's, with several) form a `Mesh` with axes
 ('resets', 'batch'). Images are sharded along 'batch' (a batch comes padded to a multiple of its
@@ -27,13 +28,8 @@ this is plain jit.
 
 from __future__ import annotations
 
-import collections
-from concurrent import futures
 import dataclasses
 import functools
-import os
-import threading
-import time
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -44,9 +40,11 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lc_jax import batches
 from lc_jax import layers as layers_lib
 from lc_jax import sharding
-from lc_jax.errors import UserError
+from lc_jax import timing
+from lc_jax import errors
 
 # precision: (the dtype activations and matmuls run in, the matmul precision it implies or None
 # for the run's matmul_precision). 'tf32' is float32 storage with TensorFloat-32 convolutions
@@ -59,7 +57,7 @@ PRECISIONS = {'float32': (jnp.float32, None), 'tf32': (jnp.float32, 'tensorfloat
 def compute_dtype(precision: str):
   """The dtype of a precision name (PRECISIONS); an unknown name is refused."""
   if precision not in PRECISIONS:
-    raise UserError(f'unknown precision {precision!r}; choose from {", ".join(PRECISIONS)}')
+    raise errors.unknown('precision', precision, PRECISIONS)
   return PRECISIONS[precision][0]
 
 
@@ -78,16 +76,24 @@ def with_precision(module: nn.Module, precision: str) -> nn.Module:
 class Forward:
   """`module`'s forward by segments; see the module docstring."""
 
-  def __init__(self, module: nn.Module, layers: Sequence[layers_lib.Layer],
-               mesh: Mesh | None = None):
+  def __init__(self, module: nn.Module | None, layers: Sequence[layers_lib.Layer],
+               mesh: Mesh | None = None, apply: Callable[[dict, jax.Array], jax.Array] | None = None):
+    """`module` with segments (lc_jax.models), or, when it is None, a model without them given
+    by its pure `apply(variables, images) -> logits`: then the whole model is one segment,
+    'model', which every reset runs from (no prefix reuse)."""
     self.module = module
-    self.names: tuple[str, ...] = tuple(module.segments())
-    self.index = {name: k for k, name in enumerate(self.names)}
     self.mesh = mesh or sharding.make_mesh()
-    self._paths = segment_paths(self.names, layers)
-    # What each segment's program runs, and the path its variables are re-rooted from.
-    self._runs, self._roots = zip(*(_segment_run(module, k, self._paths[k])
-                                    for k in range(len(self.names))))
+    if module is None:
+      self.names: tuple[str, ...] = ('model',)
+      self._paths = None  # the whole model reads all of its variables
+      self._runs, self._roots = (_Apply(apply),), ((),)
+    else:
+      self.names = tuple(module.segments())
+      self._paths = segment_paths(self.names, layers)
+      # What each segment's program runs, and the path its variables are re-rooted from.
+      self._runs, self._roots = zip(*(_segment_run(module, k, self._paths[k])
+                                      for k in range(len(self.names))))
+    self.index = {name: k for k, name in enumerate(self.names)}
     # The variables are arguments, never constants, and the programs are shared by every
     # Forward of an equal module on the same mesh: a second model of the same architecture,
     # shapes and precision compiles nothing.
@@ -106,6 +112,8 @@ class Forward:
 
   def start(self, target: layers_lib.Target) -> int:
     """The first segment a reset of `target` changes: where its re-run has to begin."""
+    if self._paths is None:
+      return 0
     return min(self.index[layer.block] for layer in target.layers)
 
   def put(self, batch: np.ndarray) -> jax.Array:
@@ -144,7 +152,7 @@ class Forward:
             ) -> tuple[list[jax.stages.Lowered], jax.ShapeDtypeStruct]:
     """Every segment program a forward of `images` (their global shape and dtype) runs, each
     distinct program lowered once (traced, nothing compiled or computed), and the logits'
-    abstract value, placed as the programs leave them. `compile_all` then compiles them
+    abstract value, placed as the programs leave them. `timing.compile_all` then compiles them
     together; the forward's calls find them compiled."""
     replicated, batch = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P('batch'))
     placed = lambda leaf, sharding: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype,
@@ -163,8 +171,8 @@ class Forward:
 
   def compile(self, lowered: Sequence[jax.stages.Lowered]) -> None:
     """Compiles `lowered` (from `lower`, and other programs the run calls) together
-    (`compile_all`), and keeps them with this Forward."""
-    self._compiled += compile_all(lowered)
+    (`timing.compile_all`), and keeps them with this Forward."""
+    self._compiled += timing.compile_all(lowered)
 
   def programs(self, inputs: Sequence[jax.ShapeDtypeStruct]) -> int:
     """How many segment programs a forward compiles, given each segment's input (`inputs`): one
@@ -215,6 +223,8 @@ class Forward:
   def _own(self, variables: dict, k: int) -> dict:
     """Segment k's variables as its program reads them: `_variables_of`, re-rooted at its
     standalone block's path when it has one."""
+    if self._paths is None:
+      return variables
     return _rerooted(self._variables_of(variables, k), self._roots[k])
 
   def _variables_of(self, variables: dict, k: int) -> dict:
@@ -244,11 +254,21 @@ class _Run:
   k: int | None = None
 
   def __call__(self, variables: dict, x: jax.Array) -> jax.Array:
-    if x.dtype == jnp.uint8:  # images as stored; float images come in [0, 1]
-      x = x.astype(jnp.float32) / 255.0
+    x = batches.to_unit(x)  # images as stored; float images come in [0, 1]
     if self.k is None:
       return self.module.apply(variables, x)
     return self.module.apply(variables, x, self.k, self.k + 1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Apply:
+  """What the one program of a model without segments computes: its `apply` on the images, uint8
+  ones scaled to [0, 1]. Compared by identity: one program per model."""
+
+  apply: Callable[[dict, jax.Array], jax.Array]
+
+  def __call__(self, variables: dict, x: jax.Array) -> jax.Array:
+    return self.apply(variables, batches.to_unit(x))
 
 
 def _segment_run(module: nn.Module, k: int, paths: Sequence[tuple[str, ...]]
@@ -305,163 +325,6 @@ def _spread_program(mesh: Mesh, run: _Run, kind: str):
       in_specs=(P('resets') if stacked_vars else P(),
                 P('resets', 'batch') if stacked_input else P('batch')),
       out_specs=P('resets', 'batch')))
-
-
-def compile_all(lowered: Sequence[jax.stages.Lowered]) -> list[jax.stages.Compiled]:
-  """`lowered` compiled ahead of the calls that need them, on worker threads: on the CPU backend
-  one per program up to the CPU count (XLA releases the GIL while it compiles), elsewhere one
-  at a time. On an NVIDIA H200 (jax 0.11.2) concurrent compiles contend for the GPU, where
-  XLA's autotuner times its kernel candidates: the demo's 18 programs took 10.9 s on one
-  thread, 21.2 s on 4 and 20.8 s on 16 (docs/speed.md). $LC_JAX_COMPILE_THREADS overrides
-  the count. Compiled programs land in JAX's caches, where the jitted calls of the same
-  function, arguments and placement find them. An open `Compiles` of the calling thread counts
-  the programs, their compile work, and the wall time of the whole."""
-  if not lowered:
-    return []
-  owner = threading.get_ident()
-
-  def compile_one(program: jax.stages.Lowered) -> jax.stages.Compiled:
-    _WORKER.owner = owner
-    try:
-      return program.compile()
-    finally:
-      _WORKER.owner = None
-  start = time.perf_counter()
-  threads = int(os.environ.get('LC_JAX_COMPILE_THREADS', 0)) or (
-      (os.cpu_count() or 1) if jax.default_backend() == 'cpu' else 1)
-  with futures.ThreadPoolExecutor(min(len(lowered), threads),
-                                  thread_name_prefix='lc_jax_compile') as pool:
-    compiled = list(pool.map(compile_one, lowered))
-  wall = time.perf_counter() - start
-  for counter in _open_here():
-    counter.seconds += wall
-    counter.making += wall
-  return compiled
-
-
-class Compiles:
-  """Counts the XLA programs compiled for this thread while it is open, and their compile time:
-  `with evaluate.Compiles() as compiles: ...; compiles.count, compiles.seconds, compiles.work`.
-  `seconds` is wall time spent compiling (a `compile_all` batch counts its wall time once),
-  `work` the sum of every program's own compile time (more than `seconds` when programs
-  compiled in parallel). Programs read from JAX's persistent compilation cache are counted
-  apart (`compiles.from_cache`); `compiles.making` is the wall time spent making programs at all
-  (tracing, lowering, compiling or reading them). Another thread's programs (a sweep converting
-  the next model in the background) are not this thread's work and are not counted; the
-  threads of this thread's `compile_all` are."""
-
-  def __init__(self):
-    self.count, self.seconds, self.from_cache, self.making = 0, 0.0, 0, 0.0
-    self.work, self.ahead = 0.0, 0  # ahead: programs compiled by compile_all
-    self.thread: int | None = None  # the thread that opened it
-
-  def __enter__(self) -> 'Compiles':
-    self.thread = threading.get_ident()
-    _OPEN.append(self)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    _OPEN.remove(self)
-
-
-_OPEN: list[Compiles] = []
-# JAX times each program it makes in three steps (a jit cache hit makes none of them). Its
-# listeners run on the thread that made the program.
-_MAKING = ('/jax/core/compile/jaxpr_trace_duration',
-           '/jax/core/compile/jaxpr_to_mlir_module_duration',
-           '/jax/core/compile/backend_compile_duration')
-
-
-_WORKER = threading.local()  # .owner: the thread a compile_all worker compiles for
-
-
-def _open_here() -> list[Compiles]:
-  thread = getattr(_WORKER, 'owner', None) or threading.get_ident()
-  return [counter for counter in _OPEN if counter.thread == thread]
-
-
-def _on_duration(event: str, duration: float, **kwargs) -> None:
-  del kwargs
-  if event in _MAKING:
-    worker = getattr(_WORKER, 'owner', None) is not None  # its wall time is compile_all's
-    for counter in _open_here():
-      if not worker:
-        counter.making += duration
-      if event == _MAKING[-1]:
-        counter.count += 1
-        counter.work += duration
-        if worker:
-          counter.ahead += 1
-        else:
-          counter.seconds += duration
-
-
-def _on_event(event: str, **kwargs) -> None:
-  del kwargs
-  if event == '/jax/compilation_cache/cache_hits':
-    for counter in _open_here():  # a cache hit went through the compile timer too: not a compile
-      counter.from_cache += 1
-      counter.count -= 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration)
-jax.monitoring.register_event_listener(_on_event)
-
-
-class Busy:
-  """How long the device was busy, measured from the host without stopping it: work dispatched
-  at time t that is not finished at time t' kept the device busy from t to t' (it, or work
-  queued before it, was running). Call `dispatched(*arrays)` after dispatching work whose small
-  results are `arrays` (kept until seen ready), `segment(x)` after dispatching a segment whose
-  output is `x` (a Forward reports each one through its `on_dispatch`; only the newest is kept,
-  so the clock holds no activation the run has let go), `wait(*arrays)` to block until results
-  are ready (the device was busy until they were), and `poll()` whenever the host looks.
-  `seconds` is the busy time seen so far: a lower bound, missing only time between results
-  becoming ready and the host's next look when the host was not waiting for them; `fraction` is
-  its share of the wall time since the clock started. Works on every backend: it only asks
-  arrays whether they are ready."""
-
-  def __init__(self):
-    self.start = self.covered = time.perf_counter()
-    self.seconds = 0.0
-    # (dispatch time, result), in dispatch order; ready ones are dropped from the front.
-    self._pending: collections.deque[tuple[float, jax.Array]] = collections.deque()
-    self._newest: tuple[float, jax.Array] | None = None  # the newest segment output
-
-  def dispatched(self, *arrays: jax.Array) -> None:
-    self.poll()
-    self._pending.extend((self.covered, array) for array in arrays)
-
-  def segment(self, x: jax.Array) -> None:
-    self.poll()  # the segment before it, unfinished, shows a queue the dispatch may have waited on
-    self._newest = (self.covered, x)
-
-  def wait(self, *arrays: jax.Array) -> None:
-    self.poll()
-    if not all(array.is_ready() for array in arrays):  # the device computes them meanwhile
-      for array in arrays:
-        array.block_until_ready()
-      now = time.perf_counter()
-      self.seconds, self.covered = self.seconds + now - self.covered, now
-    self.poll()
-
-  def poll(self) -> None:
-    """Credits the time since the last look if a result held is not ready yet: the device had
-    work from the oldest such result's dispatch (or the last look) until now."""
-    now = time.perf_counter()
-    while self._pending and self._pending[0][1].is_ready():
-      self._pending.popleft()
-    if self._newest is not None and self._newest[1].is_ready():
-      self._newest = None
-    began = [held[0] for held in (self._pending[0] if self._pending else None, self._newest)
-             if held is not None]
-    if began:
-      self.seconds += now - max(self.covered, min(began))
-    self.covered = now
-
-  @property
-  def fraction(self) -> float:
-    return self.seconds / max(time.perf_counter() - self.start, 1e-9)
 
 
 def segment_paths(names: Sequence[str], layers: Sequence[layers_lib.Layer]

@@ -16,7 +16,6 @@ output removes a residual branch; by default the branch's last BatchNorm).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import functools
 import math
@@ -28,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lc_jax import errors
 from lc_jax.errors import UserError
 
 # 'groupnorm' occurs in models outside the registry (lc_jax.adapters); 'attn_qkv', 'attn_proj'
@@ -45,6 +45,21 @@ TYPES = {'conv': ('conv', 'depthwise_conv'), 'depthwise_conv': ('depthwise_conv'
          'layer_scale': ('layer_scale',)}
 DEFAULT_TYPES = ('conv', 'linear')  # the paper's released results: every Conv2d and Linear
 GRANULARITIES = ('layer', 'block', 'stage')
+# The block and stage of a layer outside every block, and the model's first and last segments
+# (lc_jax.models.common.SegmentedModel): the stem precedes the first block, the head follows.
+STEM = 'stem'
+HEAD = 'head'
+
+
+def outside_blocks(seen_block: bool) -> str:
+  """The block (and stage) of a layer outside every block: the head once a block has been seen
+  in forward order, the stem before."""
+  return HEAD if seen_block else STEM
+
+
+def in_block(block: str) -> bool:
+  """Whether `block` (a layer's block or stage) is a block, not the stem or the head."""
+  return block not in (STEM, HEAD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +70,8 @@ class Layer:
   path: tuple[str, ...]  # Flax path, e.g. ('layer1', '0', 'downsample', '0')
   kind: str  # one of KINDS
   shapes: dict[str, tuple[int, ...]]  # {'params/kernel': (3, 3, 64, 64), 'batch_stats/mean': ...}
-  block: str  # 'layer1.0', or 'stem' / 'head'
-  stage: str  # 'layer1', or 'stem' / 'head'
+  block: str  # 'layer1.0', or STEM / HEAD
+  stage: str  # 'layer1', or STEM / HEAD
   index: int  # position in forward order among all layers
   groups: int = 1  # a conv's feature groups (its output channels for a depthwise conv)
   residual: bool = False  # its block adds a shortcut (identity or projection) to its branch
@@ -123,7 +138,7 @@ def inventory(module: nn.Module, block_depth: int, input_size: int | None = None
     elif len(path) > block_depth:
       block, stage, seen_block = '.'.join(path[:block_depth]), '.'.join(path[:block_depth - 1]), True
     else:
-      block = stage = 'head' if seen_block else 'stem'
+      block = stage = outside_blocks(seen_block)
     layers.append(Layer(name='.'.join(path), path=path,
                         kind=sub_kind(path, _kind(layer_module, leaves)), shapes=leaves,
                         block=block, stage=stage, index=len(layers),
@@ -138,7 +153,7 @@ def inventory(module: nn.Module, block_depth: int, input_size: int | None = None
   else:
     last_bn = {}  # block -> the name of the last BatchNorm on its branch
     for layer in layers:
-      if layer.kind == 'batchnorm' and layer.block not in ('stem', 'head') and not layer.shortcut:
+      if layer.kind == 'batchnorm' and in_block(layer.block) and not layer.shortcut:
         last_bn[layer.block] = layer.name
     ends = set(last_bn.values())
   return [dataclasses.replace(layer, residual=same_shape.get(layer.block, False)
@@ -183,9 +198,9 @@ def select(layers: Sequence[Layer], types: Iterable[str] = DEFAULT_TYPES, patter
     raise UserError(f'no layer type selected: give one or more of {", ".join(TYPES)}')
   unknown = [t for t in types if t not in TYPES]
   if unknown:
-    raise UserError(f'unknown layer type {unknown[0]!r}; choose from {", ".join(TYPES)}')
+    raise errors.unknown('layer type', unknown[0], TYPES)
   if granularity not in GRANULARITIES:
-    raise UserError(f'unknown granularity {granularity!r}; choose from {", ".join(GRANULARITIES)}')
+    raise errors.unknown('granularity', granularity, GRANULARITIES)
   kinds = {k for t in types for k in TYPES[t]}
   typed = [layer for layer in layers if layer.kind in kinds]
   chosen = _match(typed, layers, pattern.strip())
@@ -226,7 +241,7 @@ def _match(typed: list[Layer], every: Sequence[Layer], pattern: str) -> list[Lay
   for item in items:
     hits = {layer.name for layer in typed if _item_matches(item, layer)}
     if not hits and _is_plain_name(item):
-      raise UserError(_unknown_layer(item, names, every))
+      raise _unknown_layer(item, names, every)
     error = None if hits else _regex_error(item)
     if error:
       raise UserError(f'invalid layer pattern {item!r}: it is no regex ({error}), and as a glob '
@@ -285,11 +300,9 @@ def _is_plain_name(pattern: str) -> bool:
   return re.fullmatch(r'[A-Za-z_][\w]*(\.[\w]+)*', pattern) is not None
 
 
-def _unknown_layer(name: str, typed_names: list[str], every: Sequence[Layer]) -> str:
+def _unknown_layer(name: str, typed_names: list[str], every: Sequence[Layer]) -> UserError:
   other = next((layer for layer in every if layer.name == name), None)
   if other is not None:
-    return (f'layer {name!r} is a {other.kind} layer, which the selected types leave out; '
-            f'add {other.kind.replace("depthwise_", "")} to the layer types')
-  close = difflib.get_close_matches(name, typed_names, n=3, cutoff=0.6)
-  hint = f'; did you mean {", ".join(close)}?' if close else ''
-  return f'unknown layer {name!r}{hint} (the model has {len(typed_names)} such layers)'
+    return UserError(f'layer {name!r} is a {other.kind} layer, which the selected types leave '
+                     f'out; add {other.kind.replace("depthwise_", "")} to the layer types')
+  return errors.unknown('layer', name, typed_names)

@@ -19,17 +19,48 @@ Modes (the `mode` of `make`):
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lc_jax import errors
+from lc_jax import layers as layers_lib
 from lc_jax.errors import UserError
 from lc_jax.layers import Layer, Target
 
 MODES = ('fresh', 'zero', 'checkpoint', 'interpolate', 'skip')
+# The modes that draw a fresh model per trial; the others give the same numbers every time.
+RANDOM_MODES = ('fresh', 'interpolate')
+# What 'skip' zeroes besides the selected types: the layers that end a residual branch
+# (BatchNorm in ResNets and EfficientNets, layer scale in ConvNeXts; a ViT's branch ends are
+# Linears, selected by type: attn_proj, mlp or both with linear).
+BRANCH_ENDS = ('batchnorm', 'layer_scale')
 Reset = Callable[[dict, Target], dict]
+
+
+def trials(mode: str, asked: int) -> int:
+  """Trials run: `asked` for a random mode, one for the deterministic ones."""
+  return asked if mode in RANDOM_MODES else 1
+
+
+def layer_types(mode: str, types: Iterable[str]) -> list[str]:
+  """The layer types a reset of `mode` selects from: `types`, and for 'skip' the branch ends."""
+  types = [t.strip() for t in types if t.strip()]
+  if mode == 'skip':
+    types += [t for t in BRANCH_ENDS if t not in types]
+  return types
+
+
+def targets(layers: Sequence[Layer], mode: str, types: Iterable[str], pattern: str = '',
+            granularity: str = 'layer') -> list[Target]:
+  """The targets of a run in forward order (lc_jax.layers.select of `layer_types`); 'skip' keeps
+  only those with a residual layer (the stem and head have no shortcut to return)."""
+  chosen = layers_lib.select(layers, layer_types(mode, types), pattern, granularity)
+  if mode == 'skip':
+    chosen = [t for t in chosen if any(layer.residual for layer in t.layers)]
+  return chosen
 
 
 def _get(tree: dict, path: Iterable[str]):
@@ -135,7 +166,7 @@ def skip(variables: dict, block: Target) -> dict:
 def check_mode(mode: str) -> None:
   """Refuses an unknown reset mode, naming the known ones."""
   if mode not in MODES:
-    raise UserError(f'unknown reset mode {mode!r}; choose from {", ".join(MODES)}')
+    raise errors.unknown('reset mode', mode, MODES)
 
 
 def make(mode: str, all_layers: list[Layer], *, source: dict | None = None,

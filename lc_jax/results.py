@@ -17,9 +17,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from typing import Any, Iterable, Mapping
 
 from absl import logging
+import numpy as np
 
 from lc_jax import schema
 from lc_jax import workdir as workdir_lib
@@ -62,15 +64,15 @@ class Store:
 
   def append(self, row: Mapping[str, Any]) -> None:
     """Writes one row (tagged with this run's run_id) and makes it durable (flush + fsync)."""
-    row = {**row, 'run_id': self.run_id}
+    text = schema.cells({**row, 'run_id': self.run_id})  # formatted once: written and kept
     if self.writer:
       try:
-        self._file.write(schema.format_row(row))
+        self._file.write(schema.line(text))
         self._sync()
       except OSError as e:  # a full disk: the rows written before this one stay
         raise UserError(f'cannot write {self.path}: {e.strerror}; the rows written so far are '
                         'kept: make room and run again to resume') from None
-    self.rows.append(schema.parse_row(schema.cells(row)))
+    self.rows.append(schema.parse_row(text))
     self._keys.add((int(row['trial']), str(row['layer'])))
 
   def save_partial(self, batches_done: int, sums: Mapping[str, Mapping[str, float]]) -> None:
@@ -127,6 +129,47 @@ class Store:
       raise UserError(f'cannot remove {partial}: {e.strerror} (every row is written; delete '
                       'it by hand)') from None
 
+  def save_per_image(self, batch: int, values: Mapping[str, np.ndarray]) -> None:
+    """Makes batch `batch`'s per-image values of every unfinished row durable
+    (PER_IMAGE_PARTIAL/BATCH.npz, written atomically), for a resumed run."""
+    if not self.writer:
+      return
+    folder = os.path.join(self.workdir, schema.PER_IMAGE_PARTIAL)
+    os.makedirs(folder, exist_ok=True)
+    workdir_lib.write_atomically(os.path.join(folder, f'{batch:06d}.npz'), _npz(values))
+
+  def load_per_image(self, batches: int, keys: Iterable[str]) -> dict[str, np.ndarray] | None:
+    """The per-image values of `keys` over the first `batches` batches, as saved by
+    `save_per_image`; None when a batch's file or a key in it is missing or unreadable."""
+    found: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    for batch in range(batches):
+      path = os.path.join(self.workdir, schema.PER_IMAGE_PARTIAL, f'{batch:06d}.npz')
+      try:
+        with np.load(path) as saved:
+          for key, parts in found.items():
+            parts.append(saved[key])
+      except (OSError, KeyError, ValueError):
+        return None
+    return {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in found.items()}
+
+  def write_per_image(self, values: Mapping[str, np.ndarray]) -> None:
+    """Writes every row's per-image values to PER_IMAGE (atomically), with those of rows an
+    earlier run of this workdir measured."""
+    if not self.writer:
+      return
+    path = os.path.join(self.workdir, schema.PER_IMAGE)
+    merged = {}
+    if os.path.exists(path):
+      with np.load(path) as saved:
+        merged = {key: saved[key] for key in saved.files}
+    merged.update(values)
+    workdir_lib.write_atomically(path, _npz(merged))
+
+  def clear_per_image(self) -> None:
+    """Drops the per-batch values once PER_IMAGE and every row are written."""
+    if self.writer:
+      shutil.rmtree(os.path.join(self.workdir, schema.PER_IMAGE_PARTIAL), ignore_errors=True)
+
   def close(self) -> None:
     if self._file is not None:
       file, self._file = self._file, None
@@ -164,6 +207,13 @@ class Store:
         os.fsync(f.fileno())
     self._keys = {(r['trial'], r['layer']) for r in rows}
     return rows
+
+
+def _npz(values: Mapping[str, np.ndarray]) -> bytes:
+  """`values` as the bytes of an .npz file (float64 arrays)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **{key: np.asarray(value, np.float64) for key, value in values.items()})
+  return buffer.getvalue()
 
 
 def _sha256(state: Mapping[str, Any]) -> str:

@@ -27,8 +27,13 @@ PARTIAL = 'partial.json'
 SWEEP = 'sweep.json'  # a sweep's folder: its models, those done, those that failed
 LOCK = '.lock'  # held by the run that writes the workdir (lc_jax.workdir)
 MODEL = 'model'  # the converted checkpoint, a folder
+# Each (trial, layer)'s criticality per image (keep_per_image): keys 'TRIAL/LAYER', float64
+# arrays over the decoded images in image order; while a run goes, each finished batch's values
+# of its unfinished rows wait in PER_IMAGE_PARTIAL/BATCH.npz.
+PER_IMAGE = 'per_image.npz'
+PER_IMAGE_PARTIAL = 'per_image.partial'
 # What a run writes in a workdir (or a sweep in its folder): never followed through a link.
-OWN = (RESULTS, RUN, PARTIAL, SWEEP, LOCK, MODEL)
+OWN = (RESULTS, RUN, PARTIAL, SWEEP, LOCK, MODEL, PER_IMAGE, PER_IMAGE_PARTIAL)
 ORIGINAL = 'original'  # the layer of the row holding the original model's own metrics
 
 # The metrics of a row (see lc_jax.metrics), in column order.
@@ -76,8 +81,13 @@ def cells(row: Mapping[str, Any]) -> dict[str, str]:
 
 def format_row(row: Mapping[str, Any]) -> str:
   """One CSV line (with its newline) of `row`'s COLUMNS."""
+  return line(cells(row))
+
+
+def line(text: Mapping[str, str]) -> str:
+  """One CSV line (with its newline) of a row's `cells`."""
   buffer = io.StringIO()
-  csv.writer(buffer, lineterminator='\n').writerow(cells(row).values())
+  csv.writer(buffer, lineterminator='\n').writerow(text.values())
   return buffer.getvalue()
 
 

@@ -13,9 +13,10 @@ whole batch (lc_jax.evaluate.Forward.many). Batches are padded once, where they 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -81,14 +82,16 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
   return jax.tree.map(place, tree)
 
 
-def agreed(step: str, work: Callable[[], Any]) -> Any:
-  """`work()`; with several processes, also a barrier after which all of them fail if any did:
-  the one that failed with its own message, the others saying so (no process is left waiting
-  in a collective for one that stopped). A UserError then comes out `shared` on every process;
-  any other failure comes out of the others as a RuntimeError, so that none of them goes on."""
-  error, result = None, None
+@contextlib.contextmanager
+def agreed(step: str) -> Iterator[None]:
+  """`with agreed('loading the images'): ...` runs the block; with several processes, it is also
+  a barrier after which all of them fail if any did: the one that failed with its own message,
+  the others saying so (no process is left waiting in a collective for one that stopped). A
+  UserError then comes out `shared` on every process; any other failure comes out of the others
+  as a RuntimeError, so that none of them goes on."""
+  error = None
   try:
-    result = work()
+    yield
   except Exception as e:  # pylint: disable=broad-except  # re-raised below
     error = e
   if jax.process_count() > 1:
@@ -104,7 +107,6 @@ def agreed(step: str, work: Callable[[], Any]) -> Any:
         error.shared = True
   if error is not None:
     raise error
-  return result
 
 
 def first_process_digest(digest: str | None) -> str:

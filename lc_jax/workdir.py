@@ -149,12 +149,14 @@ def _holder(path: str) -> str:
     return 'holder unknown'
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Replaces `path` with `text` in one step (fsynced), through a temporary file of its own, so
-  a kill leaves the old file or the new one and two writers never share a temporary file."""
+def write_atomically(path: str, text: str | bytes) -> None:
+  """Replaces `path` with `text` (or bytes) in one step (fsynced), through a temporary file of
+  its own, so a kill leaves the old file or the new one and two writers never share a temporary
+  file."""
   partial = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial'
   try:
-    with open(partial, 'w', encoding='utf-8') as f:
+    with open(partial, 'wb' if isinstance(text, bytes) else 'w',
+              **({} if isinstance(text, bytes) else {'encoding': 'utf-8'})) as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())

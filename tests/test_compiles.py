@@ -17,6 +17,7 @@ from lc_jax import init
 from lc_jax import reset
 from lc_jax import layers as layers_lib
 from lc_jax import models
+from lc_jax import timing
 from tests import run_config
 
 # The random-key programs of a run: one for a trial's key (fold_in(key(seed), trial)), one for
@@ -30,7 +31,7 @@ def _first_run(config, workdir):
   jax.clear_caches()
   config.compilation_cache_dir = 'none'
   config.progress = False
-  with evaluate.Compiles() as compiles:
+  with timing.Compiles() as compiles:
     rows = experiment.run(config, str(workdir))
   return compiles, rows
 
@@ -92,7 +93,7 @@ def test_fresh_draws_make_numpy_leaves_with_the_jax_keys_bits():
   assert np.array_equal(jax.random.key_data(key),
                         jax.random.key_data(jax.random.fold_in(jax.random.key(3), 2)))
   jax.clear_caches()
-  with evaluate.Compiles() as compiles:
+  with timing.Compiles() as compiles:
     fresh = init.fresh_variables(chosen, spec.init_scheme, key)
   assert compiles.count <= 1  # the layer keys, all in one program
   leaves = jax.tree.leaves(fresh)

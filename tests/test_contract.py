@@ -23,6 +23,7 @@ from lc_jax import layers as layers_lib
 from lc_jax import models
 from lc_jax import reset
 from lc_jax import torch_reference
+from lc_jax import timing
 
 SIZE = 64  # small inputs: the contract does not depend on the resolution
 
@@ -85,7 +86,7 @@ def test_segments_chain_to_the_whole_forward(smallest):
   # Programs an earlier test compiled in this process would not be compiled again: count from
   # empty in-memory caches (a program JAX's persistent cache holds counts as read from it).
   jax.clear_caches()
-  with evaluate.Compiles() as compiles:
+  with timing.Compiles() as compiles:
     chained = np.asarray(forward(variables, x))
   difference = np.abs(chained - whole).max()
   programs = forward.programs(

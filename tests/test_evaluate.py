@@ -15,6 +15,7 @@ from lc_jax import evaluate
 from lc_jax import layers as layers_lib
 from lc_jax import models
 from lc_jax import sharding
+from lc_jax import timing
 from lc_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,12 +232,12 @@ class _Result:
 
 
 def test_busy_counts_the_time_dispatched_work_was_unfinished(monkeypatch):
-  """evaluate.Busy, the progress line's device busy share: from a dispatch until the host sees
+  """timing.Busy, the progress line's device busy share: from a dispatch until the host sees
   its result ready counts, idle time does not. On a clock the test sets and results it makes
   ready, the seconds are exact."""
   clock = type('Clock', (), {'now': 100.0})()
-  monkeypatch.setattr(evaluate, 'time', type('Time', (), {'perf_counter': lambda: clock.now}))
-  busy = evaluate.Busy()
+  monkeypatch.setattr(timing, 'time', type('Time', (), {'perf_counter': lambda: clock.now}))
+  busy = timing.Busy()
   clock.now = 103.0
   busy.poll()
   assert busy.seconds == 0  # idle: nothing dispatched
@@ -285,7 +286,7 @@ def test_busy_counts_the_time_dispatched_work_was_unfinished(monkeypatch):
   def work(x):
     return jax.lax.fori_loop(0, 100, lambda _, a: jnp.tanh(a @ x), x)
   work(x).block_until_ready()  # compiled
-  busy = evaluate.Busy()
+  busy = timing.Busy()
   start = time.perf_counter()
   y = work(x)
   busy.dispatched(y)
@@ -300,7 +301,7 @@ def test_compiles_counts_this_threads_programs_and_a_new_cache_folder_takes_effe
   import threading  # pylint: disable=g-import-not-at-top
   first, second = tmp_path / 'first', tmp_path / 'second'
   experiment.use_compilation_cache(str(first))
-  with evaluate.Compiles() as compiles:
+  with timing.Compiles() as compiles:
     jax.jit(lambda x: x * 2 + 1)(np.arange(3.0, dtype=np.float32)).block_until_ready()
     # A program made on another thread (a sweep converting the next model) is not this run's.
     other = threading.Thread(
@@ -319,7 +320,7 @@ def test_compiles_counts_this_threads_programs_and_a_new_cache_folder_takes_effe
   jax.jit(lambda x: x * 5 + 1)(np.arange(3.0, dtype=np.float32)).block_until_ready()
   assert len(os.listdir(second)) == 1 and set(os.listdir(first)) == written
   experiment.use_compilation_cache(str(first))
-  with evaluate.Compiles() as compiles:  # the first program again, from the first folder
+  with timing.Compiles() as compiles:  # the first program again, from the first folder
     jax.jit(lambda x: x * 2 + 1)(np.arange(3.0, dtype=np.float32)).block_until_ready()
   assert (compiles.count, compiles.from_cache) == (0, 1)
   experiment.use_compilation_cache('')  # back to the session's folder
@@ -340,14 +341,15 @@ def test_agreed_fails_every_process_and_shares_only_user_errors(monkeypatch, her
                       lambda kind: np.array([kind, there], np.int32))
 
   def work():
-    if here is not None:
-      raise here('bad input here')
+    with sharding.agreed('reading'):
+      if here is not None:
+        raise here('bad input here')
     return 'result'
   if raised is None:
-    assert sharding.agreed('reading', work) == 'result'
+    assert work() == 'result'
     return
   with pytest.raises(raised) as error:
-    sharding.agreed('reading', work)
+    work()
   if here is None:
     assert str(error.value) == 'process 1 failed while reading; its output says why'
   else:

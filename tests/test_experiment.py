@@ -505,7 +505,7 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
   with pytest.raises(Killed):
     experiment.run(config, str(tmp_path / 'killed'))
   monkeypatch.undo()
-  assert [r['layer'] for r in _rows(tmp_path / 'killed')] == ['original']
+  assert _rows(tmp_path / 'killed') == []  # rows are written after the last batch
   assert (tmp_path / 'killed' / 'partial.json').exists()
 
   # The resumed run takes up the sums of the two batches done and adds the third.

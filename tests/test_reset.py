@@ -18,6 +18,7 @@ from lc_jax import models
 from lc_jax import reset
 from lc_jax.errors import UserError
 from lc_jax import torch_reference as torch_models
+from lc_jax import timing
 
 
 def _inventory(arch):
@@ -74,7 +75,7 @@ def test_selection_by_pattern_range_and_granularity(resnet50_layers):
 
 
 def test_unknown_names_fail_with_the_closest(resnet50_layers):
-  with pytest.raises(UserError, match=r"unknown layer 'layer1.0.conv9'; did you mean layer1.0.conv3"):
+  with pytest.raises(UserError, match=r"unknown layer 'layer1.0.conv9' \(did you mean layer1.0.conv3"):
     layers_lib.select(resnet50_layers, pattern='layer1.0.conv9')
   with pytest.raises(UserError, match='is a batchnorm layer, which the selected types leave out'):
     layers_lib.select(resnet50_layers, pattern='layer1.0.bn1')
@@ -325,7 +326,7 @@ def test_twenty_resets_compile_the_forward_once(trained_and_fresh, resnet50_laye
   forward(trained, images).block_until_ready()
   # Counted as XLA compiles: a reset's new leaves are host arrays where the trained ones sit on
   # the device, which jit's dispatch cache keys apart, but the program is the same one.
-  with evaluate.Compiles() as compiles:
+  with timing.Compiles() as compiles:
     for target in targets:
       forward(reset_fn(trained, target), images).block_until_ready()
   assert compiles.count == 0
