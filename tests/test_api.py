@@ -52,7 +52,12 @@ def _criticality(ref_logits, logits):
 
 # ------------------------------------------------------------------ a registered model -------
 
-def test_a_registered_resnet18_gives_run_pys_results(tmp_path):
+def test_the_api_and_run_py_agree_on_a_registered_resnet18(tmp_path):
+  # Both faces run one engine (lc_jax.engine): this checks that they hand it the same images,
+  # keys, targets and settings, not that its numbers are right. Those are anchored elsewhere:
+  # timm/torchvision logits (test_resnet.py, ...), the float64 numpy metrics and the paper's
+  # torch loop (test_protocol_parity.py, test_crossval.py), resets against timm's
+  # initialisers (test_reset.py).
   torch.manual_seed(0)
   model = torch_reference.calibrated(timm.create_model('resnet18'),
                                      np.random.RandomState(0).rand(4, 64, 64, 3).astype(np.float32))
