@@ -315,3 +315,80 @@ def test_examples_run(script, expect):
                        capture_output=True, text=True, check=False, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert expect in out.stdout
+
+
+# ------------------------------------------------------------------ draws, schemes and modes ---
+
+def test_an_nnx_model_without_fresh_draws_flax_defaults():
+  # No fresh=: each layer is drawn by flax's default initialiser of its class. Truth: the
+  # kernels of an NNX model built anew (other keys) come from the same distribution (a KS test
+  # that rejects a uniform draw of the same std, shown below), biases and BatchNorm as flax's.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  import factory_models  # pylint: disable=g-import-not-at-top
+  model = factory_models.nnx_cnn()
+  adapted = adapters.adapt(model, None, jnp.zeros((1, SIZE, SIZE, 3)))
+  ours = [adapted.fresh(jax.random.key(k))['params'] for k in range(30)]
+  theirs = [nnx.state(factory_models.NnxCNN(nnx.Rngs(100 + k)), nnx.Param) for k in range(30)]
+  for name in ('conv1', 'conv2', 'head'):
+    a = np.concatenate([np.ravel(p[name]['kernel']) for p in ours])
+    b = np.concatenate([np.ravel(s[name]['kernel'][...]) for s in theirs])
+    p_value = stats.ks_2samp(a, b).pvalue
+    uniform = np.random.RandomState(0).uniform(-1, 1, a.size) * np.std(b) * np.sqrt(3)
+    print(f'{name}: KS p {p_value:.3g} against nnx, {stats.ks_2samp(uniform, b).pvalue:.3g} '
+          'for a uniform of the same std')
+    assert p_value > 1e-3 and stats.ks_2samp(uniform, b).pvalue < 1e-3
+    assert all(np.all(np.asarray(p[name]['bias']) == 0) for p in ours)
+  fresh = adapted.fresh(jax.random.key(0))
+  assert np.all(np.asarray(fresh['params']['bn1']['scale']) == 1)
+  assert np.all(np.asarray(fresh['batch_stats']['bn1']['var']) == 1)
+  assert np.all(np.asarray(fresh['batch_stats']['bn1']['mean']) == 0)
+  # And the API runs on it without fresh=: every reset moves the predictions.
+  result = lc_jax.criticality(model, None, _images(4), trials=1, batch_size=4)
+  assert all(row['criticality'] > 0 for row in result.rows[1:])
+
+
+def test_scheme_draws_fresh_layers_with_the_named_scheme():
+  # scheme='pytorch_default': torch's default of nn.Conv2d/nn.Linear, kernels uniform in
+  # +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5)), instead of the linen model's own
+  # lecun normal.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  import factory_models  # pylint: disable=g-import-not-at-top
+  module, variables = factory_models.linen_cnn()
+  example = jnp.zeros((1, SIZE, SIZE, 3))
+  drawn = adapters.adapt(module, variables, example, scheme='pytorch_default').fresh(
+      jax.random.key(0))['params']['conv2']['kernel']
+  bound = 1 / np.sqrt(3 * 3 * 8)
+  values = np.ravel(drawn) / bound
+  assert np.abs(values).max() <= 1 and stats.kstest(values, 'uniform', (-1, 2)).pvalue > 1e-3
+  own = adapters.adapt(module, variables, example).fresh(jax.random.key(0))['params']
+  assert stats.kstest(np.ravel(own['conv2']['kernel']) / bound, 'uniform', (-1, 2)).pvalue < 1e-3
+  images = _images(6)
+  with_scheme = lc_jax.criticality(module, variables, images, trials=1, layers='conv',
+                                   scheme='pytorch_default')
+  without = lc_jax.criticality(module, variables, images, trials=1, layers='conv')
+  assert [r['layer'] for r in with_scheme.rows] == [r['layer'] for r in without.rows]
+  assert with_scheme.rows[1]['criticality'] != without.rows[1]['criticality']
+
+
+def test_zero_and_interpolate_modes_against_their_closed_forms():
+  # 'zero' on the head: every logit is 0, the prediction uniform, so each image's criticality is
+  # 1 - cos(softmax(reference), uniform), in numpy float64. 'interpolate' at alpha 1 keeps the
+  # trained weights: the same logits, criticality 0 up to the last bit of the metric's own
+  # arithmetic (below 1e-12; an alpha ignored gives the fresh reset's, above 1e-3).
+  import factory_models  # pylint: disable=g-import-not-at-top
+  module, variables = factory_models.linen_cnn()
+  images = _images(6)
+  zero = lc_jax.criticality(module, variables, images, layers='linear', mode='zero',
+                            keep_per_image=True)
+  assert [r['layer'] for r in zero.rows] == ['original', 'head'] and zero.rows[1]['trial'] == 0
+  reference = module.apply(variables, images)
+  want = _criticality(reference, np.zeros_like(reference))
+  got = zero.per_image[(0, 'head')]
+  print(f'zero head: largest difference from the closed form {np.abs(got - want).max():.3g}')
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  kept = lc_jax.criticality(module, variables, images, mode='interpolate', alpha=1.0, trials=2)
+  assert all(row['pred_l1_err'] == 0 and row['criticality'] < 1e-12 for row in kept.rows[1:])
+  halfway = lc_jax.criticality(module, variables, images, mode='interpolate', alpha=0.5,
+                               trials=1, layers='linear')
+  fresh = lc_jax.criticality(module, variables, images, mode='fresh', trials=1, layers='linear')
+  assert 0 < halfway.rows[1]['criticality'] < fresh.rows[1]['criticality']
