@@ -109,13 +109,15 @@ class Walk:
   `variables` the trained ones placed by `forward.replicate`. `num_batches` is the batch count
   when it is known (partial sums are saved between batches only then). `show` prints progress,
   `verbose` a line per finished row; `keep_per_image` keeps every image's criticality per
-  (trial, target) in `per_image`."""
+  (trial, target) in `per_image`; `classes` restricts the metrics to those logits
+  (lc_jax.metrics.per_image; DataInfo.classes)."""
 
   def __init__(self, plan: Plan, forward: evaluate.Forward, variables: dict, store, *,
                has_labels: bool, num_batches: int | None = None, num_images: int | None = None,
                show: bool = False, verbose: bool = False, keep_per_image: bool = False,
-               reuse_prefix: bool = True):
+               reuse_prefix: bool = True, classes: Sequence[int] | None = None):
     self.plan, self.forward, self.variables, self.store = plan, forward, variables, store
+    self.classes = classes
     self.has_labels, self.num_batches, self.num_images = has_labels, num_batches, num_images
     self.show, self.verbose, self.keep_per_image = show, verbose, keep_per_image
     self.reuse_prefix = reuse_prefix
@@ -168,9 +170,9 @@ class Walk:
     x, y, mask = first
     lowered, logits = self.forward.lower(self.variables, self.forward.placed(x))
     y, mask = self.forward.placed(y), self.forward.placed(mask)
-    lowered.append(metrics.per_image.lower(logits, None, y, mask))
+    lowered.append(metrics.per_image.lower(logits, None, y, mask, classes=self.classes))
     if self.plan.targets:
-      lowered.append(metrics.per_image.lower(logits, logits, y, mask))
+      lowered.append(metrics.per_image.lower(logits, logits, y, mask, classes=self.classes))
     with progress.Phase('compile', len(lowered), 'programs', self.show) as phase:
       self.forward.compile([_Counted(program, phase) for program in lowered])
 
@@ -229,7 +231,7 @@ class Walk:
       for b, pieces in enumerate(_one_ahead(placed(host)), self.first_batch):
         for c, ((x, y, mask), host_mask) in enumerate(pieces):
           reference = forward(variables, x)
-          values = metrics.per_image(reference, None, y, mask)
+          values = metrics.per_image(reference, None, y, mask, classes=self.classes)
           busy.dispatched(values['count'])
           yield b, c, len(pieces), None, [values], host_mask
           if not starts:
@@ -237,7 +239,8 @@ class Walk:
           h = forward(variables, x, 0, starts[0])  # the input of the first segment with resets
           for k, next_k in zip(starts, starts[1:] + [None]):
             logits = forward.many([resets[t](variables, target) for t, target in todo[k]], h, k)
-            values = [metrics.per_image(reference, z, y, mask) for z in logits]
+            values = [metrics.per_image(reference, z, y, mask, classes=self.classes)
+                      for z in logits]
             if next_k is not None:
               h = forward(variables, h, k, next_k)
             busy.dispatched(*(v['count'] for v in values))

@@ -322,6 +322,8 @@ def _open(settings: RunConfig, workdir: str, primary: bool, phases: timing.Phase
       'targets': [t.name for t in targets],
       'arch': model.card['arch'], 'model_id': model.model_id, 'num_images': info.num_images,
       'skipped_images': info.skipped, 'image_cache': info.cache_path, 'versions': _versions()}
+  if info.dataset is not None:  # the set in words (its fingerprint is in 'images')
+    run_info['dataset'] = info.dataset
   if jax.process_count() > 1:
     run_info['processes'] = jax.process_count()
   # The writer opens the workdir (and cuts a line a kill left half-written) before the others
@@ -367,7 +369,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
   walk = engine.Walk(plan, forward, variables, store, has_labels=labels is not None,
                      num_batches=info.num_batches, num_images=info.num_images, show=show,
                      verbose=settings.verbose, reuse_prefix=settings.reuse_prefix,
-                     keep_per_image=settings.keep_per_image)
+                     keep_per_image=settings.keep_per_image, classes=info.classes)
   if not walk.needed:
     return 0.0
   first = next(data.chunks(images, labels, info, chunk))

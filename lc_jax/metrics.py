@@ -16,27 +16,40 @@ host (squares too, so the spread over the images suffers no float32 cancellation
 - recovered_acc: top1_acc / the original's top1_acc;
 - criticality_ci_images: half-width of the 95% normal interval of the mean criticality over
   the images (from the sum of squares: 1.96 * std / sqrt(n)).
+
+With `classes` (ImageNet-R and ImageNet-A: lc_jax.data.shifts) both models' logits are cut to
+those classes before the softmax, and labels are positions among them: every metric is then
+over the same 200-way distribution, as the sets' authors evaluate them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Sequence
 
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from lc_jax.errors import UserError
+
 SUMS = ('count', 'top1', 'top5', 'loss', 'crit', 'crit_sq', 'l1', 'l2', 'kl', 'agree')
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames='classes')
 def per_image(ref_logits: jax.Array, logits: jax.Array | None, labels: jax.Array,
-              mask: jax.Array) -> dict[str, jax.Array]:
+              mask: jax.Array, classes: Sequence[int] | None = None) -> dict[str, jax.Array]:
   """Each image's values ('count' 1) where `mask` is true, 0 elsewhere; labels < 0: no label.
 
   `logits` None is the original model against itself: every distance is exactly 0 (computing
-  q apart from p, XLA may round the two differently, by ~1e-16)."""
+  q apart from p, XLA may round the two differently, by ~1e-16). `classes` (a tuple of indices
+  into the logits, static: one program per list) restricts both models to those classes before
+  the softmax; labels are then positions in it."""
+  if classes is not None:
+    ref_logits = restrict(ref_logits, classes)
+    logits = None if logits is None else restrict(logits, classes)
   ref_logits = ref_logits.astype(jnp.float32)
   log_p = jax.nn.log_softmax(ref_logits, axis=-1)
   p = jnp.exp(log_p)
@@ -73,6 +86,15 @@ def per_image(ref_logits: jax.Array, logits: jax.Array | None, labels: jax.Array
       'agree': (jnp.argmax(logits, -1) == jnp.argmax(ref_logits, -1)).astype(jnp.float32),
   }
   return {k: jnp.where(mask, v, 0.0) for k, v in values.items()}
+
+
+def restrict(logits: jax.Array, classes: Sequence[int]) -> jax.Array:
+  """The logits of `classes` only (indices into the last axis, kept in their order)."""
+  if max(classes) >= logits.shape[-1]:
+    raise UserError(f'the image set covers classes up to index {max(classes)} of ImageNet-1k, '
+                    f'but the model has {logits.shape[-1]} classes; measure it on a set of its '
+                    'own classes')
+  return jnp.take(logits, jnp.asarray(classes, jnp.int32), axis=-1)
 
 
 def accumulate(total: dict[str, float] | None, values: dict[str, jax.Array]) -> dict[str, float]:

@@ -4,10 +4,11 @@
 
 Fields (DataConfig): source ('imagefolder', 'tfds' or 'photos'); path (the ImageFolder root, or
 the tfds data_dir, empty for tfds's default); name and split (the tfds dataset, any image
-classification dataset); num_images (0: all); batch_size (global, over all hosts); seed and order
-('torch': the reference DataLoader's shuffle, 'numpy': a numpy permutation, 'sorted': source
-order); resize_size and crop_size; on_error ('raise', or 'skip' to mask out images that do not
-decode); workers (decoding threads, 0: one per CPU core).
+classification dataset, ImageNet's shifted sets among them (lc_jax.data.shifts); an empty split
+is the set's evaluation split, filled in by `from_config`); num_images (0: all); batch_size
+(global, over all hosts); seed and order ('torch': the reference DataLoader's shuffle, 'numpy':
+a numpy permutation, 'sorted': source order); resize_size and crop_size; on_error ('raise', or
+'skip' to mask out images that do not decode); workers (decoding threads, 0: one per CPU core).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from lc_jax import errors
+from lc_jax.data import shifts
 from lc_jax.errors import UserError
 
 SOURCES = ('imagefolder', 'tfds', 'photos')
@@ -32,7 +34,7 @@ class DataConfig:
   source: str = 'imagefolder'
   path: str = ''
   name: str = 'imagenet2012'
-  split: str = 'validation'
+  split: str = ''  # the set's evaluation split (shifts.split): validation for imagenet2012
   num_images: int = 10000
   batch_size: int = 500
   seed: int = 0
@@ -53,20 +55,30 @@ class DataConfig:
           or (positive and value == 0)):
         raise UserError(f'data.{field} must be a {"positive" if positive else "non-negative"} '
                         f'integer, got {value!r}')
+    if ',' in self.name:
+      raise UserError(f'data.name={self.name} lists several image sets; a run measures one: '
+                      'python -m lc_jax.sweep with the same --config.data.name runs each into '
+                      'a folder of its own')
+    if self.source != 'tfds' and self.name != DataConfig.name:
+      raise UserError(f'data.name={self.name} names a tfds dataset, which data.source='
+                      f'{self.source} does not read; add --config.data.source=tfds')
 
   @classmethod
   def from_config(cls, config: DataConfig | Mapping[str, Any] | ml_collections.ConfigDict
                   ) -> DataConfig:
-    """A DataConfig from a ConfigDict or mapping; a field it does not know is an error (a typo)."""
-    if isinstance(config, cls):
-      return config
-    if isinstance(config, ml_collections.ConfigDict):
-      config = config.to_dict()
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-      raise errors.unknown('data setting', unknown[0], sorted(known))
-    return cls(**config)
+    """A DataConfig from a ConfigDict or mapping; a field it does not know is an error (a typo).
+    An empty split becomes the set's own (shifts.split), so a run's recorded settings name it."""
+    if not isinstance(config, cls):
+      if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+      known = {f.name for f in dataclasses.fields(cls)}
+      unknown = sorted(set(config) - known)
+      if unknown:
+        raise errors.unknown('data setting', unknown[0], sorted(known))
+      config = cls(**config)
+    if not config.split:
+      config = dataclasses.replace(config, split=shifts.split(config.name))
+    return config
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:

@@ -48,7 +48,9 @@ class DataInfo:
 
   Row i of the images is subset image `positions[i]`, `keys[i]` in the source. `fingerprint`
   names the images (source listing, subset, transform) and `content` their bytes: runs with
-  equal fingerprints and contents saw identical inputs.
+  equal fingerprints and contents saw identical inputs. For a set of fewer classes than the
+  model's (ImageNet-R, ImageNet-A), `classes` holds their indices into the logits and a label is
+  a position in it (`class_names` are those classes').
   """
 
   source: str
@@ -71,6 +73,10 @@ class DataInfo:
   seconds: float
   # The images' bytes, in one digest (loader.content_digest); '' for a versioned source (tfds).
   content: str = ''
+  # The logits predictions are restricted to (lc_jax.data.shifts), in 1k order; None: all.
+  classes: tuple[int, ...] | None = None
+  # The image set in words for run.json (Source.identity: a tfds name, version, split), or None.
+  dataset: dict[str, Any] | None = None
 
 
 def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
@@ -136,21 +142,44 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
                     f'(first: {first}); replace them and delete the entry, or set '
                     'data.on_error=skip')
   labels = None if meta['labels'] is None else np.asarray(meta['labels'], np.int32)[rows]
+  keys = [meta['keys'][r] for r in rows]
+  class_names, classes = meta['class_names'], source.classes
+  if classes is not None and labels is not None:
+    labels = _positions(labels, classes, keys, class_names, source.describe())
+    class_names = None if class_names is None else [class_names[c] for c in classes]
   info = DataInfo(
       source=meta['source'], fingerprint=fingerprint, num_images=num_images,
-      positions=positions, keys=[meta['keys'][r] for r in rows],
+      positions=positions, keys=keys,
       valid=~np.isin(positions, list(skipped)),
       skipped=[skipped[p] for p in positions.tolist() if p in skipped],
-      ignored_files=meta['ignored_files'], class_names=meta['class_names'],
+      ignored_files=meta['ignored_files'], class_names=class_names,
       batch_size=batch_size, local_batch_size=batch_size // process_count,
       num_batches=subset.num_batches(num_images, batch_size),
       cache_path=os.path.join(cache_dir, name + '.npy'), cache_hit=hit, seconds=seconds,
-      content=content_digest(positions, digests))
+      content=content_digest(positions, digests), classes=classes, dataset=source.identity())
   if hit:
     progress_lib.say(f'loaded {len(positions)} images from {info.cache_path} in {seconds:.2f} s'
                      + (' (their bytes and the pixels checked)' if digests is not None
                         else ' (the pixels checked)'), progress)
   return images, labels, info
+
+
+def _positions(labels: np.ndarray, classes: tuple[int, ...], keys: list[str],
+               class_names: list[str] | None, where: str) -> np.ndarray:
+  """`labels` (indices into the full label list) as positions in `classes`; a label outside
+  them is refused: its image could never be predicted right."""
+  lookup = np.full(max(max(classes), int(labels.max(initial=0))) + 1, -1, np.int32)
+  lookup[list(classes)] = np.arange(len(classes), dtype=np.int32)
+  mapped = lookup[labels]
+  outside = np.flatnonzero(mapped < 0)
+  if outside.size:
+    first = int(outside[0])
+    name = class_names[labels[first]] if class_names else str(labels[first])
+    raise UserError(f'{outside.size} image(s) of {where} have a label outside its '
+                    f'{len(classes)} classes (first: {keys[first]}, label {labels[first]} '
+                    f'{name}); predictions are restricted to those classes '
+                    '(lc_jax.data.shifts), so such an image cannot be measured')
+  return mapped
 
 
 def fitted_batch_size(num_images: int, batch_size: int, process_count: int = 1) -> int:

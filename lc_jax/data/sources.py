@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 from absl import logging
 import numpy as np
 
+from lc_jax.data import shifts
 from lc_jax.data.config import DataConfig
 from lc_jax.digest import file_sha256
 from lc_jax.errors import UserError
@@ -70,6 +71,17 @@ class Source(abc.ABC):
   @abc.abstractmethod
   def fingerprint(self) -> dict[str, Any]:
     """What identifies these images, for cache keys."""
+
+  @property
+  def classes(self) -> tuple[int, ...] | None:
+    """The labels that predictions are restricted to (lc_jax.data.shifts), in label order, as
+    indices into the model's logits; None: every class."""
+    return None
+
+  def identity(self) -> dict[str, Any] | None:
+    """The image set in words, for run.json (a tfds dataset's name, version and split); None
+    where the fingerprint says it all."""
+    return None
 
   def digests(self, indices: Sequence[int], workers: int = 0) -> list[str] | None:
     """The sha256 of each image's stored bytes (hex), in the order of `indices`: what tells a
@@ -229,6 +241,8 @@ class Tfds(Source):
                       f'{", ".join(features)})')
     self._label_key = self._find_key(features, self._tfds.features.ClassLabel)
     self._file_key = 'file_name' if 'file_name' in features else None
+    self._classes = shifts.class_indices(
+        name, None if self._label_key is None else features[self._label_key].names)
 
   def describe(self) -> str:
     return f'tfds {self.name} {self.split}'
@@ -252,6 +266,18 @@ class Tfds(Source):
   def fingerprint(self) -> dict[str, Any]:
     return {'kind': self.kind, 'dataset': self._builder.info.full_name, 'split': self.split,
             'images': self._num_examples()}
+
+  @property
+  def classes(self):
+    return self._classes
+
+  def identity(self):
+    info = self._builder.info
+    found = {'tfds': info.full_name.rsplit('/', 1)[0], 'version': str(info.version),
+             'split': self.split}
+    if self._classes is not None:
+      found['classes'] = len(self._classes)
+    return found
 
   def digests(self, indices, workers=0):
     # A prepared tfds dataset is immutable and versioned (full_name carries the version);
@@ -291,7 +317,8 @@ class Tfds(Source):
     stream = list(range(len(examples)))
     if self._file_key:
       stream.sort(key=lambda s: (names[s], files[s]))
-    keys = [f'{names[s]}/{files[s]}' if names[s] else files[s] for s in stream]
+    keys = [f'{names[s]}/{files[s]}' if names[s] and not files[s].startswith(f'{names[s]}/')
+            else files[s] for s in stream]
     listing = Listing(keys, None if labels is None else labels[stream], class_names)
     return listing, np.asarray(stream, np.int64)
 
@@ -348,6 +375,7 @@ def _file_sha256(path: str) -> str:
 
 def open_source(config: DataConfig) -> Source:
   """The source that `config.source` names."""
+  config = DataConfig.from_config(config)  # an empty split filled in
   if config.source == 'imagefolder':
     return ImageFolder(config.path)
   if config.source == 'tfds':
