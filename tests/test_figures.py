@@ -229,3 +229,55 @@ def test_tables_state_their_units():
   assert '±trials %' in header and '±images %' in header and 'recov %' in header
   assert '100 x the fractions criticality, recovered_acc' in text
   assert 'top1_acc and top5_acc are in % already' in text
+
+
+def test_heatmap_rows_in_category_bands_with_their_means():
+  r50 = _resnet(50)
+  rng = np.random.default_rng(1)
+  names = ['tv_resnet50', 'resnet50_dino', 'resnet50_swav', 'robust_resnet50_l2_eps3',
+           'my_run']
+  levels = {'tv_resnet50': 0.5, 'resnet50_dino': 0.3, 'resnet50_swav': 0.6,
+            'robust_resnet50_l2_eps3': 0.8, 'my_run': 0.4}
+  summaries = [s for n in names for s in _model(n, r50, np.clip(
+      levels[n] + rng.uniform(-0.05, 0.05, 54), 0, 1), seed=len(n))]
+  category_of, order = report.categories.of_summaries(summaries)
+  assert category_of['my_run'] == 'other' and order == [
+      'baseline', 'adversarial_training', 'contrastive', 'other']
+  fig = figures.heatmap_figure(summaries, category_of, order)
+  (panel,) = [ax for ax in fig.axes if ax.get_label() == 'panel']
+  # Zoo order of the bands; within a band, most critical first; a mean row under a band of 2.
+  assert [t.get_text() for t in panel.get_yticklabels()] == [
+      'tv_resnet50', 'robust_resnet50_l2_eps3', 'resnet50_swav', 'resnet50_dino',
+      'mean of contrastive (2)', 'my_run']
+  cells = panel.get_images()[0].get_array()
+  np.testing.assert_allclose(cells[4], (cells[2] + cells[3]) / 2)
+  texts = [t.get_text() for t in _texts(fig)]
+  for category in order:
+    assert category in texts
+  assert len([l for l in panel.get_lines() if l.get_color() == 'black']) == 3  # rules
+  assert 'mean of 5 models' in _row_labels(fig)  # the overall mean row stays
+  _check_legible(fig)
+  # --category wins over the zoo.
+  category_of, order = report.categories.of_summaries(summaries, {'my_run': 'contrastive'})
+  assert category_of['my_run'] == 'contrastive' and 'other' not in order
+
+
+def test_category_profiles_have_a_line_and_band_per_category(tmp_path):
+  r50 = _resnet(50)
+  summaries = []
+  for i, name in enumerate(['resnet50_dino', 'resnet50_swav', 'tv_resnet50']):
+    summaries += _model(name, r50, np.full(54, 0.2 + 0.3 * i), seed=i)
+  category_of, order = report.categories.of_summaries(summaries)
+  fig = figures.profiles_figure(summaries, category_of, order)
+  layers_ax = next(ax for ax in fig.axes if ax.get_label() == 'layers')
+  stages_ax = next(ax for ax in fig.axes if ax.get_label() == 'stages')
+  lines = {l.get_label(): l.get_ydata() for l in layers_ax.get_lines()}
+  assert set(lines) == {'baseline (1)', 'contrastive (2)'}
+  np.testing.assert_allclose(lines['contrastive (2)'], [
+      100 * (a.criticality + b.criticality) / 2 for a, b in zip(summaries[:54],
+                                                                 summaries[54:108])])
+  assert len(layers_ax.collections) == 1  # a band for two models, none for one
+  assert [t.get_text() for t in stages_ax.get_xticklabels()] == [
+      'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head']
+  report.figures.plot_profiles(summaries, str(tmp_path / 'p.png'), category_of, order)
+  assert (tmp_path / 'p.png').stat().st_size > 1000

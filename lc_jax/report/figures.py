@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from lc_jax.report.categories import OTHER
 from lc_jax.report.stats import LayerSummary, by_model, finite_mean, model_interval, spearman
 
 KIND_COLORS = {'conv': '#4C72B0', 'depthwise_conv': '#55A868', 'linear': '#C44E52',
@@ -260,14 +261,57 @@ def _cell_text(ax, values: np.ndarray, fontsize: float) -> None:
               color='white' if value > 50 else 'black')
 
 
-def heatmap_figure(summaries: Sequence[LayerSummary]):
+def _bands(models: Sequence[str], matrix: np.ndarray, category_of: Mapping[str, str],
+           order: Sequence[str]) -> tuple[list[str], np.ndarray, list[tuple[str, int, int]]]:
+  """Rows grouped by category: (row labels, rows, (category, first row, end row) per band).
+
+  Bands follow `order`; within a band the models are sorted by mean criticality over their
+  layers, most critical first (ties by name); under a band of two models or more a row
+  'mean of CATEGORY (n)' holds the mean of each layer over the band's models.
+  """
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)
+    model_mean = np.nanmean(matrix, axis=1)
+  index = {m: i for i, m in enumerate(models)}
+  labels, rows, bands = [], [], []
+  for category in order:
+    members = [m for m in models if category_of.get(m, OTHER) == category]
+    if not members:
+      continue
+    members.sort(key=lambda m: (-np.nan_to_num(model_mean[index[m]], nan=-1.0), m))
+    start = len(rows)
+    for m in members:
+      labels.append(m)
+      rows.append(matrix[index[m]])
+    if len(members) > 1:
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        rows.append(np.nanmean(matrix[[index[m] for m in members]], axis=0))
+      labels.append(f'mean of {category} ({len(members)})')
+    bands.append((category, start, len(rows)))
+  return labels, np.array(rows), bands
+
+
+def heatmap_figure(summaries: Sequence[LayerSummary],
+                   category_of: Mapping[str, str] | None = None,
+                   order: Sequence[str] = ()):
   """The figure of `plot_heatmap`, not saved: a matplotlib Figure whose axes labelled 'panel'
-  are the panels' heatmaps, top to bottom."""
+  are the panels' heatmaps, top to bottom. `category_of` (model label -> category) and `order`
+  (the categories' band order) group the rows into bands (`_bands`) when any model has a
+  category other than OTHER."""
   plt = _pyplot()
+  grouped_rows = bool(category_of) and any(c != OTHER for c in category_of.values())
   panels = []
   for models in architecture_groups(summaries):
     _, layers, stages, matrix = _matrix([s for s in summaries if s.model in models])
-    panels.append((models, layers, stages, matrix))
+    bands = []
+    labels = list(models)
+    shown = matrix
+    if grouped_rows:
+      labels, shown, bands = _bands(models, matrix, category_of,
+                                    list(order) + [c for c in dict.fromkeys(
+                                        category_of.values()) if c not in order])
+    panels.append((models, layers, stages, matrix, labels, shown, bands))
   # Grey: a layer this model does not have.
   cmap = plt.get_cmap('viridis_r').with_extremes(bad='0.85')
   style = dict(cmap=cmap, vmin=0, vmax=100, aspect='auto', interpolation='nearest')
@@ -275,12 +319,14 @@ def heatmap_figure(summaries: Sequence[LayerSummary]):
   # Laid out in inches, so that cells, gaps and labels keep their size whatever the number of
   # models and layers; savefig's tight box then crops to what was drawn.
   cell_w, cell_h, gap, mean_w, bar_w = ROW_INCHES + 0.02, 0.28, 0.08, 0.36, 0.15
-  names_h = [0.066 * max(len(l) for l in layers) + 0.15 for _, layers, _, _ in panels]
-  mean_row = [len(models) > 1 for models, _, _, _ in panels]
-  heights = [len(p[0]) * cell_h + names_h[k] + (gap + cell_h) * mean_row[k] + 0.35
+  names_h = [0.066 * max(len(l) for l in p[1]) + 0.15 for p in panels]
+  mean_row = [len(p[0]) > 1 for p in panels]
+  heights = [len(p[4]) * cell_h + names_h[k] + (gap + cell_h) * mean_row[k] + 0.35
              for k, p in enumerate(panels)]
-  main_w = max(len(layers) for _, layers, _, _ in panels) * cell_w
-  width = main_w + gap + mean_w + 2 * gap + bar_w + 1.0
+  main_w = max(len(p[1]) for p in panels) * cell_w
+  band_names = [b[0] for p in panels for b in p[6]]
+  band_w = 0.07 * max(len(n) for n in band_names) + 0.2 if band_names else 0.0
+  width = main_w + gap + mean_w + band_w + 2 * gap + bar_w + 1.0
   height = sum(heights) + 0.1
   fig = plt.figure(figsize=(width, height))
 
@@ -289,16 +335,16 @@ def heatmap_figure(summaries: Sequence[LayerSummary]):
 
   top = height
   first = None
-  for k, (models, layers, stages, matrix) in enumerate(panels):
-    rows, cols = matrix.shape
+  for k, (models, layers, stages, matrix, labels, shown, bands) in enumerate(panels):
+    rows, cols = shown.shape
     panel_w = cols * cell_w
     main_y = top - names_h[k] - rows * cell_h
     ax = axes(0, main_y, panel_w, rows * cell_h)
     ax.set_label('panel')
     first = first or ax
-    image = ax.imshow(np.ma.masked_invalid(matrix), **style)
+    image = ax.imshow(np.ma.masked_invalid(shown), **style)
     ax.set_yticks(range(rows))
-    ax.set_yticklabels(models, fontsize=LABEL_PT)
+    ax.set_yticklabels(labels, fontsize=LABEL_PT)
     ax.set_xticks(range(cols))
     ax.set_xticklabels(layers, rotation=90, fontsize=LABEL_PT)
     ax.xaxis.tick_top()
@@ -306,10 +352,10 @@ def heatmap_figure(summaries: Sequence[LayerSummary]):
     for _, start, _ in _stage_spans(stages)[1:]:
       ax.axvline(start - 0.5, color='white', lw=1.5)
     if rows * cols <= 400:  # few enough cells to read numbers in
-      _cell_text(ax, matrix, 6)
+      _cell_text(ax, shown, 6)
     with warnings.catch_warnings():  # an all-NaN row or column has a NaN mean, drawn blank
       warnings.simplefilter('ignore', RuntimeWarning)
-      row_mean = np.nanmean(matrix, axis=1)
+      row_mean = np.nanmean(shown, axis=1)
       col_mean = np.nanmean(matrix, axis=0)
     side = axes(panel_w + gap, main_y, mean_w, rows * cell_h)
     side.imshow(np.ma.masked_invalid(row_mean[:, None]), **style)
@@ -318,13 +364,23 @@ def heatmap_figure(summaries: Sequence[LayerSummary]):
     side.xaxis.tick_top()
     side.set_yticks([])
     _cell_text(side, row_mean[:, None], LABEL_PT)
+    for category, start, end in bands:  # a rule between bands, the category beside its band
+      if start:
+        for a in (ax, side):
+          a.axhline(start - 0.5, color='black', lw=1.5)
+      for label in ax.get_yticklabels()[start:end]:
+        if label.get_text().startswith('mean of '):
+          label.set_fontweight('bold')
+      side.annotate(category, xy=(1.0, 1 - (start + end) / 2 / rows), xycoords='axes fraction',
+                    xytext=(6, 0), textcoords='offset points', ha='left', va='center',
+                    fontsize=LABEL_PT, fontweight='bold')
     bottom_y = main_y
     if mean_row[k]:  # a layer's mean over the models of this architecture
       bottom_y = main_y - gap - cell_h
       bottom = axes(0, bottom_y, panel_w, cell_h)
       bottom.imshow(np.ma.masked_invalid(col_mean[None, :]), **style)
       bottom.set_yticks([0])
-      bottom.set_yticklabels([f'mean of {rows} models'], fontsize=LABEL_PT)
+      bottom.set_yticklabels([f'mean of {len(models)} models'], fontsize=LABEL_PT)
       bottom.set_xticks([])
       if cols <= 120:
         _cell_text(bottom, col_mean[None, :], 6)
@@ -332,7 +388,8 @@ def heatmap_figure(summaries: Sequence[LayerSummary]):
 
   # Beside the panels, so that it stays legible with only a model or two.
   bar_h = height - names_h[0] - bottom_y
-  colorbar = fig.colorbar(image, cax=axes(main_w + 3 * gap + mean_w, bottom_y, bar_w, bar_h))
+  colorbar = fig.colorbar(image, cax=axes(main_w + 3 * gap + mean_w + band_w, bottom_y, bar_w,
+                                          bar_h))
   colorbar.set_label('criticality (1 - cos sim), %' if bar_h > 1.8 else 'criticality, %',
                      fontsize=LABEL_PT)
   colorbar.ax.tick_params(labelsize=LABEL_PT)
@@ -340,18 +397,149 @@ def heatmap_figure(summaries: Sequence[LayerSummary]):
   title = f'layer criticality of {_plural(count, "model")}'
   if len(panels) > 1:
     title += f' of {len(panels)} architectures (a panel each)'
+  if grouped_rows:
+    title += ' by category (most critical first in a band)'
   title += f'; {", ".join(_protocol(summaries))}, mean over trials, %'
   _title_above(fig, first, title, fontsize=10)
   return fig
 
 
-def plot_heatmap(summaries: Sequence[LayerSummary], path: str) -> None:
+def plot_heatmap(summaries: Sequence[LayerSummary], path: str,
+                 category_of: Mapping[str, str] | None = None, order: Sequence[str] = ()) -> None:
   """The paper's Figure 1: models (rows) by layers (columns, forward order), cell = mean
   criticality in %, with each model's mean over layers and, for two models or more, each
   layer's mean over the models. Models of different architectures (`architecture_groups`) are
-  drawn as panels one above the other, each with its own columns and means."""
+  drawn as panels one above the other, each with its own columns and means. With categories
+  (model label -> category, and their order), the rows of a panel are grouped in bands, named
+  beside them, with a rule between bands and a mean row under each band of two models or more
+  (`_bands`)."""
   plt = _pyplot()
-  fig = heatmap_figure(summaries)
+  fig = heatmap_figure(summaries, category_of, order)
+  _save(fig, path)
+  plt.close(fig)
+
+
+def _mean_band(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per column of `rows` (models x columns): the mean over models and the half-width of its
+  95% Student t interval (`interval`); NaN half-width with one model."""
+  from lc_jax.report.stats import interval  # pylint: disable=g-import-not-at-top
+  pairs = [interval(column) for column in rows.T]
+  return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def profiles_figure(summaries: Sequence[LayerSummary], category_of: Mapping[str, str],
+                    order: Sequence[str]):
+  """The figure of `plot_profiles`, not saved: per architecture a row of two axes, labelled
+  'layers' and 'stages'."""
+  plt = _pyplot()
+  groups = architecture_groups(summaries)
+  fig, grid = plt.subplots(len(groups), 2, squeeze=False, gridspec_kw={'width_ratios': [3, 1]},
+                           figsize=(15.0, 4.6 * len(groups)))
+  colors = plt.get_cmap('tab10').colors
+  present = [c for c in order if c in set(category_of.values())]
+  present += [c for c in dict.fromkeys(category_of.values()) if c not in present]
+  for (ax, stage_ax), models in zip(grid, groups):
+    ax.set_label('layers')
+    stage_ax.set_label('stages')
+    model_rows, layers, stages, matrix = _matrix([s for s in summaries if s.model in models])
+    spans = [span for span in _stage_spans(stages)]
+    for i, (stage, start, end) in enumerate(spans):
+      if i % 2:
+        ax.axvspan(start - 0.5, end - 0.5, color='0.93', lw=0, zorder=0)
+      ax.text((start + end - 1) / 2, 1.01, stage, transform=ax.get_xaxis_transform(),
+              ha='center', va='bottom', fontsize=LABEL_PT)
+    stage_names = [span[0] for span in spans]
+    for k, category in enumerate(present):
+      members = [i for i, m in enumerate(model_rows) if category_of.get(m, OTHER) == category]
+      if not members:
+        continue
+      color = colors[k % len(colors)]
+      rows = matrix[members]
+      mean, half = _mean_band(rows)
+      x = np.arange(len(layers))
+      ax.plot(x, mean, color=color, lw=1.4, label=f'{category} ({len(members)})')
+      if np.any(np.isfinite(half)):
+        ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.18, lw=0)
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        per_stage = np.array([[np.nanmean(r[start:end]) for _, start, end in spans]
+                              for r in rows])
+      mean, half = _mean_band(per_stage)
+      stage_ax.errorbar(np.arange(len(spans)) + 0.06 * (k - len(present) / 2), mean,
+                        yerr=np.where(np.isfinite(half), half, 0.0), color=color, marker='o',
+                        markersize=3, lw=1.2, capsize=2)
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    ax.set_ylim(0, 102)  # criticality's range; a band wider than it is cut at its ends
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=90, fontsize=LABEL_PT)
+    ax.set_ylabel('criticality, %', fontsize=9)
+    ax.tick_params(axis='y', labelsize=LABEL_PT)
+    ax.grid(axis='y', color='0.85', lw=0.5)
+    ax.legend(fontsize=LABEL_PT, frameon=False, loc='best')
+    stage_ax.set_xticks(range(len(spans)))
+    stage_ax.set_xticklabels(stage_names, rotation=90, fontsize=LABEL_PT)
+    stage_ax.tick_params(axis='y', labelsize=LABEL_PT)
+    stage_ax.set_ylabel('mean criticality of the stage, %', fontsize=9)
+    stage_ax.grid(axis='y', color='0.85', lw=0.5)
+  fig.suptitle('criticality by category: mean over the category\'s models, 95% band (Student t '
+               'over models); right: per-stage means', fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def plot_profiles(summaries: Sequence[LayerSummary], path: str, category_of: Mapping[str, str],
+                  order: Sequence[str]) -> None:
+  """One line per category (`category_of`: model label -> category; `order`: the categories'
+  order): the mean criticality per layer over the category's models, forward order, stages
+  shaded and named, with a 95% Student t band over the models (none for one model); beside
+  it, the per-stage means (each model's mean over a stage's layers) with their 95% intervals."""
+  plt = _pyplot()
+  fig = profiles_figure(summaries, category_of, order)
+  _save(fig, path)
+  plt.close(fig)
+
+
+def diff_figure(d):
+  """The figure of `plot_diff`, not saved."""
+  plt = _pyplot()
+  n = len(d.layers)
+  fig, ax = plt.subplots(figsize=(max(8.0, ROW_INCHES * n + 3.0), 4.4))
+  for i, (stage, start, end) in enumerate(_stage_spans([l.stage for l in d.layers])):
+    if i % 2:
+      ax.axvspan(start - 0.5, end - 0.5, color='0.93', lw=0, zorder=0)
+    ax.text((start + end - 1) / 2, 1.01, stage, transform=ax.get_xaxis_transform(), ha='center',
+            va='bottom', fontsize=LABEL_PT)
+  x = np.arange(n)
+  value = np.array([100 * l.difference for l in d.layers])
+  low = np.array([100 * l.low for l in d.layers])
+  high = np.array([100 * l.high for l in d.layers])
+  marked = np.array([l.marked for l in d.layers], dtype=bool)
+  finite = np.isfinite(low) & np.isfinite(high)
+  ax.axhline(0, color='0.3', lw=0.8)
+  ax.errorbar(x[finite], value[finite], yerr=[value[finite] - low[finite],
+                                              high[finite] - value[finite]],
+              fmt='none', ecolor='0.4', elinewidth=0.8, capsize=1.5)
+  ax.plot(x[~marked], value[~marked], 'o', color='#4C72B0', markersize=3.5,
+          label='interval contains 0')
+  ax.plot(x[marked], value[marked], 'o', color='#C44E52', markersize=4.5,
+          label='interval excludes 0')
+  ax.set_xlim(-0.5, n - 0.5)
+  ax.set_xticks(x)
+  ax.set_xticklabels([l.layer for l in d.layers], rotation=90, fontsize=LABEL_PT)
+  ax.tick_params(axis='y', labelsize=LABEL_PT)
+  ax.set_ylabel('criticality B - A, percentage points', fontsize=9)
+  ax.grid(axis='y', color='0.85', lw=0.5)
+  ax.legend(fontsize=LABEL_PT, frameon=False, loc='upper left', bbox_to_anchor=(1.005, 1.0))
+  _title_above(fig, ax, f'B - A per layer; A = {d.a}, B = {d.b}\n95% intervals: {d.over}',
+               fontsize=9)
+  return fig
+
+
+def plot_diff(d, path: str) -> None:
+  """The difference profile of a report.diff.Diff: B - A per layer (forward order, stages
+  shaded) with its 95% interval; layers whose interval excludes 0 in red."""
+  plt = _pyplot()
+  fig = diff_figure(d)
   _save(fig, path)
   plt.close(fig)
 
@@ -431,12 +619,23 @@ def plot_scatter(summaries: Sequence[LayerSummary], path: str) -> list[str]:
   return skipped
 
 
-def plot_study(summaries: Sequence[LayerSummary], folder: str) -> tuple[str, str | None, list[str]]:
-  """The paper's figures over every model of `summaries` into `folder`: heatmap.png and
-  scatter.png. Returns (the heatmap's path, the scatter's path or None when no model has labels,
-  the models left out of the scatter for lack of labels)."""
+def plot_study(summaries: Sequence[LayerSummary], folder: str,
+               category_of: Mapping[str, str] | None = None, order: Sequence[str] = ()
+               ) -> tuple[str, str | None, list[str], str | None]:
+  """The paper's figures over every model of `summaries` into `folder`: heatmap.png, scatter.png
+  and, when a model has a category, profiles.png (`plot_profiles`). Categories: `category_of`
+  (model label -> category) in `order`; by default the zoo's (categories.of_summaries).
+  Returns (the heatmap's path, the scatter's path or None when no model has labels, the models
+  left out of the scatter for lack of labels, the profiles' path or None)."""
+  if category_of is None:
+    from lc_jax.report import categories  # pylint: disable=g-import-not-at-top
+    category_of, order = categories.of_summaries(summaries)
   heatmap, scatter = os.path.join(folder, 'heatmap.png'), os.path.join(folder, 'scatter.png')
-  plot_heatmap(summaries, heatmap)
+  plot_heatmap(summaries, heatmap, category_of, order)
   skipped = plot_scatter(summaries, scatter)
   labelled = len(skipped) < len(by_model(summaries))
-  return heatmap, scatter if labelled else None, skipped
+  profiles = None
+  if any(c != OTHER for c in category_of.values()):
+    profiles = os.path.join(folder, 'profiles.png')
+    plot_profiles(summaries, profiles, category_of, order)
+  return heatmap, scatter if labelled else None, skipped, profiles

@@ -206,3 +206,36 @@ def load(path: str) -> list[dict[str, Any]]:
       row['kind'] = row['kind'] or guess_kind(row['layer'])
       row['stage'] = row['stage'] or guessed[row['model_id']][row['layer']]
   return rows
+
+
+def per_image_of(csv_path: str) -> dict[tuple[int, str], 'np.ndarray'] | None:
+  """The per-image criticality kept beside a results CSV (schema.PER_IMAGE, written by a run
+  with keep_per_image): {(trial, layer): float64 array over the run's decoded images, in image
+  order}; None when there is no such file. A file that does not read is a UserError."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), schema.PER_IMAGE)
+  if not os.path.isfile(path):
+    return None
+  out = {}
+  try:
+    with np.load(path, allow_pickle=False) as saved:
+      for key in saved.files:
+        trial, sep, layer = key.partition('/')
+        if not sep or not trial.lstrip('-').isdigit():
+          raise UserError(f"{path}: key {key!r} is not 'TRIAL/LAYER'")
+        out[(int(trial), clean_layer_name(layer))] = np.asarray(saved[key], np.float64)
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot read {path} ({e}); remove it to report without per-image '
+                    'values') from None
+  return out
+
+
+def run_images(csv_path: str) -> Any:
+  """The 'images' entry of the run.json beside a results CSV (which images the run measured),
+  or None without one."""
+  path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), schema.RUN)
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f).get('images')
+  except (OSError, ValueError, AttributeError):
+    return None

@@ -182,3 +182,140 @@ def model_interval(layers: Sequence[LayerSummary]) -> tuple[float, float]:
       per_trial.setdefault(trial, []).append(value)
   mean, half = interval([finite_mean(values) for values in per_trial.values()])
   return 100 * finite_mean(s.criticality for s in layers), 100 * half
+
+
+# ----------------------------------------------------------------------------------------------
+# Resampling: bootstrap intervals and permutation p-values (formulas: docs/statistics.md).
+
+RESAMPLES = 10_000  # bootstrap replicates, and random permutations, by default
+SEED = 0  # of every resampling; the same inputs and seed give the same intervals
+
+
+def rng_for(seed: int, *salt: int) -> np.random.Generator:
+  """A generator for one resampling, from the seed and integers that name the resampling, so that
+  each one's draws do not depend on which others ran before it."""
+  return np.random.default_rng([seed, *salt])
+
+
+def percentile_interval(replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The 2.5 and 97.5 percentiles of bootstrap `replicates` along axis 0 (the percentile
+  bootstrap's 95% interval)."""
+  low, high = np.percentile(replicates, [2.5, 97.5], axis=0)
+  return low, high
+
+
+def _weights(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+  """(resamples, n) bootstrap weights: each row the counts of a draw of n out of n with
+  replacement, divided by n (so a weighted sum is the resample's mean)."""
+  if n == 1:
+    return np.ones((resamples, 1))
+  return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples) / n
+
+
+_CHUNK = 512  # replicates per matrix product over images: bounds the weights' memory
+
+
+def _image_means(rng: np.random.Generator, values: np.ndarray, resamples: int) -> np.ndarray:
+  """(resamples, *values.shape[:-1]): means over the last axis (images) of `resamples`
+  bootstrap resamples of it, one resample of the images shared by all other entries."""
+  n = values.shape[-1]
+  flat = values.reshape(-1, n)
+  if n == 1:
+    return np.broadcast_to(flat[:, 0], (resamples, flat.shape[0])).reshape(
+        (resamples,) + values.shape[:-1])
+  out = np.empty((resamples, flat.shape[0]))
+  for start in range(0, resamples, _CHUNK):
+    stop = min(resamples, start + _CHUNK)
+    out[start:stop] = _weights(rng, n, stop - start) @ flat.T
+  return out.reshape((resamples,) + values.shape[:-1])
+
+
+def hierarchical_bootstrap(units: Sequence[np.ndarray], resamples: int = RESAMPLES,
+                           seed: int = SEED, salt: int = 0) -> np.ndarray:
+  """Bootstrap replicates of a mean over units (models) of each unit's mean over trials and,
+  within a trial, over images: (resamples, Q).
+
+  `units[m]` is an array (Q, T_m, N_m): Q quantities (early, deep, ...) of model m, its T_m
+  trials, its N_m images (N_m = 1: a trial's value without per-image values). One replicate
+  draws M models with replacement; for each model it draws T_m trials with replacement and
+  N_m images with replacement, once per replicate (a model drawn twice in a replicate reuses
+  its draws), the same draws for all Q quantities. The point estimate is the same mean without
+  resampling (`nested_mean`).
+  """
+  rng = rng_for(seed, salt)
+  model_weights = _weights(rng, len(units), resamples)  # (B, M)
+  out = np.zeros((resamples, units[0].shape[0]))
+  for m, unit in enumerate(units):
+    per_trial = _image_means(rng, unit, resamples)  # (B, Q, T)
+    trial_weights = _weights(rng, unit.shape[1], resamples)  # (B, T)
+    out += model_weights[:, m:m + 1] * np.einsum('bqt,bt->bq', per_trial, trial_weights)
+  return out
+
+
+def nested_mean(units: Sequence[np.ndarray]) -> np.ndarray:
+  """The mean over units of the mean over trials of the mean over images: (Q,)."""
+  return np.mean([unit.mean(axis=(1, 2)) for unit in units], axis=0)
+
+
+def permutation_p(a: Sequence[float], b: Sequence[float], permutations: int = RESAMPLES,
+                  seed: int = SEED, salt: int = 0) -> float:
+  """Two-sided permutation p-value of mean(a) - mean(b) over the pooled values' labels.
+
+  Every relabelling when there are at most `permutations` of them (exact: the share of
+  relabellings whose |difference| is at least the observed one); else `permutations` random
+  ones, p = (1 + k) / (1 + permutations). NaN when a side has fewer than two values.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.size < 2 or b.size < 2:
+    return math.nan
+  pooled = np.concatenate([a, b])
+  observed = abs(a.mean() - b.mean())
+  tolerance = 1e-12 * max(1.0, float(np.abs(pooled).max()))  # equal up to rounding counts
+  total, n = pooled.sum(), pooled.size
+  if math.comb(n, a.size) <= permutations:
+    import itertools  # pylint: disable=g-import-not-at-top
+    sums = np.array([pooled[list(c)].sum() for c in itertools.combinations(range(n), a.size)])
+    diffs = np.abs(sums / a.size - (total - sums) / b.size)
+    return float(np.mean(diffs >= observed - tolerance))
+  rng = rng_for(seed, salt)
+  shuffled = rng.permuted(np.broadcast_to(pooled, (permutations, n)), axis=1)
+  sums = shuffled[:, :a.size].sum(axis=1)
+  diffs = np.abs(sums / a.size - (total - sums) / b.size)
+  return float((1 + np.sum(diffs >= observed - tolerance)) / (1 + permutations))
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES,
+                     seed: int = SEED, salt: int = 0) -> np.ndarray:
+  """Bootstrap replicates of mean(b) - mean(a) per layer: (resamples, L).
+
+  `a` and `b` are arrays (T, L, N): trials, layers, images, the same N images in the same
+  order on both sides. One replicate draws N images with replacement, the same for both sides,
+  every trial and layer; and T trials with replacement, by index on both sides when they have
+  as many trials (trial t of one against trial t of the other), else on each side apart.
+  """
+  if a.shape[1:] != b.shape[1:]:
+    raise ValueError(f'paired_bootstrap needs the same layers and images: {a.shape} vs {b.shape}')
+  rng = rng_for(seed, salt)
+  both = np.concatenate([a, b], axis=0)  # (Ta + Tb, L, N): one draw of the images for both
+  per_trial = _image_means(rng, both, resamples)  # (B, Ta + Tb, L)
+  ta = a.shape[0]
+  wa = _weights(rng, ta, resamples)
+  wb = wa if b.shape[0] == ta else _weights(rng, b.shape[0], resamples)
+  return (np.einsum('btl,bt->bl', per_trial[:, ta:], wb)
+          - np.einsum('btl,bt->bl', per_trial[:, :ta], wa))
+
+
+def paired_t(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean(b) - mean(a), half-width of its 95% interval) per layer from trial values (T, L).
+
+  With as many trials on both sides: the Student t interval of the per-trial differences
+  b_t - a_t (`interval`). Else the two sides' Student t half-widths combined,
+  sqrt(h_a^2 + h_b^2). The half-width is NaN where a side has one trial.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  difference = b.mean(axis=0) - a.mean(axis=0)
+  if a.shape[0] == b.shape[0]:
+    half = np.array([interval(column)[1] for column in (b - a).T])
+  else:
+    half = np.hypot([interval(c)[1] for c in a.T], [interval(c)[1] for c in b.T])
+  return difference, half
