@@ -225,10 +225,10 @@ def test_killed_run_resumes_to_the_same_results(checkpoint, uninterrupted, tmp_p
     assert os.path.isfile(killed / name), name
 
 
-def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, tmp_path):
+def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, tmp_path, capfd):
+  from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   cache = tmp_path / 'cache'
   workdir = tmp_path / 'run'
-  # The finished run, in this process; every command below is run.py's.
   _run_here(_config(checkpoint, cache, '--config.reset.layers=layer1.*'), workdir)
   before = (workdir / 'results.csv').read_bytes()
 
@@ -243,6 +243,9 @@ def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, t
                                 '--config.data.source=imagefolder',
                                 f'--config.data.path={tmp_path / "nowhere"}'], 'nowhere'),
   ]
+  # Each case runs in this process, with run.py's config of those flags (tests/run_config.py):
+  # one UserError of one line, which run.py prints as its last line, `error: ...`, with exit
+  # status 1 (checked below on one case through run.py itself).
   for index, (name, extra, fragment) in enumerate(cases):
     # Bad input on the finished workdir is refused before anything is touched; on a new
     # workdir it fails with its own message and writes no results.
@@ -251,18 +254,24 @@ def test_mismatched_workdir_is_refused_and_bad_input_loses_nothing(checkpoint, t
     if name != 'other config':  # a new config on a new workdir is just a new run
       places.append((elsewhere, fragment))
     for target, expected in places:
-      result = _run(*_run_args(checkpoint, target, cache, *extra))
-      lines = result.stderr.strip().splitlines()
-      print(f'{name} in {target.name}: exit {result.returncode}: {lines[-1] if lines else ""}')
-      assert result.returncode == 1, name
-      assert lines[-1].startswith('error: ') and expected in lines[-1], (name, lines[-1:])
-      assert 'Traceback' not in result.stderr, name
+      with pytest.raises(UserError) as raised:
+        _run_here(_config(checkpoint, cache, *extra), target)
+      message = str(raised.value)
+      print(f'{name} in {target.name}: {message}')
+      assert '\n' not in message and expected in message, (name, message)
     assert (workdir / 'results.csv').read_bytes() == before, f'{name}: results kept'
     assert not (elsewhere / 'results.csv').exists(), name
 
-  quiet = _run(*_run_args(checkpoint, workdir, cache, '--config.reset.layers=layer1.*',
-                          '--quiet'))
-  assert quiet.returncode == 0 and 'images/s' not in quiet.stderr
+  result = _run(*_run_args(checkpoint, tmp_path / 'new1', cache,
+                           '--config.reset.layers=layer1.0.conv9'))
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert lines[-1].startswith('error: ') and cases[1][2] in lines[-1], lines[-1:]
+  assert not (tmp_path / 'new1').exists()
+
+  capfd.readouterr()
+  _run_here(_config(checkpoint, cache, '--config.reset.layers=layer1.*', '--quiet'), workdir)
+  assert 'images/s' not in capfd.readouterr().err
   assert (workdir / 'results.csv').read_bytes() == before, 'a finished run recomputes nothing'
 
 
