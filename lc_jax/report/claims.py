@@ -23,6 +23,7 @@ import numpy as np
 
 from lc_jax import errors
 from lc_jax.report import stats
+from lc_jax.report.categories import OTHER
 from lc_jax.report.read import per_image_of
 from lc_jax.report.stats import LayerSummary, by_model
 
@@ -240,7 +241,7 @@ def claims(summaries: Sequence[LayerSummary], categories_of: Mapping[str, str],
       notes.append(f'{model}: no finite layer among early ({"+".join(e) or "none"}) or deep '
                    f'({"+".join(d) or "none"}); left out')
       continue
-    category = categories_of.get(layers[0].model_id, 'other')
+    category = categories_of.get(layers[0].model_id, OTHER)
     units.setdefault(category, []).append(unit)
     with_images[category] = with_images.get(category, True) and images
   present = [c for c in order if c in units]
