@@ -190,10 +190,21 @@ def _bad_inputs(tmp_path, resnet18_file, resnet50_state):
 
 
 def test_bad_input_ends_in_one_line(tmp_path, resnet18_file, resnet50_state):
+  # Each case in this process, through what `python -m converters` calls (converters.convert
+  # with --arch): one error of one line, the line the command prints as `error: ...` with exit
+  # status 1. The command itself is run on two cases: its exit status, its one line, and
+  # nothing written to --out.
   for name, argv, fragment in _bad_inputs(tmp_path, resnet18_file, resnet50_state):
+    arch = argv[argv.index('--arch') + 1] if '--arch' in argv else None
+    with pytest.raises(converters.ConversionError.__mro__[1]) as raised:  # UserError
+      converters.convert(argv[0], arch)
+    message = str(raised.value)
+    print(f'{name}: {message}')
+    assert '\n' not in message and fragment in message, (name, message)
+  for name, argv, fragment in [c for c in _bad_inputs(tmp_path, resnet18_file, resnet50_state)
+                               if c[0] in ('truncated', 'resnet18 as resnet50')]:
     result = _cli(*argv, '--out', str(tmp_path / 'out'))
     lines = result.stderr.strip().splitlines()
-    print(f'{name}: exit {result.returncode}: {result.stderr.strip()}')
     assert result.returncode == 1, name
     assert len(lines) == 1 and lines[0].startswith('error: '), (name, result.stderr)
     assert fragment in lines[0], (name, lines[0])
