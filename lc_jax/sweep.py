@@ -3,6 +3,7 @@ r"""The paper's whole study as one command: zoo models, one after the other, int
     python -m lc_jax.sweep --config=configs/paper.py --models=all --workdir=out/paper \
       --config.data.path=/data/imagenet/val
     python -m lc_jax.sweep ... --models=category:adversarial_training
+    python -m lc_jax.sweep ... --config.data.source=tfds --config.data.name=imagenet_r,imagenet_a
     python -m lc_jax.sweep ... --models=tv_resnet50,resnet50_dino
 
 Each model runs as `run.py` would with `--config.model.checkpoint=zoo:ID --config.model.id=ID`
@@ -160,6 +161,40 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
   return state
 
 
+def sets(config: ml_collections.ConfigDict) -> list[str]:
+  """The image sets that `config.data.name` names: one, or several separated by commas."""
+  names = list(dict.fromkeys(n.strip() for n in config.data.name.split(',') if n.strip()))
+  if not names:
+    raise UserError('data.name is empty: name an image set (a tfds dataset), or several '
+                    'separated by commas')
+  return names
+
+
+def run_sets(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]
+             ) -> dict[str, dict]:
+  """`run` over every image set that `config.data.name` names (lc_jax.data.shifts): one set
+  runs into WORKDIR; several (`imagenet_r,imagenet_sketch`) run one after the other, each into
+  WORKDIR/<set>/ as a sweep of its own (its sweep.json, model folders and figures), so a model's
+  criticality on each set sits side by side. Every set's settings are checked before the first
+  runs. Returns {folder: the state `run` gave}."""
+  names = sets(config)
+  if len(names) == 1:
+    return {workdir: run(config, workdir, models)}
+  configs = {}
+  for name in names:
+    configs[name] = ml_collections.ConfigDict(config.to_dict())
+    configs[name].data.name = name
+    for model_id in models:
+      experiment.check(model_config(configs[name], model_id))
+  states = {}
+  for k, name in enumerate(names):
+    progress.say(f'=== image set {k + 1}/{len(names)}: {name}',
+                 config.progress and jax.process_index() == 0)
+    folder = os.path.join(workdir, name)
+    states[folder] = run(configs[name], folder, models)
+  return states
+
+
 class _Ahead:
   """The conversion of the next model (experiment.preconvert: download, hash, convert, save)
   in a background thread while the current model computes. `result()` waits for it and gives
@@ -230,12 +265,13 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = launch.config_of(_FLAGS)
   models = select(_MODELS.value)
-  state = run(config, _FLAGS.workdir.value, models)
-  if jax.process_index() == 0:
-    print(f'{len(state["done"])} of {len(models)} models done in {_FLAGS.workdir.value}')
-    for model_id, reason in state['failed'].items():
-      print(f'  failed: {model_id}: {reason}')
-  if state['failed']:
+  states = run_sets(config, _FLAGS.workdir.value, models)
+  for folder, state in states.items():
+    if jax.process_index() == 0:
+      print(f'{len(state["done"])} of {len(models)} models done in {folder}')
+      for model_id, reason in state['failed'].items():
+        print(f'  failed: {model_id}: {reason}')
+  if any(state['failed'] for state in states.values()):
     sys.exit(1)
 
 

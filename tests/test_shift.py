@@ -234,3 +234,27 @@ def test_run_on_imagenet_r_restricts_records_and_resumes(tmp_path, monkeypatch):
     # Another set is another run: its workdir is not resumed by it.
     with pytest.raises(UserError, match='holds a run of another configuration'):
       experiment.run(_config(tmp_path, 'imagenet_sketch'), workdir)
+
+
+def test_a_sweep_runs_each_named_set_into_its_own_folder(tmp_path, monkeypatch):
+  from lc_jax import sweep  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(sweep, 'run', lambda config, workdir, models: calls.append(
+      (config.data.name, workdir, list(models))) or {'done': list(models), 'failed': {}})
+  config = lc_config.default()
+  config.data.update(source='tfds', name='imagenet_r, imagenet_v2/topimages,imagenet_r')
+  workdir = str(tmp_path / 'study')
+  states = sweep.run_sets(config, workdir, ['tv_resnet50'])
+  folders = [os.path.join(workdir, 'imagenet_r'), os.path.join(workdir, 'imagenet_v2/topimages')]
+  assert calls == [('imagenet_r', folders[0], ['tv_resnet50']),
+                   ('imagenet_v2/topimages', folders[1], ['tv_resnet50'])]
+  assert list(states) == folders
+  # One set: the sweep's folder itself, as before.
+  config.data.name = 'imagenet_sketch'
+  assert list(sweep.run_sets(config, workdir, ['tv_resnet50'])) == [workdir]
+  # Every set checked before the first runs: a set the source cannot read stops them all.
+  calls.clear()
+  config.data.update(source='imagefolder', name='imagenet2012,imagenet_a')
+  with pytest.raises(UserError, match='data.name=imagenet_a names a tfds dataset'):
+    sweep.run_sets(config, workdir, ['tv_resnet50'])
+  assert not calls
