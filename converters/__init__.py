@@ -8,13 +8,14 @@ lc_jax.checkpoints'.
     module, variables, metadata = lc_jax.models.load('out/resnet50')
 """
 
+import importlib
+
 from converters.convert import convert, digests_sha256
 from converters.layouts import LAYOUTS, convert_layout
 from converters.mapping import Mismatch, MismatchError
 from converters.reader import DROP_RULES, ConversionError, DropRule, read
 from lc_jax.models.store import save
-# Importing a family's converter registers its recipe.
-from converters import resnet  # noqa: F401  pylint: disable=g-bad-import-order
-from converters import efficientnet  # noqa: F401  pylint: disable=g-bad-import-order
-from converters import vit  # noqa: F401  pylint: disable=g-bad-import-order
-from converters import convnext  # noqa: F401  pylint: disable=g-bad-import-order
+from lc_jax.models import FAMILIES
+
+for _family in FAMILIES:  # importing a family's converter registers its recipe
+  importlib.import_module(f'{__name__}.{_family}')

@@ -16,8 +16,7 @@ import numpy as np
 from converters import recipes
 from converters.reader import ConversionError
 from lc_jax import models
-
-FAMILY = 'convnext'
+from lc_jax.models.convnext import FAMILY
 
 
 def detect(tensors: Mapping[str, np.ndarray]) -> str | None:

@@ -16,8 +16,7 @@ import numpy as np
 from converters import recipes
 from converters.reader import ConversionError, register_bundled
 from lc_jax import models
-
-FAMILY = 'efficientnet_lite'
+from lc_jax.models.efficientnet import FAMILY
 
 # lukemelas -> timm layer names outside the blocks.
 _TOP_LAYERS = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2',

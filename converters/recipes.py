@@ -1,7 +1,7 @@
 """Per-family conversion recipes: how to recognise a family's checkpoint and name its keys.
 
-Each family registers its recipe from its own converter file (converters/resnet.py,
-converters/efficientnet.py).
+Each family registers its recipe from its own converter file (converters/resnet.py, ...), which
+`converters` imports for every family of lc_jax.models.FAMILIES, in that order.
 """
 
 from __future__ import annotations

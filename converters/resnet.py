@@ -14,6 +14,7 @@ import numpy as np
 from converters import recipes
 from converters.reader import ConversionError
 from lc_jax import models
+from lc_jax.models.resnet import FAMILY
 
 
 def detect(tensors: Mapping[str, np.ndarray]) -> str | None:
@@ -27,13 +28,13 @@ def detect(tensors: Mapping[str, np.ndarray]) -> str | None:
     return None
   depths = tuple(max(blocks.get(stage, {-1})) + 1 for stage in (1, 2, 3, 4))
   block = 'bottleneck' if 'layer1.0.conv3.weight' in tensors else 'basic'
-  for name in models.names('resnet'):
+  for name in models.names(FAMILY):
     kwargs = models.get(name).kwargs
     if kwargs['block'] == block and tuple(kwargs['stage_depths']) == depths:
       return name
   raise ConversionError(f'the checkpoint is a ResNet with {block} blocks and stage depths '
                         f'{"-".join(map(str, depths))}, which matches no registered ResNet '
-                        f'({", ".join(models.names("resnet"))})')
+                        f'({", ".join(models.names(FAMILY))})')
 
 
-recipes.register(recipes.Recipe(family='resnet', detect=detect, classifier='fc.weight'))
+recipes.register(recipes.Recipe(family=FAMILY, detect=detect, classifier='fc.weight'))

@@ -20,8 +20,7 @@ import numpy as np
 from converters import recipes
 from converters.reader import ConversionError
 from lc_jax import models
-
-FAMILY = 'vit'
+from lc_jax.models.vit import FAMILY
 
 
 def shape_of(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:

@@ -1,7 +1,9 @@
-"""Building blocks shared by the model families: PyTorch-exact conv/BN and input normalisation."""
+"""What the model families share: the forward as a chain of segments, PyTorch-exact conv/BN,
+input normalisation."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -9,8 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from lc_jax import layers
 
 # PyTorch's BatchNorm2d default; timm and torchvision ResNets keep it.
 BN_EPS = 1e-5
@@ -66,11 +67,6 @@ def conv_bn_factories(dtype: Any):
           functools.partial(batch_norm, dtype=dtype))
 
 
-def segment_names(block_names: Sequence[str]) -> tuple[str, ...]:
-  """A model's segments in forward order: 'stem', its blocks, 'head' (see `stage_ranges`)."""
-  return ('stem', *block_names, 'head')
-
-
 def stage_ranges(depths: Sequence[int], start: int, stop: int):
   """For each stage with blocks among segments [start, stop): (stage, first block, end block).
 
@@ -83,20 +79,79 @@ def stage_ranges(depths: Sequence[int], start: int, stop: int):
     first += depth
 
 
-# What a family's `standalone(k)` returns: a segment's block as a module of its own and the
+# What `SegmentedModel.standalone(k)` returns: a segment's block as a module of its own and the
 # path of its variables, or None.
 Standalone = Optional[tuple[nn.Module, tuple[str, ...]]]
+# A family's `stage_runner()`: `run(x, stage, lo, hi)` runs blocks [lo, hi) of stage `stage`.
+StageRunner = Callable[[Any, int, int, int], Any]
 
 
-def standalone(depths: Sequence[int], k: int,
-               build: Callable[[int, int], Standalone]) -> Standalone:
-  """What a family's `standalone(k)` returns for segment k of a model of stages of `depths`
-  blocks: `build(stage, index)` for a block (the block module, built outside the model, and
-  its variables' path; None where the block alone is not the whole segment), None for the stem
-  and the head. lc_jax.evaluate runs such a segment as that module on its variables re-rooted,
-  so equal blocks share one compiled program."""
-  place = next(stage_ranges(depths, k, k + 1), None)  # (stage, index, index + 1)
-  return None if place is None else build(*place[:2])
+class SegmentedModel(nn.Module):
+  """A classifier whose forward is a chain of segments: the stem, one per block, the head.
+
+  `apply(variables, x, start, stop)` runs segments [start, stop) only, which is how a reset of a
+  layer re-runs the network from its block on (`lc_jax.evaluate`). A family's root module
+  subclasses it, adds its own fields (positional, before these keyword-only ones) and gives,
+  each decorated `nn.nowrap`:
+
+  - `blocks_per_stage()`: how many blocks each stage has, in forward order;
+  - `block_name(stage, index)`: the block's torch module name, which is its variables' path
+    joined by '.' ('layer1.0' in a ResNet);
+  - `block_module(stage, index)`: the block as a module of its own, built outside the model, or
+    None where the block alone is not the whole of its segment;
+  - `forward_stem(x)`: the stem, on normalised images;
+  - `stage_runner()`: a `StageRunner`, made once per forward, so that stages under one parent
+    module (timm's `blocks`, `stages`) share it;
+  - `forward_head(x)`: the head, on the last block's output.
+  """
+
+  _: dataclasses.KW_ONLY
+  # The input normalisation, (x - mean) / std per channel: the registered variant's
+  # (lc_jax.models.registry.Architecture), or the checkpoint's own.
+  mean: Sequence[float]
+  std: Sequence[float]
+  num_classes: int = 1000
+  dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def segments(self) -> tuple[str, ...]:
+    """The forward's segments in order: the stem, every block by its name, the head."""
+    return (layers.STEM, *(self.block_name(stage, index)
+                           for stage, depth in enumerate(self.blocks_per_stage())
+                           for index in range(depth)), layers.HEAD)
+
+  @nn.nowrap  # builds a module of its own, not a child of this one
+  def standalone(self, k: int) -> Standalone:
+    """Segment k's block as a module of its own and its variables' path; None for the stem,
+    the head and a block that is not its whole segment. lc_jax.evaluate runs such a segment as
+    that module on its variables re-rooted, so equal blocks share one compiled program."""
+    place = next(stage_ranges(self.blocks_per_stage(), k, k + 1), None)  # (stage, k's index, +1)
+    if place is None:
+      return None
+    stage, index, _ = place
+    block = self.block_module(stage, index)
+    return None if block is None else (block, tuple(self.block_name(stage, index).split('.')))
+
+  @nn.compact
+  def __call__(self, x, start: int = 0, stop: int | None = None):
+    """Logits of NHWC images in [0, 1].
+
+    With `start`/`stop`, only segments [start, stop) of `segments()` run: `x` is the input of
+    segment `start` (the images when 0) and the result the output of segment `stop - 1`.
+    """
+    depths = self.blocks_per_stage()
+    head = sum(depths) + 1
+    stop = head + 1 if stop is None else stop
+    if start == 0 < stop:
+      x = self.forward_stem(normalize(x, self.mean, self.std, self.dtype))
+    ranges = list(stage_ranges(depths, start, stop))
+    if ranges:
+      run = self.stage_runner()
+      for stage, lo, hi in ranges:
+        x = run(x, stage, lo, hi)
+    if start <= head < stop:
+      x = self.forward_head(x).astype(jnp.float32)
+    return x
 
 
 def normalize(images, mean: Sequence[float], std: Sequence[float], dtype: Any):

@@ -22,10 +22,13 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lc_jax import constants
 from lc_jax import init
 from lc_jax import layers
 from lc_jax.models import common
 from lc_jax.models import registry
+
+FAMILY = 'convnext'  # its architectures' family in the registry, which its recipe shares
 
 LS_INIT_VALUE = 1e-6  # timm's ls_init_value: a fresh block's layer scale
 HEAD_INIT_SCALE = 1.0  # timm's head_init_scale: a fresh head's weight and bias times this
@@ -94,7 +97,10 @@ class Blocks(nn.Module):
 
 class Stages(nn.Module):
   """timm's ``stages``: stage N is ``stages.N``, its downsample (stages after the first) and its
-  ``blocks``."""
+  ``blocks``.
+
+  The caller runs it stage by stage (`stage`), as the segments it runs ask.
+  """
 
   depths: Sequence[int]
   dims: Sequence[int]
@@ -102,13 +108,10 @@ class Stages(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, start: int, stop: int):
-    """Runs the blocks among segments [start, stop); a stage's downsample runs with its block
-    0."""
-    for stage, lo, hi in common.stage_ranges(self.depths, start, stop):
-      x = StageBody(self.dims[stage], self.depths[stage], stage > 0, self.conv_mlp, self.dtype,
-                    name=str(stage))(x, lo, hi)
-    return x
+  def stage(self, x, index: int, start: int, stop: int):
+    """Runs blocks [start, stop) of stage `index` on `x`; its downsample runs with block 0."""
+    return StageBody(self.dims[index], self.depths[index], index > 0, self.conv_mlp, self.dtype,
+                     name=str(index))(x, start, stop)
 
 
 class StageBody(nn.Module):
@@ -152,29 +155,28 @@ class Head(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(common.SegmentedModel):
   """ConvNeXt classifier on NHWC images in [0, 1]; normalisation is part of the model."""
 
   depths: Sequence[int]
   dims: Sequence[int]
   conv_mlp: bool = False
-  num_classes: int = 1000
-  mean: Sequence[float] = common.IMAGENET_MEAN
-  std: Sequence[float] = common.IMAGENET_STD
-  dtype: Any = jnp.float32
 
-  def segments(self) -> tuple[str, ...]:
-    """The forward's segments in order: 'stem', every block ('stages.0.blocks.0', ...), 'head'."""
-    return common.segment_names([f'stages.{stage}.blocks.{index}'
-                                 for stage, depth in enumerate(self.depths)
-                                 for index in range(depth)])
+  @nn.nowrap
+  def blocks_per_stage(self) -> tuple[int, ...]:
+    """Blocks per stage (common.SegmentedModel)."""
+    return tuple(self.depths)
+
+  @nn.nowrap
+  def block_name(self, stage: int, index: int) -> str:
+    """'stages.0.blocks.0', ...: timm's name of block `index` of stage `stage`."""
+    return f'stages.{stage}.blocks.{index}'
 
   @nn.nowrap  # builds a module of its own, not a child of this one
-  def standalone(self, k: int) -> common.Standalone:
-    """Segment k's block on its own (common.standalone); not the first block of a stage after
-    the first, whose segment runs the stage's downsample too."""
-    return common.standalone(self.depths, k, lambda stage, index: None if stage and not index else (
-        Block(self.conv_mlp, self.dtype), ('stages', str(stage), 'blocks', str(index))))
+  def block_module(self, stage: int, index: int) -> nn.Module | None:
+    """Block `index` of stage `stage` on its own (common.SegmentedModel); None for the first
+    block of a stage after the first, whose segment runs the stage's downsample too."""
+    return None if stage and not index else Block(self.conv_mlp, self.dtype)
 
   def place(self, path: Sequence[str]) -> tuple[str, str] | None:
     """A stage's layers: block 'stages.N.blocks.M' (block 0 for the downsample), stage
@@ -192,24 +194,20 @@ class ConvNeXt(nn.Module):
     """The layer scale ends a block's branch: at 0 the block returns its input."""
     return path[-1] == 'gamma'
 
-  @nn.compact
-  def __call__(self, x, start: int = 0, stop: int | None = None):
-    """Logits of NHWC images in [0, 1].
+  @nn.nowrap
+  def forward_stem(self, x):
+    """timm's ``stem``: the 4x4 patchify conv and a LayerNorm."""
+    return Stem(self.dims[0], self.dtype, name='stem')(x)
 
-    With `start`/`stop`, only segments [start, stop) of `segments()` run: `x` is the input of
-    segment `start` (the images when 0) and the result the output of segment `stop - 1`.
-    """
-    head = len(self.segments()) - 1
-    stop = head + 1 if stop is None else stop
-    if start == 0 < stop:
-      x = common.normalize(x, self.mean, self.std, self.dtype)
-      x = Stem(self.dims[0], self.dtype, name='stem')(x)
-    if start < head and stop > 1:  # segments 1 .. head - 1 are the blocks
-      x = Stages(self.depths, self.dims, self.conv_mlp, self.dtype, name='stages')(x, start, stop)
-    if start <= head < stop:
-      x = Head(self.num_classes, self.dtype, name='head')(jnp.mean(x, axis=(1, 2)))
-      x = x.astype(jnp.float32)
-    return x
+  @nn.nowrap
+  def stage_runner(self) -> common.StageRunner:
+    """Stage N is timm's ``stages.N``."""
+    return Stages(self.depths, self.dims, self.conv_mlp, self.dtype, name='stages').stage
+
+  @nn.nowrap
+  def forward_head(self, x):
+    """The global average pool, then timm's ``head``: a LayerNorm and the fc."""
+    return Head(self.num_classes, self.dtype, name='head')(jnp.mean(x, axis=(1, 2)))
 
 
 # ------------------------------------------------------------------------ initialisation -------
@@ -238,8 +236,8 @@ _VARIANTS = {
 
 for _name, (_depths, _dims, _conv_mlp) in _VARIANTS.items():
   registry.register(registry.Architecture(
-      name=_name, family='convnext', build=ConvNeXt,
+      name=_name, family=FAMILY, build=ConvNeXt,
       kwargs={'depths': _depths, 'dims': _dims, 'conv_mlp': _conv_mlp},
-      mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, input_size=224, timm_name=_name,
+      mean=constants.IMAGENET_MEAN, std=constants.IMAGENET_STD, input_size=224, timm_name=_name,
       # a block is 'stages.N.blocks.M': four path components
       init_scheme='timm_convnext', block_depth=4))

@@ -21,17 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lc_jax import constants
 from lc_jax import init
 from lc_jax import layers
 from lc_jax.models import common
 from lc_jax.models import registry
 
+FAMILY = 'efficientnet_lite'  # its architectures' family in the registry, which its recipe shares
+
 # timm's BN_EPS_TF_DEFAULT: TensorFlow's BatchNormalization default, which these weights used.
 BN_EPS = 1e-3
-
-# timm's pretrained config for the tf_efficientnet_lite* weights: inputs scaled to [-1, 1].
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
 
 STEM_WIDTH = 32
 HEAD_WIDTH = 1280
@@ -189,59 +188,55 @@ class Blocks(nn.Module):
                  name=str(index))(x, start, stop)
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(common.SegmentedModel):
   """EfficientNet-Lite classifier on NHWC images in [0, 1]; normalisation is part of the model."""
 
   widths: Sequence[int]
   depths: Sequence[int]
-  num_classes: int = 1000
-  mean: Sequence[float] = MEAN
-  std: Sequence[float] = STD
-  dtype: Any = jnp.float32
 
-  def segments(self) -> tuple[str, ...]:
-    """The forward's segments in order: 'stem', every block ('blocks.0.0', ...), 'head'."""
-    return common.segment_names([f'blocks.{stage}.{index}'
-                                 for stage, depth in enumerate(self.depths)
-                                 for index in range(depth)])
+  @nn.nowrap
+  def blocks_per_stage(self) -> tuple[int, ...]:
+    """Blocks per stage (common.SegmentedModel)."""
+    return tuple(self.depths)
+
+  @nn.nowrap
+  def block_name(self, stage: int, index: int) -> str:
+    """'blocks.0.0', ...: timm's name of block `index` of stage `stage`."""
+    return f'blocks.{stage}.{index}'
 
   @nn.nowrap  # builds a module of its own, not a child of this one
-  def standalone(self, k: int) -> common.Standalone:
-    """Segment k's block on its own (common.standalone)."""
-    return common.standalone(self.depths, k, lambda stage, index: (
-        _make_block(stage, self.widths[stage], index, self.dtype),
-        ('blocks', str(stage), str(index))))
+  def block_module(self, stage: int, index: int) -> nn.Module:
+    """Block `index` of stage `stage` on its own (common.SegmentedModel)."""
+    return _make_block(stage, self.widths[stage], index, self.dtype)
 
-  @nn.compact
-  def __call__(self, x, start: int = 0, stop: int | None = None):
-    """Logits of NHWC images in [0, 1].
+  @nn.nowrap
+  def forward_stem(self, x):
+    """conv_stem and bn1."""
+    x = _conv(STEM_WIDTH, 3, 2, dtype=self.dtype, name='conv_stem')(x)
+    x = BatchNormAct(dtype=self.dtype, name='bn1')(x)
+    self.sow('intermediates', 'stem', x)
+    return x
 
-    With `start`/`stop`, only segments [start, stop) of `segments()` run: `x` is the input of
-    segment `start` (the images when 0) and the result the output of segment `stop - 1`.
-    """
-    head = len(self.segments()) - 1
-    stop = head + 1 if stop is None else stop
-
-    if start == 0 < stop:
-      x = common.normalize(x, self.mean, self.std, self.dtype)
-      x = _conv(STEM_WIDTH, 3, 2, dtype=self.dtype, name='conv_stem')(x)
-      x = BatchNormAct(dtype=self.dtype, name='bn1')(x)
-      self.sow('intermediates', 'stem', x)
-
+  @nn.nowrap
+  def stage_runner(self) -> common.StageRunner:
+    """Stage S is timm's ``blocks.S``; a stage's output is recorded under that name."""
     blocks = Blocks(self.widths, self.depths, self.dtype, name='blocks')
-    for stage, lo, hi in common.stage_ranges(self.depths, start, stop):
+
+    def run(x, stage, lo, hi):
       x = blocks.stage(x, stage, lo, hi)
       if hi == self.depths[stage]:  # named as timm's stage modules: also a torch hook target
         self.sow('intermediates', f'blocks.{stage}', x)
+      return x
+    return run
 
-    if start <= head < stop:
-      x = _conv(HEAD_WIDTH, 1, dtype=self.dtype, name='conv_head')(x)
-      x = BatchNormAct(dtype=self.dtype, name='bn2')(x)
-      x = jnp.mean(x, axis=(1, 2))
-      self.sow('intermediates', 'pool', x)
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-      x = x.astype(jnp.float32)
-    return x
+  @nn.nowrap
+  def forward_head(self, x):
+    """conv_head, bn2, the global average pool and the classifier."""
+    x = _conv(HEAD_WIDTH, 1, dtype=self.dtype, name='conv_head')(x)
+    x = BatchNormAct(dtype=self.dtype, name='bn2')(x)
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'pool', x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
 
 
 # (channel multiplier, depth multiplier, input size): multipliers from timm's
@@ -275,8 +270,10 @@ init.register_scheme('goog', _goog)
 
 for _name, (_width_mult, _depth_mult, _size) in _VARIANTS.items():
   registry.register(registry.Architecture(
-      name=_name, family='efficientnet_lite', build=EfficientNetLite,
+      name=_name, family=FAMILY, build=EfficientNetLite,
       kwargs={'widths': stage_widths(_width_mult), 'depths': stage_depths(_depth_mult)},
-      mean=MEAN, std=STD, input_size=_size, timm_name=f'tf_{_name}',
+      # timm's pretrained config of the tf_efficientnet_lite* weights: inputs scaled to [-1, 1]
+      mean=constants.IMAGENET_INCEPTION_MEAN, std=constants.IMAGENET_INCEPTION_STD,
+      input_size=_size, timm_name=f'tf_{_name}',
       # timm initialises EfficientNets as TF did ('goog'); a block is 'blocks.S.I', three parts.
       init_scheme='goog', block_depth=3))

@@ -19,10 +19,13 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lc_jax import constants
 from lc_jax import init
 from lc_jax import layers
 from lc_jax.models import common
 from lc_jax.models import registry
+
+FAMILY = 'resnet'  # its architectures' family in the registry, which its recipe shares
 
 
 # BasicBlock and Bottleneck share their shape on purpose: each mirrors its torch class, whose
@@ -118,69 +121,64 @@ class Stage(nn.Module):
     return x
 
 
-class ResNet(nn.Module):
+class ResNet(common.SegmentedModel):
   """ResNet classifier on NHWC images in [0, 1]; normalisation is part of the model."""
 
   block: str  # 'basic' or 'bottleneck'
   stage_depths: Sequence[int]  # blocks per stage (torch's `layers` argument)
-  num_classes: int = 1000
-  mean: Sequence[float] = common.IMAGENET_MEAN
-  std: Sequence[float] = common.IMAGENET_STD
-  dtype: Any = jnp.float32
 
   def on_shortcut(self, path: Sequence[str]) -> bool:
     """Whether the layer at `path` lies on a block's projection shortcut, not its branch."""
     return 'downsample' in path
 
-  def segments(self) -> tuple[str, ...]:
-    """The forward's segments in order: 'stem', every block ('layer1.0', ...), 'head'."""
-    return common.segment_names([f'layer{stage + 1}.{index}'
-                                 for stage, depth in enumerate(self.stage_depths)
-                                 for index in range(depth)])
+  @nn.nowrap
+  def blocks_per_stage(self) -> tuple[int, ...]:
+    """Blocks per stage (common.SegmentedModel)."""
+    return tuple(self.stage_depths)
+
+  @nn.nowrap
+  def block_name(self, stage: int, index: int) -> str:
+    """'layer1.0', ...: torch's name of block `index` of stage `stage`."""
+    return f'layer{stage + 1}.{index}'
 
   @nn.nowrap  # builds a module of its own, not a child of this one
-  def standalone(self, k: int) -> common.Standalone:
-    """Segment k's block on its own (common.standalone)."""
+  def block_module(self, stage: int, index: int) -> nn.Module:
+    """Block `index` of stage `stage` on its own (common.SegmentedModel)."""
     block_cls = _BLOCKS[self.block]
-    return common.standalone(self.stage_depths, k, lambda stage, index: (
-        _make_block(block_cls, *self._stage_settings(stage, block_cls), index, self.dtype),
-        (f'layer{stage + 1}', str(index))))
+    return _make_block(block_cls, *self._stage_settings(stage, block_cls), index, self.dtype)
 
   def _stage_settings(self, stage: int, block_cls: Any) -> tuple[int, int, int]:
     """(planes, stride, input channels) of stage `stage`."""
     planes = 64 * 2**stage
     return planes, 1 if stage == 0 else 2, 64 if stage == 0 else planes // 2 * block_cls.expansion
 
-  @nn.compact
-  def __call__(self, x, start: int = 0, stop: int | None = None):
-    """Logits of NHWC images in [0, 1].
-
-    With `start`/`stop`, only segments [start, stop) of `segments()` run: `x` is the input of
-    segment `start` (the images when 0) and the result the output of segment `stop - 1`.
-    """
+  @nn.nowrap
+  def forward_stem(self, x):
+    """conv1, bn1, ReLU and the max-pool."""
     conv, bn = common.conv_bn_factories(self.dtype)
-    block_cls = _BLOCKS[self.block]
-    head = len(self.segments()) - 1
-    stop = head + 1 if stop is None else stop
-
-    if start == 0 < stop:
-      x = common.normalize(x, self.mean, self.std, self.dtype)
-      x = conv(64, 7, 2, 3, name='conv1')(x)
-      x = nn.relu(bn(name='bn1')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-      self.sow('intermediates', 'maxpool', x)
-
-    for stage, lo, hi in common.stage_ranges(self.stage_depths, start, stop):
-      planes, stride, in_features = self._stage_settings(stage, block_cls)
-      x = Stage(block_cls, planes, self.stage_depths[stage], stride, in_features, self.dtype,
-                name=f'layer{stage + 1}')(x, lo, hi)
-
-    if start <= head < stop:
-      x = jnp.mean(x, axis=(1, 2))
-      self.sow('intermediates', 'global_pool', x)
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
-      x = x.astype(jnp.float32)
+    x = conv(64, 7, 2, 3, name='conv1')(x)
+    x = nn.relu(bn(name='bn1')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    self.sow('intermediates', 'maxpool', x)
     return x
+
+  @nn.nowrap
+  def stage_runner(self) -> common.StageRunner:
+    """Stage S is torch's ``layer{S+1}``."""
+    block_cls = _BLOCKS[self.block]
+
+    def run(x, stage, lo, hi):
+      planes, stride, in_features = self._stage_settings(stage, block_cls)
+      return Stage(block_cls, planes, self.stage_depths[stage], stride, in_features, self.dtype,
+                   name=f'layer{stage + 1}')(x, lo, hi)
+    return run
+
+  @nn.nowrap
+  def forward_head(self, x):
+    """The global average pool and fc."""
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'global_pool', x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
@@ -214,7 +212,7 @@ init.register_scheme('torchvision_resnet', _scheme(zero_init_last=False))
 
 for _name, (_block, _depths) in _DEPTHS.items():
   registry.register(registry.Architecture(
-      name=_name, family='resnet', build=ResNet,
+      name=_name, family=FAMILY, build=ResNet,
       kwargs={'block': _block, 'stage_depths': _depths},
-      mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, timm_name=_name,
+      mean=constants.IMAGENET_MEAN, std=constants.IMAGENET_STD, timm_name=_name,
       init_scheme='timm_resnet', block_depth=2))

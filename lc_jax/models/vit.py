@@ -22,10 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lc_jax import constants
 from lc_jax import init
 from lc_jax import layers
 from lc_jax.models import common
 from lc_jax.models import registry
+
+FAMILY = 'vit'  # its architectures' family in the registry, which its recipe shares
 
 
 class PatchEmbed(nn.Module):
@@ -106,8 +109,11 @@ class Blocks(nn.Module):
     return x
 
 
-class VisionTransformer(nn.Module):
-  """ViT classifier on NHWC images in [0, 1]; normalisation is part of the model."""
+class VisionTransformer(common.SegmentedModel):
+  """ViT classifier on NHWC images in [0, 1] of `img_size`; normalisation is part of the model.
+
+  After the stem, a segment's input and output are tokens (batch, 1 + patches, embed_dim).
+  """
 
   patch_size: int
   embed_dim: int
@@ -115,21 +121,22 @@ class VisionTransformer(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   img_size: int = 224
-  num_classes: int = 1000
-  mean: Sequence[float] = common.IMAGENET_MEAN
-  std: Sequence[float] = common.IMAGENET_STD
-  dtype: Any = jnp.float32
 
-  def segments(self) -> tuple[str, ...]:
-    """The forward's segments in order: 'stem', every block ('blocks.0', ...), 'head'."""
-    return common.segment_names([f'blocks.{index}' for index in range(self.depth)])
+  @nn.nowrap
+  def blocks_per_stage(self) -> tuple[int, ...]:
+    """One stage of `depth` blocks (common.SegmentedModel)."""
+    return (self.depth,)
+
+  @nn.nowrap
+  def block_name(self, stage: int, index: int) -> str:
+    """'blocks.0', ...: timm's name of block `index`."""
+    return f'blocks.{index}'
 
   @nn.nowrap  # builds a module of its own, not a child of this one
-  def standalone(self, k: int) -> common.Standalone:
-    """Segment k's block on its own (common.standalone): the blocks, all equal, are one
+  def block_module(self, stage: int, index: int) -> nn.Module:
+    """Block `index` on its own (common.SegmentedModel): the blocks, all equal, are one
     program."""
-    return common.standalone((self.depth,), k, lambda _, index: (
-        Block(self.num_heads, self.mlp_ratio, self.dtype), ('blocks', str(index))))
+    return Block(self.num_heads, self.mlp_ratio, self.dtype)
 
   def sub_kind(self, path: Sequence[str], kind: str) -> str:
     """Linears of attention ('attn_qkv', 'attn_proj') and of the MLP ('mlp') by their path."""
@@ -143,39 +150,32 @@ class VisionTransformer(nn.Module):
     """The attention projection and the second MLP Linear end the block's two branches."""
     return tuple(path[-2:]) in (('attn', 'proj'), ('mlp', 'fc2'))
 
-  @nn.compact
-  def __call__(self, x, start: int = 0, stop: int | None = None):
-    """Logits of NHWC images in [0, 1] of `img_size`.
+  @nn.nowrap
+  def forward_stem(self, x):
+    """Patches, the class token before them, the position embedding added."""
+    if x.shape[1:3] != (self.img_size, self.img_size):
+      raise ValueError(f'this ViT takes {self.img_size}x{self.img_size} images (its position '
+                       f'embedding is learned for that size), got {x.shape[1]}x{x.shape[2]}')
+    x = PatchEmbed(self.embed_dim, self.patch_size, self.dtype, name='patch_embed')(x)
+    cls_token = common.Parameter((1, 1, self.embed_dim), 'embedding', name='cls_token')()
+    x = jnp.concatenate(
+        [jnp.broadcast_to(cls_token.astype(self.dtype), (x.shape[0], 1, self.embed_dim)), x],
+        axis=1)
+    tokens = (self.img_size // self.patch_size)**2 + 1
+    return x + common.Parameter((1, tokens, self.embed_dim), 'embedding',
+                                name='pos_embed')().astype(self.dtype)
 
-    With `start`/`stop`, only segments [start, stop) of `segments()` run: `x` is the input of
-    segment `start` (the images when 0, tokens (batch, 1 + patches, embed_dim) after) and the
-    result the output of segment `stop - 1`.
-    """
-    head = self.depth + 1
-    stop = head + 1 if stop is None else stop
-    if start == 0 < stop:
-      if x.shape[1:3] != (self.img_size, self.img_size):
-        raise ValueError(f'this ViT takes {self.img_size}x{self.img_size} images (its position '
-                         f'embedding is learned for that size), got {x.shape[1]}x{x.shape[2]}')
-      x = common.normalize(x, self.mean, self.std, self.dtype)
-      x = PatchEmbed(self.embed_dim, self.patch_size, self.dtype, name='patch_embed')(x)
-      cls_token = common.Parameter((1, 1, self.embed_dim), 'embedding', name='cls_token')()
-      x = jnp.concatenate(
-          [jnp.broadcast_to(cls_token.astype(self.dtype), (x.shape[0], 1, self.embed_dim)), x],
-          axis=1)
-      tokens = (self.img_size // self.patch_size)**2 + 1
-      x = x + common.Parameter((1, tokens, self.embed_dim), 'embedding',
-                               name='pos_embed')().astype(self.dtype)
+  @nn.nowrap
+  def stage_runner(self) -> common.StageRunner:
+    """The one stage is timm's ``blocks``."""
+    return lambda x, _, lo, hi: Blocks(self.depth, self.num_heads, self.mlp_ratio, self.dtype,
+                                       name='blocks')(x, lo, hi)
 
-    for _, lo, hi in common.stage_ranges((self.depth,), start, stop):
-      x = Blocks(self.depth, self.num_heads, self.mlp_ratio, self.dtype, name='blocks')(x, lo, hi)
-
-    if start <= head < stop:
-      x = common.layer_norm(dtype=self.dtype, name='norm')(x)
-      x = x[:, 0]  # the class token (timm's global_pool='token')
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-      x = x.astype(jnp.float32)
-    return x
+  @nn.nowrap
+  def forward_head(self, x):
+    """The final LayerNorm, the class token's output (timm's global_pool='token'), the head."""
+    x = common.layer_norm(dtype=self.dtype, name='norm')(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x[:, 0])
 
 
 # ------------------------------------------------------------------------ initialisation -------
@@ -201,18 +201,19 @@ init.register_scheme('timm_vit', _timm_vit)
 
 # (embed_dim, depth, heads, mean/std): timm's vit_* (augreg weights, inputs scaled to [-1, 1])
 # and deit_* (ImageNet mean/std); all of patch 16 at 224.
-_HALF = (0.5, 0.5, 0.5)
+_AUGREG = (constants.IMAGENET_INCEPTION_MEAN, constants.IMAGENET_INCEPTION_STD)
+_DEIT = (constants.IMAGENET_MEAN, constants.IMAGENET_STD)
 _VARIANTS = {
-    'vit_tiny_patch16_224': (192, 12, 3, _HALF, _HALF),
-    'vit_small_patch16_224': (384, 12, 6, _HALF, _HALF),
-    'vit_base_patch16_224': (768, 12, 12, _HALF, _HALF),
-    'deit_small_patch16_224': (384, 12, 6, common.IMAGENET_MEAN, common.IMAGENET_STD),
-    'deit_base_patch16_224': (768, 12, 12, common.IMAGENET_MEAN, common.IMAGENET_STD),
+    'vit_tiny_patch16_224': (192, 12, 3, *_AUGREG),
+    'vit_small_patch16_224': (384, 12, 6, *_AUGREG),
+    'vit_base_patch16_224': (768, 12, 12, *_AUGREG),
+    'deit_small_patch16_224': (384, 12, 6, *_DEIT),
+    'deit_base_patch16_224': (768, 12, 12, *_DEIT),
 }
 
 for _name, (_dim, _depth, _heads, _mean, _std) in _VARIANTS.items():
   registry.register(registry.Architecture(
-      name=_name, family='vit', build=VisionTransformer,
+      name=_name, family=FAMILY, build=VisionTransformer,
       kwargs={'patch_size': 16, 'embed_dim': _dim, 'depth': _depth, 'num_heads': _heads,
               'img_size': 224},
       mean=_mean, std=_std, input_size=224, timm_name=_name, init_scheme='timm_vit',
