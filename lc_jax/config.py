@@ -132,6 +132,8 @@ class RunConfig:
       for parent in parents:
         holder = holder[parent]
       holder.pop(last)
+    if not fields['model']['factory']:  # a checkpoint's run: its identity as before the field
+      del fields['model']['factory']
     return fields
 
 
