@@ -77,7 +77,8 @@ class Forward:
   """`module`'s forward by segments; see the module docstring."""
 
   def __init__(self, module: nn.Module | None, layers: Sequence[layers_lib.Layer],
-               mesh: Mesh | None = None, apply: Callable[[dict, jax.Array], jax.Array] | None = None):
+               mesh: Mesh | None = None,
+               apply: Callable[[dict, jax.Array], jax.Array] | None = None):
     """`module` with segments (lc_jax.models), or, when it is None, a model without them given
     by its pure `apply(variables, images) -> logits`: then the whole model is one segment,
     'model', which every reset runs from (no prefix reuse)."""
