@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from lc_jax import errors
+from lc_jax import schema
 from lc_jax.errors import UserError
 
 # 'groupnorm' occurs in models outside the registry (lc_jax.adapters); 'attn_qkv', 'attn_proj'
@@ -45,21 +46,6 @@ TYPES = {'conv': ('conv', 'depthwise_conv'), 'depthwise_conv': ('depthwise_conv'
          'layer_scale': ('layer_scale',)}
 DEFAULT_TYPES = ('conv', 'linear')  # the paper's released results: every Conv2d and Linear
 GRANULARITIES = ('layer', 'block', 'stage')
-# The block and stage of a layer outside every block, and the model's first and last segments
-# (lc_jax.models.common.SegmentedModel): the stem precedes the first block, the head follows.
-STEM = 'stem'
-HEAD = 'head'
-
-
-def outside_blocks(seen_block: bool) -> str:
-  """The block (and stage) of a layer outside every block: the head once a block has been seen
-  in forward order, the stem before."""
-  return HEAD if seen_block else STEM
-
-
-def in_block(block: str) -> bool:
-  """Whether `block` (a layer's block or stage) is a block, not the stem or the head."""
-  return block not in (STEM, HEAD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +56,8 @@ class Layer:
   path: tuple[str, ...]  # Flax path, e.g. ('layer1', '0', 'downsample', '0')
   kind: str  # one of KINDS
   shapes: dict[str, tuple[int, ...]]  # {'params/kernel': (3, 3, 64, 64), 'batch_stats/mean': ...}
-  block: str  # 'layer1.0', or STEM / HEAD
-  stage: str  # 'layer1', or STEM / HEAD
+  block: str  # 'layer1.0', or schema.STEM / schema.HEAD ('stem' / 'head')
+  stage: str  # 'layer1', or schema.STEM / schema.HEAD
   index: int  # position in forward order among all layers
   groups: int = 1  # a conv's feature groups (its output channels for a depthwise conv)
   residual: bool = False  # its block adds a shortcut (identity or projection) to its branch
@@ -138,7 +124,7 @@ def inventory(module: nn.Module, block_depth: int, input_size: int | None = None
     elif len(path) > block_depth:
       block, stage, seen_block = '.'.join(path[:block_depth]), '.'.join(path[:block_depth - 1]), True
     else:
-      block = stage = outside_blocks(seen_block)
+      block = stage = schema.outside_blocks(seen_block)
     layers.append(Layer(name='.'.join(path), path=path,
                         kind=sub_kind(path, _kind(layer_module, leaves)), shapes=leaves,
                         block=block, stage=stage, index=len(layers),
@@ -153,7 +139,7 @@ def inventory(module: nn.Module, block_depth: int, input_size: int | None = None
   else:
     last_bn = {}  # block -> the name of the last BatchNorm on its branch
     for layer in layers:
-      if layer.kind == 'batchnorm' and in_block(layer.block) and not layer.shortcut:
+      if layer.kind == 'batchnorm' and schema.in_block(layer.block) and not layer.shortcut:
         last_bn[layer.block] = layer.name
     ends = set(last_bn.values())
   return [dataclasses.replace(layer, residual=same_shape.get(layer.block, False)

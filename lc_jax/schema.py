@@ -35,6 +35,11 @@ PER_IMAGE_PARTIAL = 'per_image.partial'
 # What a run writes in a workdir (or a sweep in its folder): never followed through a link.
 OWN = (RESULTS, RUN, PARTIAL, SWEEP, LOCK, MODEL, PER_IMAGE, PER_IMAGE_PARTIAL)
 ORIGINAL = 'original'  # the layer of the row holding the original model's own metrics
+# The stage (and block) of a layer outside every block, in a row's `stage` column and the
+# inventory (lc_jax.layers), and the names of a model's first and last segments: the stem
+# precedes the first block, the head follows the last.
+STEM = 'stem'
+HEAD = 'head'
 
 # The metrics of a row (see lc_jax.metrics), in column order.
 METRICS = ('top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_l2_err',
@@ -54,6 +59,17 @@ def run_id(run_info: Mapping[str, Any]) -> str:
   identity = {key: run_info.get(key) for key in RUN_IDENTITY}
   text = json.dumps(identity, sort_keys=True, separators=(',', ':'), default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def outside_blocks(seen_block: bool) -> str:
+  """The stage (and block) of a layer outside every block: HEAD once a block has been seen in
+  forward order, STEM before."""
+  return HEAD if seen_block else STEM
+
+
+def in_block(stage: str) -> bool:
+  """Whether `stage` (a layer's block or stage) lies in the blocks, not in the stem or head."""
+  return stage not in (STEM, HEAD)
 
 
 def row(model_id: str, num_images: int, layer: str, trial: int, mode: str,

@@ -11,6 +11,7 @@ import numpy as np
 
 from converters import parity
 from lc_jax import layers as layers_lib
+from lc_jax import schema
 from lc_jax.crossval.report import Check
 from lc_jax.crossval.report import judged
 
@@ -65,7 +66,7 @@ def first_disagreement(checks: Sequence[Check], layers: Sequence[layers_lib.Laye
   """(module, stage, layer): the first module output over its tolerance in forward order, the
   stage it lies in, and the first inventory layer over it (None where all are within)."""
   by_name = {layer.name: layer for layer in layers}
-  blocks = {layer.block: layer.stage for layer in layers if layer.block not in ('stem', 'head')}
+  blocks = {layer.block: layer.stage for layer in layers if schema.in_block(layer.block)}
   module = stage = layer = None
   seen_block = False
   for c in checks:
@@ -77,8 +78,8 @@ def first_disagreement(checks: Sequence[Check], layers: Sequence[layers_lib.Laye
       # A block, a stage, or a module inside one; outside them, the stem or the head.
       where = next((s for b, s in blocks.items() if c.name in (b, s)
                     or c.name.startswith(b + '.')), None)
-      where = where or ('head' if seen_block else 'stem')
-    seen_block |= where not in ('stem', 'head')
+      where = where or schema.outside_blocks(seen_block)
+    seen_block |= schema.in_block(where)
     if not c.passed:
       if module is None:
         module, stage = c.name, where

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lc_jax import layers
+from lc_jax import schema
 
 # PyTorch's BatchNorm2d default; timm and torchvision ResNets keep it.
 BN_EPS = 1e-5
@@ -116,9 +116,9 @@ class SegmentedModel(nn.Module):
   @nn.nowrap
   def segments(self) -> tuple[str, ...]:
     """The forward's segments in order: the stem, every block by its name, the head."""
-    return (layers.STEM, *(self.block_name(stage, index)
+    return (schema.STEM, *(self.block_name(stage, index)
                            for stage, depth in enumerate(self.blocks_per_stage())
-                           for index in range(depth)), layers.HEAD)
+                           for index in range(depth)), schema.HEAD)
 
   @nn.nowrap  # builds a module of its own, not a child of this one
   def standalone(self, k: int) -> Standalone:

@@ -90,7 +90,7 @@ def _guess_stages(layers: Sequence[str]) -> dict[str, str]:
     if match:
       stages[layer], seen_stage = match.group(1), True
     else:
-      stages[layer] = 'head' if seen_stage else 'stem'
+      stages[layer] = schema.outside_blocks(seen_stage)
   return stages
 
 
