@@ -6,10 +6,11 @@ the check that turns a config into typed, validated fields before anything is wr
     settings = lc_jax.config.check(config)      # a RunConfig, or one UserError naming the problem
 
 Fields (RunConfig):
-- model: checkpoint (a file, bundled:NAME, or zoo:ID for a model of the paper's zoo), arch
+- model: checkpoint (a file, bundled:NAME, zoo:ID for a model of the paper's zoo, or
+  hf:REPO[/FILE][@REVISION] for a timm checkpoint on the Hugging Face Hub), arch
   (empty: inferred), id (the row label in results; empty: the checkpoint's file name),
   trust_pickle, allow_nonfinite (keep weights that hold NaN or inf, refused by default), offline
-  and mirrors (for zoo:ID, see lc_jax.zoo); or factory instead of checkpoint and arch:
+  and mirrors (for zoo:ID and hf:, see lc_jax.zoo); or factory instead of checkpoint and arch:
   package.module:function returning your own Flax model (lc_jax.factory);
 - data: see lc_jax.data.config (source, path, num_images, batch_size, seed, order, sizes, ...);
 - reset: mode (fresh, zero, checkpoint, interpolate, skip), layer_types ('conv,linear'; add
@@ -75,7 +76,7 @@ class ModelConfig:
   id: str = ''
   trust_pickle: bool = False
   allow_nonfinite: bool = False  # keep weights that hold NaN or inf (refused by default)
-  offline: bool = False  # zoo:ID only from the zoo's cache (also LC_JAX_OFFLINE=1)
+  offline: bool = False  # zoo:ID, hf: only from the zoo's cache (also LC_JAX_OFFLINE=1)
   mirrors: str = ''  # zoo source prefixes rewritten (JSON or a .json file; LC_JAX_ZOO_MIRRORS)
 
 
@@ -208,7 +209,8 @@ def _check_values(run: RunConfig) -> None:
                       'model.checkpoint, not model.factory')
   elif not model.checkpoint:
     raise UserError('no checkpoint is set: give --config.model.checkpoint=PATH (a .pth, .pt, '
-                    '.pth.tar, .ckpt or .safetensors file, bundled:NAME, or zoo:ID), or '
+                    '.pth.tar, .ckpt or .safetensors file, bundled:NAME, zoo:ID, or '
+                    'hf:REPO[/FILE][@REVISION]), or '
                     '--config.model.factory=package.module:function')
   else:
     checkpoints.check(model.checkpoint, 'model.checkpoint')

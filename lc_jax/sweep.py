@@ -5,13 +5,16 @@ r"""The paper's whole study as one command: zoo models, one after the other, int
     python -m lc_jax.sweep ... --models=category:adversarial_training
     python -m lc_jax.sweep ... --config.data.source=tfds --config.data.name=imagenet_r,imagenet_a
     python -m lc_jax.sweep ... --models=tv_resnet50,resnet50_dino
+    python -m lc_jax.sweep ... --models=resnet50.a1_in1k,hf:timm/convnext_tiny.fb_in1k
 
 Each model runs as `run.py` would with `--config.model.checkpoint=zoo:ID --config.model.id=ID`
 and the zoo's init scheme for its fresh resets (unless the config names one), into
-WORKDIR/<id>/; all share the decoded-image cache. WORKDIR/sweep.json records the models done
-and those that failed (a failing download is recorded with its reason and skipped; the sweep
-then exits 1). A killed sweep resumes: finished models are skipped, the current one resumes
-where it stopped. At the end, WORKDIR/heatmap.png and WORKDIR/scatter.png (the paper's Figure
+WORKDIR/<id>/; a checkpoint on the Hub, hf:REPO[/FILE][@REVISION], runs with that checkpoint,
+its architecture's init scheme, and the id (and folder) of its label (the repository's name:
+lc_jax.zoo.hub.HubId.label). All share the decoded-image cache. WORKDIR/sweep.json records the
+models done and those that failed (a failing download is recorded with its reason and
+skipped; the sweep then exits 1). A killed sweep resumes: finished models are skipped, the
+current one resumes where it stopped. At the end, WORKDIR/heatmap.png and WORKDIR/scatter.png (the paper's Figure
 1) are drawn over every finished model. Over several processes, as run.py.
 """
 
@@ -50,7 +53,8 @@ from lc_jax.errors import UserError
 
 
 def select(models: str) -> list[str]:
-  """The zoo ids that `--models` names: 'all', 'category:C', or ids separated by commas."""
+  """The zoo ids that `--models` names: 'all', 'category:C', or ids separated by commas (a
+  paper model's, or an hf: id); two that would share a label (and a folder) are refused."""
   models = models.strip()
   if models == 'all':
     return zoo.ids()
@@ -61,24 +65,46 @@ def select(models: str) -> list[str]:
   if not ids:
     raise UserError('--models is empty: give all, category:C or model ids separated by commas')
   for model_id in ids:
-    zoo.get(model_id)  # an unknown id fails here, naming the closest ones
-  return list(dict.fromkeys(ids))
+    if model_id.startswith(checkpoints.HF):
+      checkpoints.check(model_id, '--models')  # a malformed hf: id fails here
+    else:
+      zoo.get(model_id)  # an unknown id fails here, naming the closest ones
+  ids = list(dict.fromkeys(ids))
+  by_label = {}
+  for model_id in ids:
+    other = by_label.setdefault(label(model_id), model_id)
+    if other != model_id:
+      raise UserError(f'--models: {other} and {model_id} would both be labelled '
+                      f'{label(model_id)} (and write WORKDIR/{label(model_id)}); sweep them '
+                      'into separate workdirs')
+  return ids
+
+
+def label(model_id: str) -> str:
+  """The model's row label and folder name: a paper model's id, an hf: id's label."""
+  return checkpoints.default_id(_checkpoint(model_id))
+
+
+def _checkpoint(model_id: str) -> str:
+  return model_id if model_id.startswith(checkpoints.HF) else checkpoints.ZOO + model_id
 
 
 def model_config(config: ml_collections.ConfigDict, model_id: str) -> ml_collections.ConfigDict:
-  """`config` for one zoo model: its checkpoint, its id, its family's init scheme."""
+  """`config` for one zoo model (or hf: id): its checkpoint, its label, its init scheme (an hf:
+  id's: its architecture's, unless the config names one)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model.checkpoint = checkpoints.ZOO + model_id
-  config.model.id = model_id
-  if not config.reset.init_scheme:
+  config.model.checkpoint = _checkpoint(model_id)
+  config.model.id = label(model_id)
+  if not config.reset.init_scheme and not model_id.startswith(checkpoints.HF):
     config.reset.init_scheme = zoo.get(model_id).init_scheme
   return config
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
         timings: dict[str, dict[str, float]] | None = None) -> dict:
-  """Runs (or resumes) every model of `models` into WORKDIR/<id>; returns the sweep's state
-  {'models', 'done', 'failed': {id: reason}}. The root lock keeps a second sweep out.
+  """Runs (or resumes) every model of `models` into WORKDIR/<label> (a paper model's id, an
+  hf: id's label); returns the sweep's state {'models', 'done', 'failed': {label: reason}}.
+  The root lock keeps a second sweep out.
   `timings`, when given, gets the phases of each model finished here: {id: the timings of
   experiment.run, with 'conversion' counting the wait for its conversion in the background and
   'converted_ahead' the seconds that conversion took while the model before it computed}.
@@ -87,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
   (`experiment.preconvert`), so a model's own conversion is mostly a wait that has ended."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   # Every setting checked before anything is written or downloaded.
-  settings = {model_id: experiment.check(model_config(config, model_id)) for model_id in models}
+  settings = {label(m): experiment.check(model_config(config, m)) for m in models}
   primary = jax.process_index() == 0
   show = config.progress and primary
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
@@ -98,16 +124,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
       if model_id in settings:
         results.refuse_other_run(os.path.join(workdir, model_id),
                                  {'config': settings[model_id].measured()})
-    state['models'] = list(models)
+    state['models'] = [label(m) for m in models]
     state['failed'] = {}  # failures are tried again
     start, finished_here = time.perf_counter(), 0
     ahead = None  # the next model's conversion, under way in the background
     try:
       for k, model_id in enumerate(models):
-        if model_id in state['done']:
+        name = label(model_id)
+        if name in state['done']:
           continue
         progress.say(f'=== model {k + 1}/{len(models)}: {model_id}', show)
-        path = os.path.join(workdir, model_id)
+        path = os.path.join(workdir, name)
         spent = {}
         try:
           began = time.perf_counter()
@@ -120,27 +147,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
           here = time.perf_counter() - began  # waiting for the background, or converting here
           if ready:
             spent['converted_ahead'] = mine.seconds
-          following = next((m for m in models[k + 1:] if m not in state['done']), None)
+          following = next((m for m in models[k + 1:] if label(m) not in state['done']),
+                           None)
           ahead = _Ahead(config, workdir, following) if following and primary else None
           experiment.run(model_config(config, model_id), path, spent, converted)
         except UserError as e:
           if jax.process_count() > 1 and not e.shared:  # the other processes went on: all stop
             raise
-          state['failed'][model_id] = str(e)
+          state['failed'][name] = str(e)
           progress.say(f'{model_id}: skipped: {e}', show)
         else:
           spent['conversion'] += here
           spent['wall'] += here
           if primary:  # its folder as run.py leaves it
             _criticality_figure(path)
-          state['done'].append(model_id)
+          state['done'].append(name)
           finished_here += 1
           if timings is not None:
-            timings[model_id] = spent
+            timings[name] = spent
         if primary:
           _write_state(workdir, state)
         if show:
-          left = [m for m in models[k + 1:] if m not in state['done']]
+          left = [m for m in models[k + 1:] if label(m) not in state['done']]
           per_model = (time.perf_counter() - start) / max(finished_here, 1)
           progress.say(f'=== {len(state["done"])}/{len(models)} models done, '
                        f'{len(state["failed"])} failed; about '
@@ -157,7 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
       if ahead is not None:
         ahead.result()
     if primary and state['done']:
-      _figures(workdir, [m for m in models if m in state['done']])
+      _figures(workdir, [label(m) for m in models if label(m) in state['done']])
   return state
 
 
@@ -205,7 +233,7 @@ class _Ahead:
     self.model_id, self.seconds, self._converted = model_id, 0.0, None
     self._thread = threading.Thread(
         target=self._convert, args=(model_config(config, model_id),
-                                    os.path.join(workdir, model_id)),
+                                    os.path.join(workdir, label(model_id))),
         name=f'converting {model_id}', daemon=True)  # a killed sweep does not wait for it
     self._thread.start()
 
@@ -279,7 +307,8 @@ def _run() -> None:
   global _FLAGS, _MODELS  # pylint: disable=global-statement
   _FLAGS = launch.define_flags(default_workdir='out/paper')
   _MODELS = flags.DEFINE_string('models', 'all', "Zoo models: 'all', 'category:C', or ids "
-                                'separated by commas (python -m lc_jax.zoo list).')
+                                'separated by commas (python -m lc_jax.zoo list), each a paper '
+                                "model's or a Hub checkpoint's, hf:REPO[/FILE][@REVISION].")
   app.run(main, flags_parser=launch.parse_flags)
 
 

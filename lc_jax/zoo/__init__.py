@@ -9,7 +9,11 @@ and a verified local copy of its files.
 The zoo fetches and keeps files; it converts none (lc_jax.checkpoints does, and its `add`
 checks that files downloaded by hand convert before `register` keeps them).
 
-Command line: python -m lc_jax.zoo list | info ID | fetch ID... | fetch --all | add ID FILE.
+Any checkpoint on the Hugging Face Hub, `hf:REPO[/FILE][@REVISION]`, is fetched into the same
+cache with the same checks (lc_jax.zoo.hub; lc_jax.checkpoints converts it).
+
+Command line: python -m lc_jax.zoo list | info ID | fetch ID... | fetch --all | add ID FILE
+(ID: a paper model's, or an hf: id).
 Downloads need the `zoo` extra (pip install "lc-jax[zoo]"). Environment: LC_JAX_ZOO_DIR (the
 cache, default ~/.cache/lc_jax/zoo), LC_JAX_OFFLINE=1 (cache only), LC_JAX_ZOO_MIRRORS (URL
 prefix rewrites; see transport).

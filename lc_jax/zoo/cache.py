@@ -1,6 +1,7 @@
 """The zoo's cache: verified files under ROOT/files/ID/NAME, each with its digest beside it.
 
-    ROOT/files/ID/NAME           a complete file, installed by os.replace (never half-written)
+    ROOT/files/ID/NAME           a complete file, installed by os.replace (never half-written);
+                                 an hf: id's ID is hf/REPO[/FILE]@REVISION
     ROOT/files/ID/NAME.sha256    its sha256, `sha256sum` style, recorded on first download
     ROOT/files/ID/.staging-*     downloads in progress (one folder per process)
 
@@ -33,8 +34,9 @@ def cache_dir() -> str:
 
 
 def folder(model_id: str) -> str:
-  """ROOT/files/MODEL_ID, where the model's files live."""
-  return os.path.join(cache_dir(), 'files', model_id)
+  """ROOT/files/MODEL_ID, where the model's files live; an hf: id's (lc_jax.zoo.hub) under
+  ROOT/files/hf/REPO[/FILE]@REVISION."""
+  return os.path.join(cache_dir(), 'files', *model_id.split(':', 1))
 
 
 def path(model_id: str, source: Source) -> str:

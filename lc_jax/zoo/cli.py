@@ -6,6 +6,10 @@
     add ID FILE [FILE]              registers files downloaded by hand (backbone, then head)
                                     once they convert (lc_jax.checkpoints.add)
 
+An ID may also be a checkpoint on the Hugging Face Hub, hf:REPO[/FILE][@REVISION]
+(lc_jax.zoo.hub): `fetch` gets its weights and config.json, `add hf:... WEIGHTS [CONFIG]`
+registers them (a config.json beside the weights is taken too), `info` shows its files.
+
 `fetch` goes on past a model that fails, reports each failure, and exits 1 at the end if any did.
 """
 
@@ -22,12 +26,14 @@ from lc_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 from lc_jax.errors import UserError
 from lc_jax.zoo import cache
 from lc_jax.zoo import files
+from lc_jax.zoo import hub
 from lc_jax.zoo import registry
 from lc_jax.zoo import transport
-from lc_jax.zoo.entries import Entry
+from lc_jax.zoo.entries import Entry, Source
 
 USAGE = ('python -m lc_jax.zoo list [--category C] | info ID | fetch ID... | fetch --all | '
-         'fetch --category C | add ID FILE [FILE]')
+         'fetch --category C | add ID FILE [FILE] (ID: a paper model, or '
+         'hf:REPO[/FILE][@REVISION])')
 
 
 def _norm(entry: Entry) -> str:
@@ -56,9 +62,17 @@ def list_table(category: str | None = None) -> str:
 
 
 def info_text(model_id: str) -> str:
-  """The `info` text: everything the registry knows about one model."""
-  e = registry.get(model_id)
+  """The `info` text: everything the registry knows about one model (or an hf: id's files)."""
   table = transport.mirror_map()
+  if hub.is_hub(model_id):
+    hub_id = hub.parse(model_id)
+    lines = [f'id:            {hub_id.key}', f'label:         {hub_id.label}']
+    for n, s in enumerate((hub_id.weights, hub_id.config), 1):
+      lines += _source_lines(hub_id.key, s, table, f'file {n}: ')
+    lines.append(f'notes:         {hub.CONFIG} is optional: without one, the weights\' keys '
+                 'tell the architecture')
+    return '\n'.join(lines)
+  e = registry.get(model_id)
   lines = [f'id:            {e.id}', f'category:      {e.category}', f'method:        {e.method}',
            f'recipe:        {e.recipe}',
            f'normalisation: {_norm(e)} (mean {e.mean}, std {e.std})',
@@ -67,24 +81,30 @@ def info_text(model_id: str) -> str:
            f'{e.full_val_top1:.2f} (full validation set)']
   for n, s in enumerate(e.sources, 1):
     role = '' if len(e.sources) == 1 else (' (backbone)' if n == 1 else ' (head)')
-    lines.append(f'file {n}{role}: '.ljust(15) + f'{s.filename} ({s.kind})')
-    if s.kind == 'hf':
-      lines.append(f'  repo:        {s.repo} @ {s.revision}')
-    if s.kind == 'gdrive':
-      lines.append(f'  drive id:    {s.gdrive_id}')
-    lines.append(f'  url:         {s.canonical_url}')
-    mirror = transport.mirrored(s, table)
-    if mirror:
-      lines.append(f'  mirror:      {mirror}')
-    recorded = cache.recorded(e.id, s)
-    digest = (f'{s.sha256} (known)' if s.sha256 else
-              f'{recorded} (recorded at first download)' if recorded else
-              'not known; recorded at first download (trust on first use)')
-    lines.append(f'  sha256:      {digest}')
-    lines.append(f'  cache:       {cache.path(e.id, s)} '
-                 f'({"present" if cache.is_cached(e.id, s) else "absent"})')
+    lines += _source_lines(e.id, s, table, f'file {n}{role}: ')
   lines.append(f'notes:         {e.notes or "-"}')
   return '\n'.join(lines)
+
+
+def _source_lines(model_id: str, s: Source, table: dict[str, str], title: str) -> list[str]:
+  """The `info` lines of one file: where it comes from, its sha256, its place in the cache."""
+  lines = [title.ljust(15) + f'{s.filename} ({s.kind})']
+  if s.kind == 'hf':
+    lines.append(f'  repo:        {s.repo} @ {s.revision}')
+  if s.kind == 'gdrive':
+    lines.append(f'  drive id:    {s.gdrive_id}')
+  lines.append(f'  url:         {s.canonical_url}')
+  mirror = transport.mirrored(s, table)
+  if mirror:
+    lines.append(f'  mirror:      {mirror}')
+  recorded = cache.recorded(model_id, s)
+  digest = (f'{s.sha256} (known)' if s.sha256 else
+            f'{recorded} (recorded at first download)' if recorded else
+            'not known; recorded at first download (trust on first use)')
+  lines.append(f'  sha256:      {digest}')
+  lines.append(f'  cache:       {cache.path(model_id, s)} '
+               f'({"present" if cache.is_cached(model_id, s) else "absent"})')
+  return lines
 
 
 def fetch_many(model_ids: Sequence[str], offline: bool | None, progress: bool) -> None:
@@ -92,7 +112,10 @@ def fetch_many(model_ids: Sequence[str], offline: bool | None, progress: bool) -
   failed = []
   for model_id in model_ids:
     try:
-      paths = files.fetch(model_id, offline=offline, progress=progress)
+      if hub.is_hub(model_id):
+        paths = [p for p in hub.fetch(model_id, offline=offline, progress=progress) if p]
+      else:
+        paths = files.fetch(model_id, offline=offline, progress=progress)
     except UserError as e:
       failed.append(model_id)
       print(f'failed {model_id}: {e}', file=sys.stderr, flush=True)
@@ -120,8 +143,8 @@ def main(argv: Sequence[str]) -> None:
     if bool(args) + f.all + (f.category is not None) != 1:
       raise UserError('fetch takes model ids, or --all, or --category C (one of these)')
     model_ids = args or registry.ids(f.category)
-    for model_id in model_ids:
-      registry.get(model_id)  # every id checked before the first download
+    for model_id in model_ids:  # every id checked before the first download
+      _ = hub.parse(model_id) if hub.is_hub(model_id) else registry.get(model_id)
     fetch_many(model_ids, True if f.offline else None, f.progress)
   elif command == 'add':
     if len(args) < 2:

@@ -42,7 +42,16 @@ def fetch(model_id: str, *, offline: bool | None = None,
   files are one UserError that lists them.
   """
   entry = registry.get(model_id)
-  absent = missing(model_id)
+  return fetch_sources(entry.id, entry.sources, offline=offline, mirrors=mirrors,
+                       progress=progress)
+
+
+def fetch_sources(model_id: str, sources: Sequence[Source], *, offline: bool | None = None,
+                  mirrors: str | Mapping[str, str] | None = None, progress: bool = True
+                  ) -> list[str]:
+  """`fetch` of the files `sources`, kept in the cache under `model_id` (a paper model's id, or
+  an hf: id of lc_jax.zoo.hub)."""
+  absent = [s for s in sources if not cache.is_cached(model_id, s)]
   if absent and is_offline(offline):
     listed = ', '.join(f'{model_id}/{s.filename}' for s in absent)
     raise UserError(f'offline, and not in the zoo cache {cache.cache_dir()}: {listed}; where '
@@ -50,9 +59,9 @@ def fetch(model_id: str, *, offline: bool | None = None,
                     'cache here (or point LC_JAX_ZOO_DIR at it)')
   table = transport.mirror_map(mirrors) if absent else {}
   paths = []
-  for source in entry.sources:
+  for source in sources:
     # A cached file is hashed on every use; a new one was hashed as it was installed.
-    paths.append(_download(entry, source, table, progress) if source in absent else
+    paths.append(_download(model_id, source, table, progress) if source in absent else
                  cache.verify(model_id, source))
   return paths
 
@@ -64,16 +73,16 @@ def digests(model_id: str) -> list[str]:
   return [cache.expected(model_id, source)[0] for source in registry.get(model_id).sources]
 
 
-def _download(entry: Entry, source: Source, table: Mapping[str, str], progress: bool) -> str:
+def _download(model_id: str, source: Source, table: Mapping[str, str], progress: bool) -> str:
   address = transport.mirrored(source, table)
   origin = address or source.canonical_url
-  with cache.staging(entry.id) as into:
+  with cache.staging(model_id) as into:
     try:
-      new_file = transport.download(entry.id, source, address, into, progress)
+      new_file = transport.download(model_id, source, address, into, progress)
     except transport.DigestMismatch as e:
-      raise cache.mismatch(entry.id, source, origin, e.got, source.sha256,
+      raise cache.mismatch(model_id, source, origin, e.got, source.sha256,
                            'the known sha256') from None
-    return cache.install(entry.id, source, new_file, origin)
+    return cache.install(model_id, source, new_file, origin)
 
 
 def register(model_id: str, files: Sequence[str], *,
@@ -87,20 +96,28 @@ def register(model_id: str, files: Sequence[str], *,
   if len(files) != len(entry.sources):
     raise UserError(f'{model_id} takes {len(entry.sources)} file(s) ({names}, in this order); '
                     f'got {len(files)}')
+  return register_sources(model_id, entry.sources, files,
+                          check=None if check is None else lambda paths: check(entry, paths))
+
+
+def register_sources(model_id: str, sources: Sequence[Source], files: Sequence[str], *,
+                     check: Callable[[list[str]], None] | None = None) -> list[str]:
+  """`register` of `files` as the files `sources` (one each, in order) kept under `model_id`;
+  `check(paths)` refuses them with a UserError."""
   files = [os.path.abspath(os.path.expanduser(f)) for f in files]
   for file in files:
     if not os.path.isfile(file):
       raise UserError(f'{file}: no such file')
-  for file, source in zip(files, entry.sources):
+  for file, source in zip(files, sources):
     want, where = cache.expected(model_id, source)
     got = cache.sha256(file)
     if want is not None and got != want:
       raise cache.mismatch(model_id, source, file, got, want, where, by_hand=True)
   if check is not None:
-    check(entry, files)
+    check(files)
   with cache.staging(model_id) as into:
     copies = []
-    for file, source in zip(files, entry.sources):
+    for file, source in zip(files, sources):
       copies.append(os.path.join(into, source.filename))
       try:
         shutil.copyfile(file, copies[-1])
@@ -108,5 +125,4 @@ def register(model_id: str, files: Sequence[str], *,
         raise UserError(f'cannot copy {file} into the zoo cache: {e.strerror}') from None
     # Copied first, installed after: a copy that fails leaves the cache as it was.
     return [cache.install(model_id, source, copy, file)
-            for copy, source, file in zip(copies, entry.sources, files)]
-
+            for copy, source, file in zip(copies, sources, files)]

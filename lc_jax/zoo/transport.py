@@ -80,6 +80,11 @@ def download(model_id: str, source: Source, address: str | None, into: str, prog
   return _gdrive(model_id, source, into, progress)
 
 
+class MissingFile(UserError):
+  """The source has no such file: the Hub says so (the repository and revision exist), or a
+  plain URL answers 404."""
+
+
 class DigestMismatch(Exception):
   """Pooch refused a download for its known sha256; `got` is what arrived."""
 
@@ -106,6 +111,9 @@ def _pooch(address: str, source: Source, into: str, progress: bool) -> str:
       raise DigestMismatch(got.group(1)) from None
     raise UserError(f'cannot download {address}: {e}') from None
   except (requests.exceptions.RequestException, OSError) as e:
+    response = getattr(e, 'response', None)
+    if getattr(response, 'status_code', None) == 404:
+      raise MissingFile(f'{address} is not there (HTTP 404)') from None
     raise UserError(f'download of {address} failed ({_reason(e)}); run the same command to '
                     'start it again') from None
 
@@ -118,15 +126,33 @@ def _hub(source: Source, into: str, progress: bool) -> str:
     utils.disable_progress_bars()
   try:
     # local_dir: the Hub client writes its .incomplete file under into/.cache and renames it
-    # to into/FILENAME when complete; the caller then moves it into the cache.
+    # to into/FILENAME when complete; the caller then moves it into the cache. The endpoint is
+    # read now: the client reads $HF_ENDPOINT once, when it is imported.
     return hub.hf_hub_download(source.repo, source.filename, revision=source.revision,
-                               local_dir=into, etag_timeout=TIMEOUT_S)
+                               local_dir=into, etag_timeout=TIMEOUT_S,
+                               endpoint=os.environ.get('HF_ENDPOINT') or None)
   except Exception as e:  # pylint: disable=broad-except  # network, auth, missing file, ...
-    raise UserError(f'download of {source.canonical_url} failed ({_reason(e)}); run the same '
-                    'command to start it again') from None
+    raise _hub_error(source, e, utils) from None
   finally:
     if quiet:
       utils.enable_progress_bars()
+
+
+def _hub_error(source: Source, error: Exception, utils: Any) -> UserError:
+  """One line for a failed Hub download: what the Hub has not (a repository, a revision, a
+  file), or a failure worth retrying."""
+  where = f'{source.repo}@{source.revision}'
+  if isinstance(error, utils.RepositoryNotFoundError):  # GatedRepoError too
+    return UserError(f'the Hub has no repository {source.repo} that you may read: check its '
+                     'name; a private or gated one needs a login (hf auth login)')
+  if isinstance(error, utils.RevisionNotFoundError):
+    return UserError(f'the Hub repository {source.repo} has no revision {source.revision}: give '
+                     'a branch, a tag or a full commit id')
+  if (isinstance(error, utils.EntryNotFoundError)
+      and not isinstance(error, utils.LocalEntryNotFoundError)):  # the latter: no connection
+    return MissingFile(f'{where} has no file {source.filename}')
+  return UserError(f'download of {source.canonical_url} failed ({_reason(error)}); run the same '
+                   'command to start it again')
 
 
 def _gdrive(model_id: str, source: Source, into: str, progress: bool) -> str:
