@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from lc_jax import errors
+from lc_jax import schema
 from lc_jax.report import stats
 from lc_jax.report.categories import OTHER
 from lc_jax.report.read import per_image_of
@@ -30,7 +31,7 @@ from lc_jax.report.stats import LayerSummary, by_model
 QUANTITIES = ('early', 'deep', 'deep - early')
 BASELINE = 'baseline'
 # The stages that are never early or deep: before the first stage, after the last.
-STEM, HEAD = 'stem', 'head'
+STEM, HEAD = schema.STEM, schema.HEAD
 PER_IMAGE_TOLERANCE = 1e-5  # per-image means must give the CSV's trial values within this
 RULE = ('holds: the 95% interval of the effect lies wholly on the stated side of 0; does not '
         'hold: wholly on the other side; not resolved: it contains 0.')
