@@ -2,8 +2,11 @@
 stopped (SIGSTOP) while the test looks at what it wrote, so what the test saw is still true when
 the signal arrives, however fast the run is."""
 
+import contextlib
 import signal
 import time
+
+import pytest
 
 
 def freeze(process) -> bool:
@@ -48,3 +51,27 @@ def freeze_when(predicate, process, timeout=300) -> bool:
       thaw(process)
     time.sleep(0.01)
   return False
+
+
+class Stopped(Exception):
+  """What `stopping_after` raises: a run stopped in this process right after a save."""
+
+
+@contextlib.contextmanager
+def stopping_after(monkeypatch, batches_done: int):
+  """Within the block, a run raises Stopped right after it saved the partial sums of its first
+  `batches_done` batches (results.Store.save_partial), as a kill there would leave it; the block
+  expects that. Saving works as before once the block ends."""
+  from lc_jax import results  # pylint: disable=g-import-not-at-top
+  save = results.Store.save_partial
+
+  def save_then_stop(store, done, sums):
+    save(store, done, sums)
+    if done == batches_done:
+      raise Stopped
+  monkeypatch.setattr(results.Store, 'save_partial', save_then_stop)
+  try:
+    with pytest.raises(Stopped):
+      yield
+  finally:
+    monkeypatch.setattr(results.Store, 'save_partial', save)

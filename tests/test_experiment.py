@@ -492,7 +492,6 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
                                                          capsys):
   from lc_jax import config as lc_config  # pylint: disable=g-import-not-at-top
   from lc_jax import experiment  # pylint: disable=g-import-not-at-top
-  from lc_jax import results  # pylint: disable=g-import-not-at-top
   config = lc_config.default()
   config.model.checkpoint = checkpoint
   config.data.update(source='photos', num_images=0, order='sorted', batch_size=3,
@@ -501,19 +500,8 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
   config.trials, config.progress, config.cache_dir = 2, False, str(tmp_path / 'cache')
   full = experiment.run(config, str(tmp_path / 'full'))
 
-  class Killed(Exception):
-    pass
-
-  save = results.Store.save_partial
-
-  def save_then_die(store, batches_done, sums):
-    save(store, batches_done, sums)
-    if batches_done == 2:
-      raise Killed
-  monkeypatch.setattr(results.Store, 'save_partial', save_then_die)
-  with pytest.raises(Killed):
+  with processes.stopping_after(monkeypatch, 2):
     experiment.run(config, str(tmp_path / 'killed'))
-  monkeypatch.undo()
   assert _rows(tmp_path / 'killed') == []  # rows are written after the last batch
   assert (tmp_path / 'killed' / 'partial.json').exists()
 

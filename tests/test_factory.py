@@ -25,7 +25,6 @@ import factory_models
 import lc_jax
 from lc_jax import config as lc_config
 from lc_jax import data
-from lc_jax import results
 from lc_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,19 +132,8 @@ def test_the_api_with_a_workdir_resumes_to_the_same_rows(tmp_path, monkeypatch):
   settings = dict(layers='conv,linear', trials=2, key=jax.random.key(3), batch_size=2)
   whole = lc_jax.criticality(module, variables, images, labels, **settings)
 
-  class Interrupted(Exception):
-    pass
-
-  save = results.Store.save_partial
-
-  def save_then_stop(store, batches_done, sums):
-    save(store, batches_done, sums)
-    if batches_done == 2:
-      raise Interrupted
-  monkeypatch.setattr(results.Store, 'save_partial', save_then_stop)
-  with pytest.raises(Interrupted):
+  with processes.stopping_after(monkeypatch, 2):
     lc_jax.criticality(module, variables, images, labels, workdir=str(tmp_path), **settings)
-  monkeypatch.undo()
   assert (tmp_path / 'partial.json').exists() and _rows(tmp_path) == []
 
   resumed = lc_jax.criticality(module, variables, images, labels, workdir=str(tmp_path),
@@ -195,19 +183,8 @@ def test_per_image_values_resume_bit_identical(tmp_path, monkeypatch):
   config, _ = run_config.of(_args('unused', tmp_path / 'cache', 'linen_cnn', '--quiet'))
   experiment.run(config, str(tmp_path / 'full'))
 
-  class Interrupted(Exception):
-    pass
-
-  save = results.Store.save_partial
-
-  def save_then_stop(store, batches_done, sums):
-    save(store, batches_done, sums)
-    if batches_done == 2:
-      raise Interrupted
-  monkeypatch.setattr(results.Store, 'save_partial', save_then_stop)
-  with pytest.raises(Interrupted):
+  with processes.stopping_after(monkeypatch, 2):
     experiment.run(config, str(tmp_path / 'stopped'))
-  monkeypatch.setattr(results.Store, 'save_partial', save)
   assert sorted(os.listdir(tmp_path / 'stopped' / 'per_image.partial')) == [
       '000000.npz', '000001.npz']
   experiment.run(config, str(tmp_path / 'stopped'))
