@@ -357,6 +357,25 @@ def test_tfds_dataset_without_file_names(tfds, tmp_path):
     np.testing.assert_array_equal(ours, transform(data.load_rgb(io.BytesIO(encoded))))
 
 
+def test_the_tfds_cache_is_keyed_by_the_versioned_name(tfds, tmp_path, monkeypatch):
+  # A prepared tfds dataset is immutable per version, so its images are not hashed: the cache
+  # key holds the versioned name (full_name), and another version of the same dataset decodes
+  # anew into a cache entry of its own.
+  config = dict(source='tfds', name='mnist', split='test', num_images=0, order='sorted',
+                batch_size=3, crop_size=32, resize_size=32)
+  with tfds.testing.mock_data(num_examples=4):
+    _, _, first = data.load(config, cache_dir=str(tmp_path), progress=False)
+    _, _, again = data.load(config, cache_dir=str(tmp_path), progress=False)
+    version = str(tfds.builder('mnist').info.version)
+    monkeypatch.setattr(tfds.core.DatasetInfo, 'full_name',
+                        property(lambda self: f'{self.name}/99.0.0'))
+    _, _, other = data.load(config, cache_dir=str(tmp_path), progress=False)
+  assert not first.cache_hit and again.cache_hit and again.cache_path == first.cache_path
+  assert not other.cache_hit and other.cache_path != first.cache_path
+  assert other.fingerprint != first.fingerprint  # and so the run's identity
+  assert first.dataset['version'] == version
+
+
 def test_tfds_errors(tfds, tmp_path):
   with pytest.raises(UserError, match="unknown tfds dataset 'no_such_dataset'"):
     data.load(dict(source='tfds', name='no_such_dataset'), cache_dir=str(tmp_path))

@@ -198,3 +198,45 @@ def test_models_are_selected_by_all_category_or_ids():
   config = sweep.model_config(__import__('lc_jax.config').config.default(), 'tv2_resnet50')
   assert config.model.checkpoint == 'zoo:tv2_resnet50' and config.model.id == 'tv2_resnet50'
   assert config.reset.init_scheme == 'torchvision_resnet'
+
+
+def test_a_sweep_over_two_processes_gives_one_process_results(served, tmp_path, monkeypatch):
+  """Two processes of two CPU devices each (as two hosts) sweep two models: the first converts
+  and writes, both compute; sweep.json and every results.csv as one process's."""
+  import socket  # pylint: disable=g-import-not-at-top
+  from lc_jax import sweep  # pylint: disable=g-import-not-at-top
+  chosen = ','.join(MODELS[:2])
+  args, env = _sweep(tmp_path / 'one', served, tmp_path / 'zoo')
+  args = [a if not a.startswith('--models=') else f'--models={chosen}' for a in args]
+  args = [a if not a.startswith('--config.reset.layers=') else '--config.reset.layers=first:1'
+          for a in args]
+  for name in ('LC_JAX_ZOO_MIRRORS', 'LC_JAX_ZOO_DIR'):
+    monkeypatch.setenv(name, env[name])
+  monkeypatch.delenv('LC_JAX_OFFLINE', raising=False)
+  config, _ = run_config.of([a for a in args if not a.startswith('--models=')])
+  config.progress = False
+  sweep.run(config, str(tmp_path / 'one'), list(MODELS[:2]))
+
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    port = probe.getsockname()[1]
+  two = [a if not a.startswith('--workdir=') else f'--workdir={tmp_path / "two"}' for a in args]
+  env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  processes = [subprocess.Popen(
+      [*two, '--num_processes=2', f'--coordinator_address=localhost:{port}',
+       f'--process_id={index}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for index in range(2)]
+  outputs = [process.communicate(timeout=600) for process in processes]
+  assert [process.returncode for process in processes] == [0, 0], [o[1][-2000:] for o in outputs]
+  for name in ('sweep.json', *(f'{m}/{schema.RESULTS}' for m in MODELS[:2])):
+    one = (tmp_path / 'one' / name).read_text().splitlines()
+    got = (tmp_path / 'two' / name).read_text().splitlines()
+    if name == 'sweep.json':
+      assert json.loads('\n'.join(got)) == json.loads('\n'.join(one))
+      continue
+    assert len(got) == len(one) == 1 + 1 + 1
+    for a, b in zip(one[1:], got[1:]):  # the same rows within float32 rounding of the split
+      a, b = a.split(','), b.split(',')
+      assert a[:8] == b[:8]
+      for x, y in zip(a[8:-1], b[8:-1]):
+        assert (x == y == '') or abs(float(x) - float(y)) <= 1e-6 * max(1, abs(float(x)))
