@@ -392,3 +392,43 @@ def test_zero_and_interpolate_modes_against_their_closed_forms():
                                trials=1, layers='linear')
   fresh = lc_jax.criticality(module, variables, images, mode='fresh', trials=1, layers='linear')
   assert 0 < halfway.rows[1]['criticality'] < fresh.rows[1]['criticality']
+
+
+class _Unit(nn.Module):
+  """conv -> BatchNorm -> relu: a block of its own (its layers' parent module)."""
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(nn.BatchNorm(use_running_average=True, name='bn')(
+        nn.Conv(self.width, (3, 3), name='conv')(x)))
+
+
+class _Nested(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = _Unit(8, name='unit1')(x)
+    x = _Unit(8, name='unit2')(x)
+    return nn.Dense(10, name='head')(x.mean(axis=(1, 2)))
+
+
+def test_block_granularity_resets_each_block_whole():
+  # granularity='block' groups a model's layers by their parent module: one row per block, and
+  # zeroing a block equals zeroing its conv and BatchNorm by hand (numpy float64 metrics).
+  module, images = _Nested(), _images(5)
+  variables = module.init(jax.random.key(2), images)
+  result = lc_jax.criticality(module, variables, images, layers='conv,batchnorm,linear',
+                              granularity='block', mode='zero', keep_per_image=True)
+  assert [r['layer'] for r in result.rows] == ['original', 'unit1', 'unit2', 'head']
+  assert result.rows[1]['kind'] == 'batchnorm+conv' and result.rows[1]['stage'] == 'unit1'
+  reference = module.apply(variables, images)
+  for block in ('unit1', 'unit2'):
+    zeroed = jax.tree.map(lambda v: v, variables)
+    for layer in ('conv', 'bn'):
+      zeroed['params'][block][layer] = jax.tree.map(jnp.zeros_like,
+                                                    variables['params'][block][layer])
+    want = _criticality(reference, module.apply(zeroed, images))
+    np.testing.assert_allclose(result.per_image[(0, block)], want, rtol=0, atol=1e-6)
+  stages = lc_jax.criticality(module, variables, images, layers='conv', granularity='stage',
+                              mode='zero')
+  assert [r['layer'] for r in stages.rows] == ['original', 'unit1', 'unit2']
