@@ -69,5 +69,14 @@ def nnx_cnn():
   return model
 
 
+def perturbed_cnn():
+  """linen_cnn with its second BatchNorm's scale perturbed (by 1 + 0.5 N(0, 1), a fixed draw)."""
+  module, variables = linen_cnn()
+  params = jax.tree.map(lambda v: v, variables['params'])
+  scale = params['bn2']['scale']
+  params['bn2']['scale'] = scale * (1 + 0.5 * jax.random.normal(jax.random.key(9), scale.shape))
+  return module, {**variables, 'params': params}
+
+
 def not_a_model():
   return 'no model here'

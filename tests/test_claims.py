@@ -239,3 +239,37 @@ def test_cli_diff_prints_marks_and_draws(tmp_path):
   assert 'the runs measured different images' in result.stdout
   bad = _cli(['--diff', a], cwd=tmp_path)
   assert bad.returncode != 0 and 'compares two runs' in bad.stderr
+
+
+def test_diff_of_real_runs_marks_the_perturbed_layer_and_not_the_seed(tmp_path, monkeypatch):
+  # Real runs through run.py's engine with per-image values kept (a small linen CNN of
+  # tests/factory_models.py on the 7 photos at 32 px, conv, BatchNorm and linear, 3 trials):
+  # two seeds differ by their fresh draws only, and no layer is marked; the model with its
+  # second BatchNorm's scale perturbed marks that layer, and no layer before it.
+  import csv  # pylint: disable=g-import-not-at-top
+  import run_config  # pylint: disable=g-import-not-at-top
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  from lc_jax.report import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
+  base = ['--config=configs/demo.py', '--config.model.checkpoint=', '--config.model.arch=',
+          '--config.data.resize_size=36', '--config.data.crop_size=32',
+          '--config.data.batch_size=8', '--config.reset.layer_types=conv,linear,batchnorm',
+          '--config.trials=3', '--config.keep_per_image=true', '--quiet',
+          f'--config.cache_dir={tmp_path / "cache"}']
+  for name, extra in (('seed0', ['--config.model.factory=factory_models:linen_cnn']),
+                      ('seed1', ['--config.model.factory=factory_models:linen_cnn',
+                                 '--config.seed=1']),
+                      ('perturbed', ['--config.model.factory=factory_models:perturbed_cnn'])):
+    config, _ = run_config.of(base + extra)
+    experiment.run(config, str(tmp_path / name))
+
+  def marked(other):
+    cli._diff([str(tmp_path / 'seed0'), str(tmp_path / other)], str(tmp_path / f'diff_{other}'),
+              resamples=2000, seed=0)
+    with open(tmp_path / f'diff_{other}' / 'diff.csv', newline='') as f:
+      rows = list(csv.DictReader(f))
+    assert [r['layer'] for r in rows] == ['conv1', 'bn1', 'conv2', 'bn2', 'head']
+    return [r['layer'] for r in rows if r['marked'] == '1']
+  assert marked('seed1') == []
+  perturbed = marked('perturbed')
+  assert 'bn2' in perturbed and not {'conv1', 'bn1', 'conv2'} & set(perturbed), perturbed
