@@ -245,12 +245,14 @@ def test_heatmap_rows_in_category_bands_with_their_means():
       'baseline', 'adversarial_training', 'contrastive', 'other']
   fig = figures.heatmap_figure(summaries, category_of, order)
   (panel,) = [ax for ax in fig.axes if ax.get_label() == 'panel']
-  # Zoo order of the bands; within a band, most critical first; a mean row under a band of 2.
+  # Zoo order of the bands; within a band, most critical first; a mean row under every band.
   assert [t.get_text() for t in panel.get_yticklabels()] == [
-      'tv_resnet50', 'robust_resnet50_l2_eps3', 'resnet50_swav', 'resnet50_dino',
-      'mean of contrastive (2)', 'my_run']
+      'tv_resnet50', 'mean of baseline (1)', 'robust_resnet50_l2_eps3',
+      'mean of adversarial_training (1)', 'resnet50_swav', 'resnet50_dino',
+      'mean of contrastive (2)', 'my_run', 'mean of other (1)']
   cells = panel.get_images()[0].get_array()
-  np.testing.assert_allclose(cells[4], (cells[2] + cells[3]) / 2)
+  np.testing.assert_allclose(cells[6], (cells[4] + cells[5]) / 2)
+  np.testing.assert_allclose(cells[1], cells[0])
   texts = [t.get_text() for t in _texts(fig)]
   for category in order:
     assert category in texts
@@ -281,3 +283,24 @@ def test_category_profiles_have_a_line_and_band_per_category(tmp_path):
       'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head']
   report.figures.plot_profiles(summaries, str(tmp_path / 'p.png'), category_of, order)
   assert (tmp_path / 'p.png').stat().st_size > 1000
+
+
+def test_a_scatter_of_many_models_is_coloured_by_category_and_names_a_few():
+  # 20 models in two categories: a series per category in the legend, and at most
+  # SCATTER_NAMED names, none two on top of each other.
+  rng = np.random.default_rng(3)
+  summaries, category_of = [], {}
+  for i in range(20):
+    name = f'model_{i:02d}'
+    category_of[name] = 'adversarial_training' if i % 2 else 'augmentation'
+    summaries += _model(name, _resnet(50), rng.uniform(0, 1, 54), top1=70 + i / 2, images=1000,
+                        seed=i)
+  fig, skipped = figures.scatter_figure(summaries, category_of,
+                                        ['augmentation', 'adversarial_training'])
+  assert skipped == []
+  ax = fig.axes[0]
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+      'augmentation (10)', 'adversarial_training (10)']
+  names = [t for t in ax.texts if t.get_text().startswith('model_')]
+  assert 0 < len(names) <= figures.SCATTER_NAMED
+  _check_legible(fig)

@@ -266,8 +266,9 @@ def _bands(models: Sequence[str], matrix: np.ndarray, category_of: Mapping[str, 
   """Rows grouped by category: (row labels, rows, (category, first row, end row) per band).
 
   Bands follow `order`; within a band the models are sorted by mean criticality over their
-  layers, most critical first (ties by name); under a band of two models or more a row
-  'mean of CATEGORY (n)' holds the mean of each layer over the band's models.
+  layers, most critical first (ties by name); under every band a row 'mean of CATEGORY (n)'
+  holds the mean of each layer over the band's models (the model itself in a band of one, so
+  that every band reads the same way, as in the paper's Figure 1).
   """
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', RuntimeWarning)
@@ -283,11 +284,10 @@ def _bands(models: Sequence[str], matrix: np.ndarray, category_of: Mapping[str, 
     for m in members:
       labels.append(m)
       rows.append(matrix[index[m]])
-    if len(members) > 1:
-      with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning)
-        rows.append(np.nanmean(matrix[[index[m] for m in members]], axis=0))
-      labels.append(f'mean of {category} ({len(members)})')
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', RuntimeWarning)
+      rows.append(np.nanmean(matrix[[index[m] for m in members]], axis=0))
+    labels.append(f'mean of {category} ({len(members)})')
     bands.append((category, start, len(rows)))
   return labels, np.array(rows), bands
 
@@ -411,8 +411,7 @@ def plot_heatmap(summaries: Sequence[LayerSummary], path: str,
   layer's mean over the models. Models of different architectures (`architecture_groups`) are
   drawn as panels one above the other, each with its own columns and means. With categories
   (model label -> category, and their order), the rows of a panel are grouped in bands, named
-  beside them, with a rule between bands and a mean row under each band of two models or more
-  (`_bands`)."""
+  beside them, with a rule between bands and a mean row under each band (`_bands`)."""
   plt = _pyplot()
   fig = heatmap_figure(summaries, category_of, order)
   _save(fig, path)
@@ -555,7 +554,15 @@ def _top1_interval(top1: float, images: float) -> tuple[float, float]:
   return 100 * (centre - half), 100 * (centre + half)
 
 
-def scatter_figure(summaries: Sequence[LayerSummary]):
+# A scatter names every model up to this many; with more, only the SCATTER_NAMED farthest from
+# the median (on both axes scaled to their range), each apart from those already named, so that
+# names do not cover one another.
+SCATTER_ALL_NAMED = 12
+SCATTER_NAMED = 8
+
+
+def scatter_figure(summaries: Sequence[LayerSummary],
+                   category_of: Mapping[str, str] | None = None, order: Sequence[str] = ()):
   """The figure of `plot_scatter`, not saved, and the models left out for lack of labels:
   (matplotlib Figure or None when no model has labels, [model, ...])."""
   grouped = by_model(summaries)
@@ -582,21 +589,42 @@ def scatter_figure(summaries: Sequence[LayerSummary]):
   yerr = np.array([np.where(np.isfinite(low), y - low, 0.0),
                    np.where(np.isfinite(high), high - y, 0.0)])
   rho = spearman(x, y)
-  label = (f"Spearman's rho = {rho:.2f} ({len(points)} models)" if len(points) >= 3 else
-           f"Spearman's rho: needs 3 models, {len(points)} here")
-  ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt='o', markersize=5, color='#4C72B0',
-              ecolor='0.45', elinewidth=0.8, capsize=2, zorder=2, label=label)
-  for (model, px, _, py, _) in points:
-    ax.annotate(model, (px, py), xytext=(4, 4), textcoords='offset points', fontsize=LABEL_PT)
+  summary = (f"Spearman's rho = {rho:.2f} ({len(points)} models)" if len(points) >= 3 else
+             f"Spearman's rho: needs 3 models, {len(points)} here")
+  # One series per category (in `order`) when the models have categories, else one.
+  category = [(category_of or {}).get(p[0], OTHER) for p in points]
+  groups = ([c for c in order if c in category] + sorted(set(category) - set(order))
+            if category_of and any(c != OTHER for c in category) else [None])
+  colours = plt.get_cmap('tab10')
+  for k, group in enumerate(groups):
+    chosen = np.array([group is None or c == group for c in category])
+    ax.errorbar(x[chosen], y[chosen], xerr=xerr[chosen], yerr=yerr[:, chosen], fmt='o',
+                markersize=5, color='#4C72B0' if group is None else colours(k % 10),
+                ecolor='0.45', elinewidth=0.8, capsize=2, zorder=2,
+                label=summary if group is None else f'{group} ({int(chosen.sum())})')
+  named = list(range(len(points)))
+  if len(points) > SCATTER_ALL_NAMED:  # the farthest from the median first, apart from others
+    unit = [(v - np.median(v)) / max(np.ptp(v), 1e-12) for v in (x, y)]
+    named = []
+    for i in np.argsort(-np.hypot(*unit)):
+      if all(np.hypot(unit[0][i] - unit[0][j], unit[1][i] - unit[1][j]) > 0.12 for j in named):
+        named.append(i)
+      if len(named) == SCATTER_NAMED:
+        break
+  for i in named:
+    ax.annotate(points[i][0], (x[i], y[i]), xytext=(4, 4), textcoords='offset points',
+                fontsize=LABEL_PT)
   ax.set_xlabel('mean criticality over layers, %', fontsize=9)
   ax.set_ylabel('top-1 accuracy of the original model, %', fontsize=9)
   ax.tick_params(labelsize=LABEL_PT)
   ax.set_title('accuracy vs. mean criticality; bars: 95% intervals\n(criticality over trials, '
-               'top-1 over images, Wilson)', fontsize=10)
+               'top-1 over images, Wilson)' + ('' if groups == [None] else f'; {summary}'),
+               fontsize=10)
   ax.grid(color='0.85', lw=0.5, zorder=0)
   ax.margins(0.15)
   # Below the axes: it never hides a point.
-  ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.14), fontsize=LABEL_PT, frameon=False)
+  ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.14), fontsize=LABEL_PT, frameon=False,
+            ncol=1 if groups == [None] else 3)
   return fig, skipped
 
 
@@ -605,12 +633,16 @@ def _common_float(values) -> float:
   return math.nan if common is None else float(common)
 
 
-def plot_scatter(summaries: Sequence[LayerSummary], path: str) -> list[str]:
-  """Original top-1 against mean criticality over layers, a labelled point per model (the
-  paper's Figure 2), with 95% intervals on both axes (criticality over trials, top-1 over the
-  images) and Spearman's rho in the legend. Returns the models left out for lack of labels;
-  writes nothing when no model has labels."""
-  fig, skipped = scatter_figure(summaries)
+def plot_scatter(summaries: Sequence[LayerSummary], path: str,
+                 category_of: Mapping[str, str] | None = None, order: Sequence[str] = ()
+                 ) -> list[str]:
+  """Original top-1 against mean criticality over layers, a point per model (the paper's
+  Figure 2), with 95% intervals on both axes (criticality over trials, top-1 over the images)
+  and Spearman's rho; coloured by category (`category_of`, in `order`) when the models have
+  one. Every model is named up to SCATTER_ALL_NAMED of them, else the SCATTER_NAMED most
+  extreme. Returns the models left out for lack of labels; writes nothing when no model has
+  labels."""
+  fig, skipped = scatter_figure(summaries, category_of, order)
   if fig is None:
     return skipped
   plt = _pyplot()
@@ -632,7 +664,7 @@ def plot_study(summaries: Sequence[LayerSummary], folder: str,
     category_of, order = categories.of_summaries(summaries)
   heatmap, scatter = os.path.join(folder, 'heatmap.png'), os.path.join(folder, 'scatter.png')
   plot_heatmap(summaries, heatmap, category_of, order)
-  skipped = plot_scatter(summaries, scatter)
+  skipped = plot_scatter(summaries, scatter, category_of, order)
   labelled = len(skipped) < len(by_model(summaries))
   profiles = None
   if any(c != OTHER for c in category_of.values()):
