@@ -206,8 +206,12 @@ class Walk:
       return
     forward, variables, todo = self.forward, self.variables, self.todo
     starts = list(todo)  # segments with resets, in order
-    cost = {k: len(items) * (len(forward.names) - k) for k, items in todo.items()}
-    chunk_cost = len(forward.names) + sum(cost.values())  # the reference, and the resets
+    # The time left is weighed by each segment's cost (Forward.cost, one unit each without an
+    # estimate): a reset from segment k runs the segments from k on.
+    weight = (forward.cost if len(forward.cost) == len(forward.names) and all(forward.cost)
+              else [1.0] * len(forward.names))
+    cost = {k: len(items) * sum(weight[k:]) for k, items in todo.items()}
+    chunk_cost = sum(weight) + sum(cost.values())  # the reference, and the resets
     sums = dict(self.sums)
     original = sums.pop(_ORIGINAL_KEY, None)
     per_batch = (self.num_images / self.num_batches) if self.num_batches else None
@@ -266,7 +270,7 @@ class Walk:
           if per_batch:
             phase.advance(len(todo[k]) * per_batch / chunks, cost[k] / chunks)
         if k is None and per_batch:
-          phase.advance(0, len(forward.names) / chunks)
+          phase.advance(0, sum(weight) / chunks)
         busy.poll()
         last_step = c == chunks - 1 and k == (starts[-1] if starts else None)
         if last_step:
