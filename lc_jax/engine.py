@@ -124,7 +124,7 @@ class Walk:
     # (trial, target name): per-image criticality, over the images measured, in image order
     self.per_image: dict[tuple[int, str], np.ndarray] = {}
     self._kept: dict[str, list[np.ndarray]] = {}  # key: this run's values, batch by batch
-    self.busy = timing.Busy()  # started again when the walk runs, after the compile
+    self.busy: timing.Busy | None = None  # the device's busy clock, started by `run`
     # Resets grouped by the segment they start from, in segment order; rows in the order of
     # the targets, trials within a target, as they are written.
     todo: dict[int, list[tuple[int, layers_lib.Target]]] = {}
@@ -211,7 +211,7 @@ class Walk:
     weight = (forward.cost if len(forward.cost) == len(forward.names) and all(forward.cost)
               else [1.0] * len(forward.names))
     cost = {k: len(items) * sum(weight[k:]) for k, items in todo.items()}
-    chunk_cost = sum(weight) + sum(cost.values())  # the reference, and the resets
+    chunk_cost = sum(weight) + sum(cost.values())  # the reference (with the walk), the resets
     sums = dict(self.sums)
     original = sums.pop(_ORIGINAL_KEY, None)
     per_batch = (self.num_images / self.num_batches) if self.num_batches else None
@@ -234,13 +234,12 @@ class Walk:
       host = itertools.islice(batches, self.first_batch, None)
       for b, pieces in enumerate(_one_ahead(placed(host)), self.first_batch):
         for c, ((x, y, mask), host_mask) in enumerate(pieces):
-          reference = forward(variables, x)
+          # The reference and the walk share the segments before the first one with resets.
+          h = forward(variables, x, 0, starts[0]) if starts else x
+          reference = forward(variables, h, starts[0] if starts else 0)
           values = metrics.per_image(reference, None, y, mask, classes=self.classes)
           busy.dispatched(values['count'])
           yield b, c, len(pieces), None, [values], host_mask
-          if not starts:
-            continue
-          h = forward(variables, x, 0, starts[0])  # the input of the first segment with resets
           for k, next_k in zip(starts, starts[1:] + [None]):
             logits = forward.many([resets[t](variables, target) for t, target in todo[k]], h, k)
             values = [metrics.per_image(reference, z, y, mask, classes=self.classes)
