@@ -114,17 +114,17 @@ import test_evaluate
 
 
 def sharded():
-  from lc_jax import data, evaluate
+  from lc_jax import batches, evaluate
   module, variables, layers, images = test_evaluate._model('resnet18')
   forward = evaluate.Forward(module, layers)
-  x = forward.put(data.loader.pad(images[:3], forward.rows_multiple))
+  x = forward.put(batches.pad(images[:3], forward.rows_multiple))
   assert len(x.sharding.device_set) == 8 and x.shape[0] == 8, x.shape  # padded to the devices
   np.save('logits.npy', np.asarray(forward(forward.replicate(variables), x))[:3])
 
 
 def spread():
   from lc_jax import evaluate, init, layers as layers_lib, reset, sharding
-  from lc_jax.data.loader import pad
+  from lc_jax.batches import pad
   module, variables, layers, images = test_evaluate._model('resnet18')
   plain = evaluate.Forward(module, layers, sharding.make_mesh(1))
   spread = evaluate.Forward(module, layers, sharding.make_mesh(4))

@@ -520,7 +520,6 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
 def test_one_ahead_makes_the_next_item_before_handing_out_one():
   """The pipelining of a run: the next batch's transfer, the next step's dispatch, start before
   the current one is used."""
-  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
   made = []
 
   def items():

@@ -11,7 +11,6 @@ torchvision = pytest.importorskip('torchvision')
 stats = pytest.importorskip('scipy.stats')
 
 import converters  # pylint: disable=g-import-not-at-top
-from lc_jax import evaluate
 from lc_jax import init
 from lc_jax import layers as layers_lib
 from lc_jax import models

@@ -171,7 +171,7 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
   assert not (killed / MODELS[2] / schema.RESULTS).exists()
   resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert resumed.returncode == 1, resumed.stderr[-3000:]  # the missing model
-  assert f'3 of 4 models done' in resumed.stdout and f'failed: {MISSING}' in resumed.stdout
+  assert '3 of 4 models done' in resumed.stdout and f'failed: {MISSING}' in resumed.stdout
   assert _files(killed) == _files(out)
   with open(killed / 'sweep.json') as f:
     assert json.load(f) == state

@@ -26,7 +26,6 @@ import numpy as np
 from PIL import Image
 
 from lc_jax import progress as progress_lib
-from lc_jax.batches import pad  # re-exported until every caller imports lc_jax.batches
 from lc_jax.batches import split
 from lc_jax.data import cache
 from lc_jax.data import subset
