@@ -1,5 +1,5 @@
-"""A checkpoint argument, `PATH`, `bundled:NAME`, `zoo:ID` or `hf:REPO[/FILE][@REVISION]`: the
-files it names, its sha256, and its conversion, made now or reused.
+"""A checkpoint argument, `PATH`, `bundled:NAME`, `zoo:ID` or `hf:REPO[/FILE][@REVISION]`:
+its sha256, and its conversion, made now or reused.
 
     sha256 = checkpoints.sha256('zoo:resnet50_dino')          # fetched (and checked) first
     module, variables, card = checkpoints.convert_into('zoo:resnet50_dino', 'out/model', sha256)
@@ -60,19 +60,6 @@ def check(source: str, field: str) -> None:
     raise UserError(f'{field}: checkpoint not found: {path}')
   if not os.path.isfile(path):
     raise UserError(f'{field}: {path} is a folder, not a checkpoint file')
-
-
-def files(source: str, *, offline: bool | None = None, mirrors: str = '') -> list[str]:
-  """The local files `source` names: [the file] for a path or bundled:NAME; for zoo:ID the
-  model's files (backbone, then head), for hf: the weights and the repository's config.json
-  when it has one, fetched when not cached (`offline` and `mirrors` as lc_jax.zoo.fetch takes
-  them) and checked against their sha256."""
-  if hub.is_hub(source):
-    return [p for p in hub.fetch(source, offline=offline, mirrors=mirrors or None) if p]
-  model_id = zoo_id(source)
-  if model_id is None:
-    return [reader.resolve(source)]
-  return zoo.fetch(model_id, offline=offline, mirrors=mirrors or None)
 
 
 def sha256(source: str, *, offline: bool | None = None, mirrors: str = '') -> str:
