@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import urllib.parse
 
 import numpy as np
@@ -34,6 +33,7 @@ from lc_jax.zoo import cache
 from lc_jax.zoo import cli
 from lc_jax.zoo import hub
 from tests import run_config
+from local_server import LocalServer  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGIT_TOLERANCE = 1e-4  # max abs difference of the logits against timm's, float32
@@ -95,15 +95,11 @@ class FakeHub:
       def log_message(self, *args):
         pass
 
-    self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    self.httpd.daemon_threads = True
-    self.endpoint = f'http://127.0.0.1:{self.httpd.server_address[1]}'
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-    self.thread.start()
+    self.local = LocalServer(Handler)
+    self.endpoint = self.local.url
 
   def close(self):
-    self.httpd.shutdown()
-    self.httpd.server_close()
+    self.local.close()
 
 
 def _randomised(model):

@@ -21,6 +21,7 @@ from converters import mapping
 from lc_jax import models
 from lc_jax import schema
 import run_config
+from local_server import LocalServer
 
 torch = pytest.importorskip('torch')
 
@@ -57,25 +58,17 @@ def served(tmp_path_factory):
   (missing,) = zoo.get(MISSING).sources
   mirrors[missing.canonical_url] = 'SERVER/not-there.pth.tar'
   handler = functools.partial(_QuietHandler, directory=str(root))
-  server = _QuietServer(('127.0.0.1', 0), handler)
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
-  address = f'http://127.0.0.1:{server.server_address[1]}'
-  mirrors = {k: v.replace('SERVER', address) for k, v in mirrors.items()}
+  server = LocalServer(handler, quiet_errors=True)  # a killed sweep's download breaks off
+  mirrors = {k: v.replace('SERVER', server.url) for k, v in mirrors.items()}
   env = dict(os.environ, LC_JAX_ZOO_MIRRORS=json.dumps(mirrors))
   env.pop('LC_JAX_OFFLINE', None)
   yield env
-  server.shutdown()
+  server.close()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
   def log_message(self, *args):
     pass
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-  def handle_error(self, request, client_address):
-    pass  # a killed sweep's download breaks off: expected
 
 
 def _sweep(root, env, zoo_dir):

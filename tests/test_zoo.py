@@ -26,6 +26,7 @@ from lc_jax.errors import UserError
 from lc_jax.zoo import cache
 from lc_jax.zoo import registry
 from lc_jax.zoo import transport
+from local_server import LocalServer  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -234,11 +235,8 @@ class Server:
       def log_message(self, *args):
         pass
 
-    self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    self.httpd.daemon_threads = True
-    self.base = f'http://127.0.0.1:{self.httpd.server_address[1]}/'
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-    self.thread.start()
+    self.local = LocalServer(Handler)
+    self.base = self.local.url + '/'
 
   def key(self, source) -> str:
     return '/' + source.canonical_url[len('https://'):]
@@ -253,8 +251,7 @@ class Server:
 
   def close(self):
     self.release.set()
-    self.httpd.shutdown()
-    self.httpd.server_close()
+    self.local.close()
 
 
 @pytest.fixture
