@@ -60,8 +60,8 @@ class Model:
   spec: models.Architecture | None
   layers: list[layers_lib.Layer]
   model_id: str
+  fresh: Callable[[jax.Array], dict]  # a trial's key -> a fresh model's variables
   apply: Callable[[dict, jax.Array], jax.Array] | None = None
-  fresh: Callable[[jax.Array], dict] | None = None
 
 
 @dataclasses.dataclass
@@ -110,10 +110,12 @@ def prepare_model(config: RunConfig | ml_collections.ConfigDict, workdir: str,
     module, variables, card = loaded or models.load(model_dir)
   spec = models.get(card['arch'])
   model_id = wanted.id or checkpoints.default_id(wanted.checkpoint)
+  layers = layers_lib.inventory(module, spec.block_depth)
+  scheme = settings.reset.init_scheme or spec.init_scheme
   # Host arrays: the run places them on its mesh in one transfer (`Forward.replicate`);
   # `jnp.asarray` would compile a copy program per distinct shape.
-  return Model(module, jax.tree.map(np.asarray, variables), card, spec,
-               layers_lib.inventory(module, spec.block_depth), model_id)
+  return Model(module, jax.tree.map(np.asarray, variables), card, spec, layers, model_id,
+               fresh=lambda key: init.fresh_variables(layers, scheme, key))
 
 
 def _workdir(workdir: str) -> str:
@@ -172,18 +174,14 @@ def factory_model(settings: RunConfig) -> Model:
   card = {'arch': spec.name if spec else factory.PREFIX + settings.model.factory,
           'num_classes': made.num_classes, 'sha256': made.sha256}
   return Model(adapted.module, adapted.variables, card, spec, adapted.layers,
-               settings.model.id or made.name, apply=adapted.apply, fresh=adapted.fresh)
+               settings.model.id or made.name, fresh=adapted.fresh, apply=adapted.apply)
 
 
 def reset_source(settings: RunConfig, model: Model, trial: int) -> dict | None:
   """The weights a reset of trial `trial` draws from: a fresh model, a checkpoint, or none."""
   mode = settings.reset.mode
   if mode in reset.RANDOM_MODES:
-    key = init.trial_key(settings.seed, trial)
-    if model.fresh is not None:
-      return model.fresh(key)
-    scheme = settings.reset.init_scheme or model.spec.init_scheme
-    return init.fresh_variables(model.layers, scheme, key)
+    return model.fresh(init.trial_key(settings.seed, trial))
   if mode == 'checkpoint':
     _, variables, _ = checkpoints.convert(
         settings.reset.init_checkpoint, model.card['arch'],

@@ -145,9 +145,7 @@ def run(config: ml_collections.ConfigDict | lc_config.RunConfig, out: str,
   broken = {c.name for c in metric if not c.passed}
   first_row = next((name for name in [schema.ORIGINAL] + names if name in broken), None)
   checks += metric
-  scheme = settings.reset.init_scheme or model.spec.init_scheme
-  drawn = init.fresh_variables(model.layers, scheme,
-                               jax.random.fold_in(jax.random.key(settings.seed), 0))
+  drawn = model.fresh(init.trial_key(settings.seed, 0))  # trial 0's fresh model, as the run's
   checks += init_checks(model.layers, drawn, fresh[0], tolerances, settings.seed)
 
   context = [
