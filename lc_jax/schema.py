@@ -45,11 +45,17 @@ HEAD = 'head'
 METRICS = ('top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_l2_err',
            'pred_kl_div', 'pred_agreement', 'recovered_acc', 'criticality',
            'criticality_ci_images')
-TEXT = ('model_id', 'layer', 'mode', 'kind', 'stage', 'run_id')
+TEXT = ('model_id', 'dataset', 'layer', 'mode', 'kind', 'stage', 'run_id')
 INTEGER = ('trial', 'num_params', 'num_images')
 # No timings: a resumed run must end with the very file an uninterrupted run writes.
-COLUMNS = ('model_id', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params', 'num_images'
-          ) + METRICS + ('run_id',)
+# `dataset` names the image set (lc_jax.data.DataInfo.name: 'imagenet2012', 'imagenet_r',
+# 'photos', ...; '' where the API was given arrays without a name).
+COLUMNS = ('model_id', 'dataset', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params',
+           'num_images') + METRICS + ('run_id',)
+# The columns of a results.csv written before `dataset` was one: a workdir holding one is
+# resumed, its rows given the run's dataset (lc_jax.results.Store); the report reads it with an
+# empty dataset.
+WITHOUT_DATASET = tuple(c for c in COLUMNS if c != 'dataset')
 # run.json entries that make a run what it is: a workdir is resumed only with all of them equal.
 RUN_IDENTITY = ('config', 'checkpoint_sha256', 'images', 'targets')
 
@@ -73,13 +79,15 @@ def in_block(stage: str) -> bool:
 
 
 def row(model_id: str, num_images: int, layer: str, trial: int, mode: str,
-        members: Sequence[Any], measured: Mapping[str, float]) -> dict[str, Any]:
+        members: Sequence[Any], measured: Mapping[str, float], dataset: str = ''
+        ) -> dict[str, Any]:
   """A row of `layer` (a reset target, or ORIGINAL) from the metrics `measured`
-  (lc_jax.metrics.finalize); `members` are the target's layers (lc_jax.layers.Layer, none for
-  the original), which give its kind, stage and parameter count. run_id is the writer's."""
+  (lc_jax.metrics.finalize), measured on the image set `dataset`; `members` are the target's
+  layers (lc_jax.layers.Layer, none for the original), which give its kind, stage and parameter
+  count. run_id is the writer's."""
   kinds = sorted({l.kind for l in members})
   stages = sorted({l.stage for l in members})
-  return {'model_id': model_id, 'layer': layer, 'trial': trial, 'mode': mode,
+  return {'model_id': model_id, 'dataset': dataset, 'layer': layer, 'trial': trial, 'mode': mode,
           'kind': '+'.join(kinds) if kinds else 'none',
           'stage': stages[0] if len(stages) == 1 else ('+'.join(stages) or 'none'),
           'num_params': sum(l.num_params for l in members), 'num_images': num_images,
