@@ -79,7 +79,7 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
                 key: jax.Array | None = None, batch_size: int = 256, alpha: float = 0.0,
                 source: dict | None = None, scheme: str | None = None,
                 fresh: Callable[[jax.Array], Any] | None = None, keep_per_image: bool = False,
-                model_id: str | None = None, workdir: str | None = None,
+                model_id: str | None = None, dataset: str = '', workdir: str | None = None,
                 progress: bool = False, mesh: jax.sharding.Mesh | None = None) -> Result:
   """How far each selected layer's reset moves the predictions on `images`.
 
@@ -94,7 +94,7 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
   `scheme` draws fresh layers with an lc_jax.init scheme instead of the model's own initialisers;
   `fresh(key)` makes a fresh NNX model. `keep_per_image` keeps every image's criticality.
   `model_id` labels the rows: by default the architecture's name when `model` is one, else
-  'model'.
+  'model'; `dataset` names the image set in the rows' dataset column (e.g. 'imagenet_r').
 
   The loop is run.py's (lc_jax.engine). `workdir=DIR` makes it durable as run.py's: rows are
   appended to DIR/results.csv as they are measured, partial sums saved between batches, the
@@ -131,7 +131,7 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
   takes.check(first)
   types = layers.split(',') if isinstance(layers, str) else list(layers)
   targets = reset_lib.targets(adapted.layers, mode, types, pattern, granularity)
-  plan = engine.Plan(model_id, targets, mode, trials, alpha)
+  plan = engine.Plan(model_id, targets, mode, trials, alpha, dataset)
   forward = evaluate.Forward(adapted.module, adapted.layers, mesh, apply=adapted.apply)
   placed = forward.replicate(adapted.variables)  # one copy on the devices
   has_labels = first.labels is not None
@@ -170,7 +170,9 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
       'config': {'layers': types, 'pattern': pattern, 'granularity': granularity, 'mode': mode,
                  'trials': plan.num_trials, 'alpha': alpha, 'scheme': scheme,
                  'batch_size': batch_size, 'key': np.asarray(jax.random.key_data(key)).tolist(),
-                 'model_id': model_id},
+                 'model_id': model_id,
+                 # Only when given: a workdir of a call without one keeps its identity.
+                 **({'dataset': dataset} if dataset else {})},
       'checkpoint_sha256': models.store.digest(jax.device_get(adapted.variables)),
       'source_sha256': (models.store.digest(jax.device_get(source)) if source is not None
                         else None),

@@ -51,13 +51,15 @@ _ORIGINAL_KEY = schema.ORIGINAL  # the original's sums in the partial state; res
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What a run measures: the original, then every (trial, target), rows labelled `model_id`."""
+  """What a run measures: the original, then every (trial, target), rows labelled `model_id`
+  and `dataset` (the image set's name; '' when it has none)."""
 
   model_id: str
   targets: Sequence[layers_lib.Target]
   mode: str
   trials: int  # asked for; a deterministic mode runs one (lc_jax.reset.trials)
   alpha: float = 0.0
+  dataset: str = ''
 
   @property
   def num_trials(self) -> int:
@@ -303,14 +305,14 @@ class Walk:
     num_images = int(original_sums['count'])  # the images that decoded
     if not self.original_done:
       self.store.append(schema.row(plan.model_id, num_images, schema.ORIGINAL, 0, 'none', (),
-                                   original))
+                                   original, plan.dataset))
     finished = len(plan.targets) * plan.num_trials - len(self.pending)
     for items in self.todo.values():
       for trial, target in items:
         measured = metrics.finalize(sums[_key(trial, target)], self.has_labels,
                                     original['top1_acc'])
         self.store.append(schema.row(plan.model_id, num_images, target.name, trial, plan.mode,
-                                     target.layers, measured))
+                                     target.layers, measured, plan.dataset))
         finished += 1
         progress.say(f'[{finished:4d}/{len(plan.targets) * plan.num_trials}] '
                      f'{f"trial {trial} {target.name}":32s} criticality '

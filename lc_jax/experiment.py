@@ -360,7 +360,7 @@ def _evaluate(settings: RunConfig, store: results.Store, model: Model, images, l
     progress.say(f'{info.num_images} images: one batch of {rows}, not '
                  f'{settings.data.batch_size} (data.batch_size)')
   plan = engine.Plan(model.model_id, targets, settings.reset.mode, settings.trials,
-                     settings.reset.alpha)
+                     settings.reset.alpha, info.name)
   if settings.keep_per_image and jax.process_count() > 1:
     raise UserError('keep_per_image works within one process; with several processes (hosts) '
                     'leave it off')

@@ -6,7 +6,9 @@ saved atomically after each batch (OUT/partial.json, with the sha256 of its own 
 edited or damaged one is set aside, and those rows start over), so a killed run loses at most the
 batch it was computing. Re-opening a workdir resumes it: finished rows are kept and skipped; a
 workdir made with a different configuration, checkpoint or image set is refused with the
-differences listed, and a results.csv with two rows of one (trial, layer) is refused. The
+differences listed, and a results.csv with two rows of one (trial, layer) is refused. A
+results.csv without the dataset column (schema.WITHOUT_DATASET, an older version's) is resumed:
+its rows are given the dataset of the first row this run appends, in one atomic rewrite. The
 workdir's files are opened without following links (lc_jax.workdir.open_own).
 """
 
@@ -65,6 +67,8 @@ class Store:
   def append(self, row: Mapping[str, Any]) -> None:
     """Writes one row (tagged with this run's run_id) and makes it durable (flush + fsync)."""
     text = schema.cells({**row, 'run_id': self.run_id})  # formatted once: written and kept
+    if self._without_dataset:
+      self._add_dataset(text['dataset'])
     if self.writer:
       try:
         self._file.write(schema.line(text))
@@ -182,8 +186,23 @@ class Store:
     self._file.flush()
     os.fsync(self._file.fileno())
 
+  def _add_dataset(self, dataset: str) -> None:
+    """Gives the rows read from a results.csv without the dataset column `dataset` (the run
+    that resumes it measures the same images: its run_id is theirs) and rewrites the file with
+    the column, atomically: a kill leaves the old file or the new one."""
+    self._without_dataset = False
+    for row in self.rows:
+      row['dataset'] = dataset
+    if not self.writer:
+      return
+    self._file.close()
+    workdir_lib.write_atomically(self.path, schema.header() + ''.join(
+        schema.format_row(row) for row in self.rows))
+    self._file = workdir_lib.open_own(self.path, 'a', newline='', encoding='utf-8')
+
   def _read(self) -> list[dict[str, Any]]:
     self._keys: set[tuple[int, str]] = set()
+    self._without_dataset = False
     if not os.path.lexists(self.path):
       return []
     try:
@@ -196,6 +215,9 @@ class Store:
     # the file, so the whole rows are not at risk), keep every whole row.
     complete = text[:text.rfind('\n') + 1]
     rows = _parse(io.StringIO(complete), self.path)
+    self._without_dataset = complete.split('\n', 1)[0] == ','.join(schema.WITHOUT_DATASET)
+    for row in rows:
+      row.setdefault('dataset', '')
     others = sorted({r['run_id'] for r in rows} - {self.run_id})
     if others:
       raise UserError(f'{self.path} holds rows of another run (run_id {others[0]}, this run '
@@ -226,15 +248,16 @@ def _parse(lines: io.StringIO, path: str) -> list[dict[str, Any]]:
   """The typed rows of a results.csv's text; one line names a header or row that does not fit,
   or two rows of one (trial, layer)."""
   reader = csv.DictReader(lines)
-  if reader.fieldnames is not None and tuple(reader.fieldnames) != schema.COLUMNS:
+  if reader.fieldnames is not None and tuple(reader.fieldnames) not in (
+      schema.COLUMNS, schema.WITHOUT_DATASET):
     raise UserError(f'{path} has columns {",".join(reader.fieldnames)}, not those of this '
                     f'version ({",".join(schema.COLUMNS)}); use a new --workdir')
   rows = []
   seen: dict[tuple[str, str], tuple[int, dict[str, str]]] = {}
   for row in reader:
     if None in row or None in row.values():
-      raise UserError(f'{path}, line {reader.line_num}: not the {len(schema.COLUMNS)} cells of a '
-                      'row; the file was edited or damaged: repair or remove that line (the run '
+      raise UserError(f'{path}, line {reader.line_num}: not the {len(reader.fieldnames)} cells '
+                      'of a row; the file was edited or damaged: repair or remove that line (the run '
                       'redoes it), or use a new --workdir')
     try:
       rows.append(schema.parse_row(row))

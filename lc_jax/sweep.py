@@ -208,6 +208,11 @@ def run_sets(config: ml_collections.ConfigDict, workdir: str, models: Sequence[s
   names = sets(config)
   if len(names) == 1:
     return {workdir: run(config, workdir, models)}
+  if config.data.source != 'tfds':
+    raise UserError(f'data.name={config.data.name} lists {len(names)} image sets, which only '
+                    f'data.source=tfds reads by name (data.source={config.data.source} reads '
+                    'one set); add --config.data.source=tfds, or sweep each folder into a '
+                    'workdir of its own')
   configs = {}
   for name in names:
     configs[name] = ml_collections.ConfigDict(config.to_dict())

@@ -75,9 +75,10 @@ def test_the_api_and_run_py_agree_on_a_registered_resnet18(tmp_path):
   module, variables, _ = models.load(str(tmp_path / 'run' / 'model'))
   result = lc_jax.criticality(module, variables, images, layers='conv,linear,batchnorm',
                               pattern='conv1,layer2.*,fc', trials=2, key=jax.random.key(5),
-                              batch_size=4, model_id=rows[0]['model_id'])
+                              batch_size=4, model_id=rows[0]['model_id'], dataset='photos')
   assert [(r['layer'], r['trial']) for r in result.rows] == [
       (r['layer'], r['trial']) for r in rows]
+  assert {r['dataset'] for r in rows} == {r['dataset'] for r in result.rows} == {'photos'}
   worst = 0.0
   for ours, theirs in zip(result.rows, rows):
     for column in schema.METRICS:
@@ -196,6 +197,7 @@ def test_results_write_read_and_plot(tmp_path):
   module, images = LinenCNN(), _images()
   variables = module.init(jax.random.key(1), images)
   result = lc_jax.criticality(module, variables, images, labels=np.arange(10) % 10, trials=2)
+  assert {row['dataset'] for row in result.rows} == {''}  # arrays without a name
   result.to_csv(str(tmp_path / 'results.csv'))
   result.plot(str(tmp_path / 'criticality.png'))
   from lc_jax import report  # pylint: disable=g-import-not-at-top

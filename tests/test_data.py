@@ -338,6 +338,8 @@ def test_tfds_imagenet_selects_imagefolder_images(tfds, tmp_path):
   np.testing.assert_array_equal(images, folder_images)
   assert ([info.class_names[i] for i in labels]
           == [folder_info.class_names[i] for i in folder_labels])
+  # Three of ImageNet's classes in wnid folders: labelled by their ImageNet-1k index, as tfds.
+  np.testing.assert_array_equal(labels, folder_labels)
 
 
 def test_tfds_dataset_without_file_names(tfds, tmp_path):

@@ -175,6 +175,28 @@ def test_conflicting_duplicate_rows_refused(tmp_path):
       '--workdir')
 
 
+def test_results_without_the_dataset_column_resume_with_it(tmp_path):
+  # A workdir of a version without the dataset column: its rows are kept, and the first row
+  # this run appends gives them its dataset, in one rewrite of the file.
+  store = results.Store(str(tmp_path), _RUN)
+  store.append({**_row(0.522), 'dataset': 'imagenet_r'})
+  store.append({**_row(0.7, layer='conv1'), 'dataset': 'imagenet_r'})
+  store.close()
+  path = tmp_path / schema.RESULTS
+  new = path.read_text()
+  old = ''.join(','.join(cells[:1] + cells[2:]) + '\n' for cells in
+                (line.split(',') for line in new.splitlines()))
+  assert old.startswith(','.join(schema.WITHOUT_DATASET) + '\n') and 'imagenet_r' not in old
+  path.write_text(''.join(old.splitlines(keepends=True)[:2]))  # header and bn1
+  store = results.Store(str(tmp_path), _RUN)
+  assert store.done(0, 'bn1') and not store.done(0, 'conv1')
+  assert store.rows[0]['dataset'] == ''
+  store.append({**_row(0.7, layer='conv1'), 'dataset': 'imagenet_r'})
+  store.close()
+  assert path.read_text() == new  # as an uninterrupted run of this version writes it
+  assert results.Store(str(tmp_path), _RUN).rows == store.rows
+
+
 # ------------------------------------------------------------------------- links ----------------
 
 

@@ -1,7 +1,8 @@
 """ImageNet's shifted test sets through tfds (lc_jax.data.shifts): each family's labels, the
 200-class restriction of ImageNet-R and ImageNet-A in every metric, the set's identity in
-run.json, and a resumed run on a restricted set. Images come from `tfds.testing.mock_data`:
-nothing is downloaded.
+run.json and its name in results.csv, a resumed run on a restricted set, and ImageFolder copies
+(labels by wnid or class number, ImageNet-R recognised by its folders). Images come from
+`tfds.testing.mock_data` or are written by the test: nothing is downloaded.
 """
 
 import io
@@ -109,8 +110,12 @@ def test_split_is_the_sets_own_unless_given():
   with pytest.raises(UserError, match='lists several image sets; a run measures one: '
                      'python -m lc_jax.sweep'):
     data.DataConfig(source='tfds', name='imagenet_r,imagenet_sketch')
-  with pytest.raises(UserError, match='add --config.data.source=tfds'):
-    data.DataConfig(name='imagenet_r')
+  # Without source=tfds, data.name=imagenet_r names the set an ImageFolder holds, in data.path.
+  with pytest.raises(UserError, match='data.path is empty: .* an ImageFolder copy of ImageNet-R '
+                     'there; for its tfds version add --config.data.source=tfds'):
+    data.open_source(data.DataConfig(name='imagenet_r'))
+  with pytest.raises(UserError, match='data.source=photos reads scikit-image'):
+    data.DataConfig(source='photos', name='imagenet_r')
 
 
 @pytest.mark.parametrize('name', list(SETS))
@@ -224,6 +229,7 @@ def test_run_on_imagenet_r_restricts_records_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(results.Store, 'save_partial', save)
     experiment.run(config, workdir)
     assert _results(workdir) == _results(str(tmp_path / 'straight'))  # byte for byte
+    assert {row['dataset'] for row in straight} == {'imagenet_r'}
 
     with open(os.path.join(workdir, 'run.json'), encoding='utf-8') as f:
       run = json.load(f)
@@ -252,9 +258,71 @@ def test_a_sweep_runs_each_named_set_into_its_own_folder(tmp_path, monkeypatch):
   # One set: the sweep's folder itself, as before.
   config.data.name = 'imagenet_sketch'
   assert list(sweep.run_sets(config, workdir, ['tv_resnet50'])) == [workdir]
-  # Every set checked before the first runs: a set the source cannot read stops them all.
+  # Several sets by name are tfds's: an ImageFolder is one set, in data.path.
   calls.clear()
   config.data.update(source='imagefolder', name='imagenet2012,imagenet_a')
-  with pytest.raises(UserError, match='data.name=imagenet_a names a tfds dataset'):
+  with pytest.raises(UserError, match='lists 2 image sets, which only data.source=tfds reads by '
+                     'name'):
     sweep.run_sets(config, workdir, ['tv_resnet50'])
   assert not calls
+
+
+def _folder(root, examples):
+  """`examples` (image bytes, label, 'wnid/file') written as an ImageFolder under `root`."""
+  for encoded, _, name in examples:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encoded)
+  return str(root)
+
+
+def test_folder_labels_by_wnid_by_number_else_sorted():
+  from lc_jax.data import sources  # pylint: disable=g-import-not-at-top
+  wnids = list(classes_lib.IMAGENET_1K)
+  assert wnids == list(_wnids())  # tfds's imagenet2012 labels, line for line
+  # ImageNet val's 1000 folders: torchvision's labels (nothing renumbered).
+  assert sources.folder_labels(wnids) == (list(range(1000)), wnids, 'wnid')
+  # A copy of three classes keeps their ImageNet-1k indices (torchvision: 0, 1, 2).
+  assert sources.folder_labels(['n01443537', 'n09472597', 'n15075141'])[0] == [1, 980, 999]
+  # ImageNetV2's folders are class numbers: '10' is class 10 (torchvision's sorted names: 2).
+  labels, names, how = sources.folder_labels(sorted(['0', '1', '2', '10', '999']))
+  assert (labels, how, len(names)) == ([0, 1, 10, 2, 999], 'number', 1000)
+  # Anything else, or numbers out of range: torchvision's positions.
+  for folders in (['cat', 'dog'], ['0', '1000'], ['n01443537', 'cat']):
+    assert sources.folder_labels(folders) == ([0, 1], folders, 'sorted')
+
+
+def test_an_imagefolder_copy_of_imagenet_r_equals_its_tfds_version(tmp_path):
+  restricted = _restricted('imagenet_r')
+  examples = _examples(restricted, seed=2)  # one image of each of the 200 classes
+  settings = {'num_images': 0, 'order': 'sorted', 'resize_size': 32, 'crop_size': 32,
+              'batch_size': 50}
+  with _mock(examples):
+    images, labels, info = data.load({'source': 'tfds', 'name': 'imagenet_r', **settings},
+                                     cache_dir=str(tmp_path / 'tfds'), progress=False)
+  folder = _folder(tmp_path / 'imagenet-r', examples)
+  # Recognised by its 200 folders (data.name left at its default), or named.
+  for name in ('imagenet2012', 'imagenet_r'):
+    got_images, got_labels, got = data.load(
+        {'source': 'imagefolder', 'path': folder, 'name': name, **settings},
+        cache_dir=str(tmp_path / 'folder'), progress=False)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)  # positions among the 200
+    assert (got.keys, got.classes, got.class_names) == (info.keys, restricted, info.class_names)
+    assert got.name == 'imagenet_r'
+    assert got.dataset == {'imagefolder': 'imagenet_r', 'labels': 'wnid', 'classes': 200}
+  # Named as a set whose classes these are not: one line.
+  with pytest.raises(UserError, match=r'is no ImageFolder copy of ImageNet-A: its class folders '
+                     r"should be among ImageNet-A's 200 wnids, but \d+ are not \(first: "
+                     r'n01443537\)'):
+    data.load({'source': 'imagefolder', 'path': folder, 'name': 'imagenet_a', **settings},
+              cache_dir=str(tmp_path / 'folder'), progress=False)
+
+  # 199 of its classes: not ImageNet-R, so no restriction; labels still ImageNet-1k indices.
+  partial = _folder(tmp_path / 'part', examples[1:])
+  got_images, got_labels, got = data.load({'source': 'imagefolder', 'path': partial, **settings},
+                                          cache_dir=str(tmp_path / 'folder'), progress=False)
+  assert got.classes is None and got.name == 'imagenet2012'
+  assert got.dataset == {'imagefolder': 'imagenet2012', 'labels': 'wnid'}
+  np.testing.assert_array_equal(got_labels, np.asarray(restricted)[labels[1:]])
+  np.testing.assert_array_equal(got_images, images[1:])

@@ -5,7 +5,8 @@
 Fields (DataConfig): source ('imagefolder', 'tfds' or 'photos'); path (the ImageFolder root, or
 the tfds data_dir, empty for tfds's default); name and split (the tfds dataset, any image
 classification dataset, ImageNet's shifted sets among them (lc_jax.data.shifts); an empty split
-is the set's evaluation split, filled in by `from_config`); num_images (0: all); batch_size
+is the set's evaluation split, filled in by `from_config`; for an ImageFolder, name says which set
+it holds: the results' dataset column, and imagenet_r or imagenet_a restrict to their classes); num_images (0: all); batch_size
 (global, over all hosts); seed and order ('torch': the reference DataLoader's shuffle, 'numpy':
 a numpy permutation, 'sorted': source order); resize_size and crop_size; on_error ('raise', or
 'skip' to mask out images that do not decode); workers (decoding threads, 0: one per CPU core).
@@ -59,9 +60,10 @@ class DataConfig:
       raise UserError(f'data.name={self.name} lists several image sets; a run measures one: '
                       'python -m lc_jax.sweep with the same --config.data.name runs each into '
                       'a folder of its own')
-    if self.source != 'tfds' and self.name != DataConfig.name:
-      raise UserError(f'data.name={self.name} names a tfds dataset, which data.source='
-                      f'{self.source} does not read; add --config.data.source=tfds')
+    if self.source == 'photos' and self.name != DataConfig.name:
+      raise UserError(f'data.name={self.name} names an image set, but data.source=photos reads '
+                      "scikit-image's photos; add --config.data.source=tfds (or imagefolder "
+                      'with data.path)')
 
   @classmethod
   def from_config(cls, config: DataConfig | Mapping[str, Any] | ml_collections.ConfigDict

@@ -76,6 +76,8 @@ class DataInfo:
   classes: tuple[int, ...] | None = None
   # The image set in words for run.json (Source.identity: a tfds name, version, split), or None.
   dataset: dict[str, Any] | None = None
+  # The image set in a word, the results' dataset column (Source.name: data.name, 'photos').
+  name: str = ''
 
 
 def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
@@ -155,7 +157,8 @@ def load(config: DataConfig | Mapping[str, Any], cache_dir: str | None = None,
       batch_size=batch_size, local_batch_size=batch_size // process_count,
       num_batches=subset.num_batches(num_images, batch_size),
       cache_path=os.path.join(cache_dir, name + '.npy'), cache_hit=hit, seconds=seconds,
-      content=content_digest(positions, digests), classes=classes, dataset=source.identity())
+      content=content_digest(positions, digests), classes=classes, dataset=source.identity(),
+      name=source.name)
   if hit:
     progress_lib.say(f'loaded {len(positions)} images from {info.cache_path} in {seconds:.2f} s'
                      + (' (their bytes and the pixels checked)' if digests is not None

@@ -9,7 +9,9 @@ A source lists its images once, in a fixed order, and opens any of them for deco
 
 The order is torchvision's ImageFolder order (class folders sorted, then files sorted), and a tfds
 dataset with file names (ImageNet's has them) is put in the same order by (class name, file name),
-so both select the same images for the same indices. `fingerprint()` identifies the images for
+so both select the same images for the same indices. An ImageFolder's labels are ImageNet-1k
+indices where its folders say them (`folder_labels`). `name` is the image set in a word, for the
+results' dataset column. `fingerprint()` identifies the images for
 cache keys without reading any image, and for tfds without a pass over the data; `digests()`
 hashes the images' bytes, so that a cache entry notices changed content without a decode.
 """
@@ -28,6 +30,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 from absl import logging
 import numpy as np
 
+from lc_jax.data import classes as classes_lib
 from lc_jax.data import shifts
 from lc_jax.data.config import DataConfig
 from lc_jax.digest import file_sha256
@@ -58,6 +61,7 @@ class Source(abc.ABC):
   """A set of images in a fixed order; subclasses list them, fingerprint them and open them."""
 
   kind = ''
+  name = ''  # the image set in a word: data.name ('imagenet2012', 'imagenet_r', ...), 'photos'
 
   @functools.cached_property
   def listing(self) -> Listing:
@@ -112,19 +116,28 @@ class Source(abc.ABC):
 class ImageFolder(Source):
   """A directory with one folder of images per class, read as torchvision's ImageFolder reads it.
 
-  Classes are the sorted sub-folder names (label = index); each class folder is walked recursively
-  (following links) in sorted order; files whose names do not end in one of IMG_EXTENSIONS (any
-  case) are left out and counted. A link to a folder that holds it (`class0/up -> ..`) is left
-  out and named in one warning: torchvision walks such a loop until the OS stops it, listing the
-  same images dozens of times.
+  Classes are the sorted sub-folder names; each class folder is walked recursively (following
+  links) in sorted order; files whose names do not end in one of IMG_EXTENSIONS (any case) are
+  left out and counted. A link to a folder that holds it (`class0/up -> ..`) is left out and
+  named in one warning: torchvision walks such a loop until the OS stops it, listing the same
+  images dozens of times. Labels are `folder_labels`': ImageNet-1k indices for folders named by
+  wnid or by class number, else torchvision's (the position among the sorted names).
+
+  `name` (data.name) names the set the folder holds. ImageNet-R and ImageNet-A (by name, or
+  recognised by their 200 class folders) restrict predictions to their classes, as their tfds
+  versions do (lc_jax.data.shifts).
   """
 
   kind = 'imagefolder'
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, name: str = DataConfig.name):
     if not root:
+      copy = (f' (data.name={name} reads an ImageFolder copy of {shifts.family(name).title} '
+              'there; for its tfds version add --config.data.source=tfds)'
+              if shifts.family(name) and name != DataConfig.name else '')
       raise UserError('data.path is empty: set it to an ImageFolder directory, one folder of '
-                      'images per class (as ImageNet val: DIR/n01440764/*.JPEG)')
+                      f'images per class (as ImageNet val: DIR/n01440764/*.JPEG){copy}')
+    self._asked = name
     self.root = os.path.abspath(os.path.expanduser(root))
     if not os.path.exists(self.root):
       raise UserError(f'image folder not found: {self.root}')
@@ -139,8 +152,11 @@ class ImageFolder(Source):
     if not classes:
       raise UserError(f'{self.root} has no class folders: an ImageFolder holds one folder of '
                       f'images per class ({self.root}/<class>/<image>.JPEG)')
+    folder_label, class_names, self._labelling = folder_labels(classes)
+    self._folders = classes
+    self._renumbered = folder_label != list(range(len(classes)))  # not torchvision's labels
     keys, labels, ignored, empty, loops = [], [], [], [], []
-    for label, name in enumerate(classes):
+    for label, name in zip(folder_label, classes):
       count = len(keys)
       for folder, files in _walk(self.root, name, loops):
         for file in sorted(files):
@@ -163,7 +179,7 @@ class ImageFolder(Source):
     if loops:
       logging.warning('left out %d link(s) in %s that lead back to a folder holding them (a '
                       'loop), e.g. %s', len(loops), self.root, loops[0])
-    return Listing(keys, np.asarray(labels, np.int32), classes, ignored, loops)
+    return Listing(keys, np.asarray(labels, np.int32), class_names, ignored, loops)
 
   def fingerprint(self) -> dict[str, Any]:
     # Names and byte sizes, not modification times: a copy of the data set to local disk keeps
@@ -172,12 +188,74 @@ class ImageFolder(Source):
     for key in self.listing.keys:
       size = os.stat(os.path.join(self.root, key)).st_size
       digest.update(f'{key}\0{size}\n'.encode())
-    return {'kind': self.kind, 'images': self.size(), 'files': digest.hexdigest()}
+    found = {'kind': self.kind, 'images': self.size(), 'files': digest.hexdigest()}
+    if self._renumbered:  # labels that torchvision's ImageFolder would not give
+      found['labels'] = self._labelling
+    return found
+
+  @property
+  def name(self) -> str:
+    return self._set[0]
+
+  @property
+  def classes(self):
+    return self._set[1]
+
+  def identity(self):
+    if self.name == DataConfig.name and not self._renumbered:
+      return None  # ImageNet val as torchvision reads it: the fingerprint says it all
+    found = {'imagefolder': self.name, 'labels': self._labelling}
+    if self.classes is not None:
+      found['classes'] = len(self.classes)
+    return found
+
+  @functools.cached_property
+  def _set(self) -> tuple[str, tuple[int, ...] | None]:
+    """The set's name and the classes predictions are restricted to (None: all): data.name's,
+    or ImageNet-R's or ImageNet-A's when the folders are exactly one of them and data.name is
+    the default."""
+    self.listing  # pylint: disable=pointless-statement  (lists the folders)
+    family = shifts.family(self._asked)
+    if self._asked == DataConfig.name and self._labelling == 'wnid':
+      family = next((f for f in shifts.FAMILIES.values()
+                     if f.classes is not None and set(f.classes) == set(self._folders)), family)
+    if family is None or family.classes is None:
+      return self._asked, None
+    others = sorted(set(self._folders) - set(family.classes))
+    if others:
+      raise UserError(f'{self.root} is no ImageFolder copy of {family.title}: its class '
+                      f'folders should be among {family.title}\'s {len(family.classes)} wnids, '
+                      f'but {len(others)} are not (first: {others[0]})')
+    name = self._asked if shifts.family(self._asked) is family else family.name
+    if name != self._asked:
+      logging.info('the class folders of %s are the %d classes of %s: predictions are '
+                   'restricted to them (data.name=%s)', self.root, len(family.classes),
+                   family.title, name)
+    return name, shifts.class_indices(family.name, classes_lib.IMAGENET_1K)
 
   def read(self, indices):
     for j, i in enumerate(indices):
       path = os.path.join(self.root, self.listing.keys[i])
       yield j, path, path
+
+
+def folder_labels(folders: Sequence[str]) -> tuple[list[int], list[str], str]:
+  """(the label of each of the sorted class `folders`, the names the labels index, how).
+
+  - 'wnid': every folder is an ImageNet-1k wnid (classes.IMAGENET_1K): its ImageNet-1k index.
+    ImageNet val's 1000 folders get torchvision's labels; a copy of some classes (ImageNet-R's
+    200, a subset of val) keeps each class's index, where torchvision numbers the folders 0..N-1.
+  - 'number': every folder is a class number below 1000, as in ImageNetV2's release (0..999):
+    that number, where torchvision's sorted names give folder '10' label 2.
+  - 'sorted': otherwise, torchvision's: the position among the sorted names.
+  """
+  imagenet = {wnid: i for i, wnid in enumerate(classes_lib.IMAGENET_1K)}
+  if all(name in imagenet for name in folders):
+    return [imagenet[name] for name in folders], list(classes_lib.IMAGENET_1K), 'wnid'
+  numbers = [int(name) if name.isascii() and name.isdigit() else -1 for name in folders]
+  if all(0 <= n < len(imagenet) for n in numbers) and len(set(numbers)) == len(numbers):
+    return numbers, [str(n) for n in range(len(imagenet))], 'number'
+  return list(range(len(folders))), list(folders), 'sorted'
 
 
 def _walk(root: str, name: str, loops: list[str]) -> list[tuple[str, list[str]]]:
@@ -338,6 +416,7 @@ class Photos(Source):
   """scikit-image's real colour photos (PHOTOS, in that order), read from its files; no labels."""
 
   kind = 'photos'
+  name = 'photos'
 
   def __init__(self):
     folder = photo_dir()
@@ -377,7 +456,7 @@ def open_source(config: DataConfig) -> Source:
   """The source that `config.source` names."""
   config = DataConfig.from_config(config)  # an empty split filled in
   if config.source == 'imagefolder':
-    return ImageFolder(config.path)
+    return ImageFolder(config.path, config.name)
   if config.source == 'tfds':
     return Tfds(config.name, config.split, config.path)
   return Photos()
