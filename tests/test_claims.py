@@ -36,8 +36,8 @@ def write_run(workdir, model_id, values, per_image=None, images='the same 100'):
     writer.writerow(schema.COLUMNS)
     for trial, row in enumerate(values):
       for (layer, stage), c in zip(LAYERS, row):
-        writer.writerow([model_id, layer, trial, 'fresh', 'conv', stage, 100, 100, '', '', '',
-                         1 - c, '', '', '', '', '', c, 0.01, RUN_ID])
+        writer.writerow([model_id, 'imagenet2012', layer, trial, 'fresh', 'conv', stage, 100, 100,
+                         '', '', '', 1 - c, '', '', '', '', '', c, 0.01, RUN_ID])
   with open(os.path.join(workdir, schema.RUN), 'w') as f:
     json.dump({'images': images}, f)
   if per_image is not None:

@@ -2,6 +2,7 @@
 Figure before it is saved (tick label sizes, titles, markers, panels, error bars, the legend)
 and, for the saved size, from the text's extent in pixels at the PNG's resolution."""
 
+import dataclasses
 import math
 import os
 import sys
@@ -304,3 +305,61 @@ def test_a_scatter_of_many_models_is_coloured_by_category_and_names_a_few():
   names = [t for t in ax.texts if t.get_text().startswith('model_')]
   assert 0 < len(names) <= figures.SCATTER_NAMED
   _check_legible(fig)
+
+
+def _on(summaries, dataset):
+  """`summaries` of one model as measured on the image set `dataset` (labelled as summarize
+  labels a model measured on several: 'ID [SET]')."""
+  return [dataclasses.replace(s, model=f'{s.model_id} [{dataset}]', dataset=dataset)
+          for s in summaries]
+
+
+def test_datasets_figure_has_a_panel_per_model_on_several_sets(tmp_path):
+  r18 = _resnet(18)
+  sets = ['imagenet_r', 'imagenet2012_corrupted/fog_3']
+  summaries = []
+  for i, name in enumerate(['resnet18_a', 'resnet18_b']):
+    for k, dataset in enumerate(sets):
+      summaries += _on(_model(name, r18, np.full(len(r18), 0.2 + 0.5 * k), top1=70.0 + i,
+                              seed=i), dataset)
+  only = _model('resnet18_c', r18, np.full(len(r18), 0.4), top1=60.0)  # one set: no panel
+  summaries += [dataclasses.replace(s, dataset='imagenet_r') for s in only]
+  fig = figures.datasets_figure(summaries)
+  panels = [ax for ax in fig.axes if ax.get_label() == 'panel']
+  assert len(panels) == 2
+  for ax, name in zip(panels, ['resnet18_a', 'resnet18_b']):
+    assert ax.get_title().startswith(f'{name}: fresh reset')
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == sets
+    lines = ax.get_lines()
+    assert len(lines) == 2  # a line per set, each set's own values
+    np.testing.assert_allclose([np.mean(l.get_ydata()) for l in lines], [20, 70], atol=5)
+    assert len(ax.collections) == 2  # a band over the 3 trials per set
+    assert [t.get_text() for t in ax.get_xticklabels()] == [l[0] for l in r18]
+  assert 'per image set' in fig._suptitle.get_text()  # pylint: disable=protected-access
+  _check_legible(fig)
+
+  drawn = report.plot_study(summaries, str(tmp_path))
+  paths = [d.path for d in drawn if d.path]
+  names = [os.path.basename(p) for p in paths]
+  assert names == ['datasets.png', 'heatmap_imagenet_r.png', 'scatter_imagenet_r.png',
+                   'heatmap_imagenet2012_corrupted_fog_3.png',
+                   'scatter_imagenet2012_corrupted_fog_3.png']
+  assert sorted(os.listdir(tmp_path)) == sorted(names)
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  for path in paths:
+    assert matplotlib.image.imread(path).shape[0] > 100
+  # A set's heatmap holds its own models only, and names the set in its title.
+  fog = [s for s in summaries if s.dataset == sets[1]]
+  heatmap = figures.heatmap_figure(fog)
+  title = heatmap._suptitle.get_text()  # pylint: disable=protected-access
+  assert 'images of imagenet2012_corrupted/fog_3' in title and '2 models' in title
+
+
+def test_without_several_sets_no_datasets_figure(tmp_path):
+  r18 = _resnet(18)
+  one = [dataclasses.replace(s, dataset='imagenet_r')
+         for s in _model('resnet18_a', r18, np.full(len(r18), 0.3), top1=70.0)]
+  assert figures.datasets_figure(one) is None
+  drawn = report.plot_study(one, str(tmp_path))
+  assert [os.path.basename(d.path) for d in drawn] == ['heatmap.png', 'scatter.png']
+  assert sorted(os.listdir(tmp_path)) == ['heatmap.png', 'scatter.png']

@@ -43,8 +43,9 @@ def resnet50_layers():
 
 
 def write_results(workdir, model_id, criticality, layers=LAYERS, original_top1=80.0,
-                  ci_images=0.01):
-  """A runner-format workdir: criticality[trial][layer index]; original_top1 None: no labels."""
+                  ci_images=0.01, dataset='imagenet2012'):
+  """A runner-format workdir measured on the image set `dataset`: criticality[trial][layer
+  index]; original_top1 None: no labels."""
   os.makedirs(workdir, exist_ok=True)
   labelled = original_top1 is not None
 
@@ -54,13 +55,14 @@ def write_results(workdir, model_id, criticality, layers=LAYERS, original_top1=8
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(COLUMNS)
-    writer.writerow([model_id, 'original', 0, 'none', '', '', 0, 100, label(original_top1),
-                     label(95.0), label(1.0), 1.0, 0, 0, 0, 1.0, label(1.0), 0.0, 0.0, RUN_ID])
+    writer.writerow([model_id, dataset, 'original', 0, 'none', '', '', 0, 100,
+                     label(original_top1), label(95.0), label(1.0), 1.0, 0, 0, 0, 1.0, label(1.0),
+                     0.0, 0.0, RUN_ID])
     for trial, values in enumerate(criticality):
       for (layer, kind, stage), c in zip(layers, values):
         top1 = original_top1 * (1 - c) if labelled else None
-        writer.writerow([model_id, layer, trial, 'fresh', kind, stage, 1000, 100, label(top1),
-                         label(top1), label(2.0), 1 - c, c, c / 2, 2 * c, 1 - c,
+        writer.writerow([model_id, dataset, layer, trial, 'fresh', kind, stage, 1000, 100,
+                         label(top1), label(top1), label(2.0), 1 - c, c, c / 2, 2 * c, 1 - c,
                          label(1 - c), c, ci_images, RUN_ID])
   return str(workdir)
 
@@ -206,8 +208,8 @@ def test_repeated_rows_count_once(tmp_path):
   # A resumed run may write a (trial, layer) again: the last row wins.
   workdir = write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]])
   with open(os.path.join(workdir, 'results.csv'), 'a', newline='') as f:
-    csv.writer(f).writerow(['m', 'conv1', 0, 'fresh', 'conv', 'stem', 1000, 100, 1, 1, 1,
-                            0.7, 0, 0, 0, 0.7, 0.7, 0.3, 0.01, RUN_ID])
+    csv.writer(f).writerow(['m', 'imagenet2012', 'conv1', 0, 'fresh', 'conv', 'stem', 1000, 100,
+                            1, 1, 1, 0.7, 0, 0, 0, 0.7, 0.7, 0.3, 0.01, RUN_ID])
   summaries = report.summarize(report.load(workdir))
   assert len(summaries) == 5 and summaries[0].trials == 1
   assert summaries[0].criticality == pytest.approx(0.3)
@@ -317,6 +319,10 @@ def test_cli_writes_heatmap_and_scatter(tmp_path):
   assert 'resnet50.a1_in1k' in result.stdout and 'tv_resnet50' in result.stdout
   for name in ('heatmap.png', 'scatter.png'):
     _png_size(out / name)
+  # One image set: the study's figures under their own names, none per set, no datasets.png.
+  assert sorted(os.listdir(out)) == ['heatmap.png', 'profiles.png', 'scatter.png']
+  assert [line for line in result.stdout.splitlines() if line.startswith('wrote ')] == [
+      f'wrote {out / name}' for name in ('heatmap.png', 'profiles.png', 'scatter.png')]
   # --out defaults to report/ in the first OUT folder, never the current one.
   result = _cli([a, b, '--top', '0'], cwd=tmp_path)
   assert result.returncode == 0, result.stderr
@@ -457,3 +463,97 @@ def test_compare_with_the_paper_finds_exactly_the_perturbed_model(tmp_path):
   nothing = _cli(['--compare', paper, write_results(tmp_path / 'x', 'other', [[0.1] * 5] * 3)],
                  cwd=tmp_path)
   _assert_one_error_line(nothing, 'no model of')
+
+
+SETS = ('imagenet_r', 'imagenet2012_corrupted/fog_3')
+
+
+def _sweep_over_sets(root):
+  """A sweep over two image sets as lc_jax.sweep writes it (ROOT/SET/MODEL/results.csv, a
+  sweep.json per set): model m on both sets, with very different criticality and top-1; model
+  n on the first set only."""
+  for dataset, level, top1 in ((SETS[0], 0.1, 40.0), (SETS[1], 0.8, 20.0)):
+    models = ['m', 'n'] if dataset == SETS[0] else ['m']
+    for model_id in models:
+      write_results(root / dataset / model_id, model_id, [[level] * 5, [level + 0.02] * 5],
+                    original_top1=top1, dataset=dataset)
+    (root / dataset / 'sweep.json').write_text(json.dumps(
+        {'models': models, 'done': models, 'failed': {}}))
+  return [str(root / dataset) for dataset in SETS]
+
+
+def test_image_sets_are_summarized_apart(tmp_path):
+  rows = []
+  for folder in _sweep_over_sets(tmp_path):
+    for csv_path in report.results_of(folder):
+      rows += report.load(csv_path)
+  assert {r['dataset'] for r in rows} == set(SETS)
+  summaries = report.summarize(rows)
+  assert list(report.by_model(summaries)) == [f'm [{SETS[0]}]', 'n', f'm [{SETS[1]}]']
+  for label, level, top1 in ((f'm [{SETS[0]}]', 0.11, 40.0), (f'm [{SETS[1]}]', 0.81, 20.0)):
+    layers = report.by_model(summaries)[label]
+    assert {s.dataset for s in layers} == {label[3:-1]}
+    assert all(s.criticality == pytest.approx(level) for s in layers)  # never averaged across
+    assert layers[0].original_top1 == pytest.approx(top1)
+  # One file holding both sets: the summaries and the original's top-1 stay per set.
+  together = [{**r, 'source': 'one.csv'} for r in rows if r['model_id'] == 'm']
+  by_label = report.by_model(report.summarize(together))
+  assert [layers[0].original_top1 for layers in by_label.values()] == [40.0, 20.0]
+  lines = report.model_table(summaries).splitlines()
+  assert lines[0].endswith('image set') and lines[2].split()[0] == 'n'
+  assert lines[2].endswith(SETS[0]) and lines[3].startswith(f'm [{SETS[1]}]')
+  assert f'n: fresh, on {SETS[0]}, 5 layers' in report.table(summaries)
+
+
+def test_a_file_without_the_dataset_column_reads_with_an_empty_dataset(tmp_path, capsys):
+  workdir = write_results(tmp_path / 'a', 'm', [[0.1, 0.2, 0.3, 0.4, 0.5]] * 2)
+  with open(os.path.join(workdir, 'results.csv'), newline='') as f:
+    records = list(csv.reader(f))
+  assert tuple(records[0]) == schema.COLUMNS
+  column = schema.COLUMNS.index('dataset')
+  older = tmp_path / 'older.csv'
+  text = ''.join(schema.line(dict(zip(schema.WITHOUT_DATASET, r[:column] + r[column + 1:])))
+                 for r in records)
+  older.write_text(text)
+  older_rows = report.load(str(older))
+  assert {r['dataset'] for r in older_rows} == {''}
+  for a, b in zip(report.summarize(report.load(workdir)), report.summarize(older_rows)):
+    assert (a.layer, a.criticality, a.ci_trials, b.dataset) == (
+        b.layer, b.criticality, b.ci_trials, '')
+  # The runner's format without the column still ends every row in a newline: a last line
+  # without one was cut short, even with all its cells.
+  older.write_text(text.rstrip('\n'))
+  assert len(report.load(str(older))) == len(older_rows) - 1
+  assert 'cut short' in capsys.readouterr().err
+
+
+def test_cli_draws_each_image_set_and_a_model_across_sets(tmp_path):
+  out = tmp_path / 'figures'
+  result = _cli([*_sweep_over_sets(tmp_path / 'shift'), '--out', str(out)], cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert f'm [{SETS[0]}]' in result.stdout and f'm [{SETS[1]}]' in result.stdout
+  written = [line.split(' ', 1)[1] for line in result.stdout.splitlines()
+             if line.startswith('wrote ')]
+  assert sorted(os.path.basename(p) for p in written) == sorted(os.listdir(out)) == sorted([
+      'datasets.png', 'heatmap_imagenet_r.png', 'scatter_imagenet_r.png',
+      'heatmap_imagenet2012_corrupted_fog_3.png', 'scatter_imagenet2012_corrupted_fog_3.png'])
+  for path in written:
+    _png_size(path)
+
+
+@pytest.mark.parametrize('flag', ['--claims', '--compare'])
+def test_claims_and_compare_refuse_several_image_sets(tmp_path, flag):
+  folders = _sweep_over_sets(tmp_path / 'shift')
+  args = [flag] if flag == '--claims' else [flag, os.path.join(folders[0], 'm', 'results.csv')]
+  result = _cli([*folders, *args, '--out', str(tmp_path / 'out')], cwd=tmp_path)
+  _assert_one_error_line(result, f'{flag} takes the results of one image set', ', '.join(SETS),
+                         f'python -m lc_jax.report OUT/{SETS[0]} {flag}')
+  assert result.stdout == ''
+  # One set other than ImageNet val: a note, then the comparison.
+  if flag == '--compare':
+    result = _cli([folders[0], *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ('note: these results are of imagenet_r; the paper measured ImageNet val '
+                        '(imagenet2012)')
+    assert lines[-1].endswith('all agree within the trial noise')

@@ -224,7 +224,7 @@ def _write(path, rows, cut=0):
   for layer, trial, c in [(schema.ORIGINAL, 0, 0.0)] + rows:
     cos = 1 - c
     text += schema.format_row({
-        'model_id': 'm', 'layer': layer, 'trial': trial,
+        'model_id': 'm', 'dataset': 'imagenet2012', 'layer': layer, 'trial': trial,
         'mode': 'none' if layer == schema.ORIGINAL else 'fresh', 'kind': 'conv', 'stage': 'stem',
         'num_params': 10, 'num_images': 8, 'top1_acc': 50.0, 'top5_acc': 90.0, 'loss': 1.0,
         'pred_cos_sim': cos, 'pred_l1_err': c, 'pred_l2_err': c, 'pred_kl_div': c,

@@ -8,7 +8,9 @@ r"""Tables and figures of layer criticality, from the runner's results.csv or th
 Each argument is a workdir holding results.csv, a sweep's folder (every finished model in it), or
 a results CSV itself: the runner's, or the paper's released raw-results/results.csv (github.com/paulgavrikov/layer_criticality), which holds
 many models in one file. Writes DIR/heatmap.png (models x layers, the paper's Figure 1) and
-DIR/scatter.png (original top-1 against mean criticality), and prints a table per model.
+DIR/scatter.png (original top-1 against mean criticality), and prints a table per model. Results
+of several image sets (results.csv's dataset) get those figures per set and DIR/datasets.png
+(a model's criticality per set side by side).
 
 In a notebook or the runner:
 
@@ -37,6 +39,7 @@ from lc_jax.report.compare import comparison_table
 from lc_jax.report.figures import KIND_COLORS
 from lc_jax.report.figures import layer_union
 from lc_jax.report.figures import plot_criticality
+from lc_jax.report.figures import plot_datasets
 from lc_jax.report.figures import plot_diff
 from lc_jax.report.figures import plot_heatmap
 from lc_jax.report.figures import plot_profiles

@@ -10,18 +10,19 @@ OUT is a run's workdir, a sweep's folder or a results CSV; several are read toge
 most and least critical layers of each model and a table of the models, and draws heatmap.png
 (layers by models, rows in bands by category), scatter.png (mean criticality against original
 top-1) and, when a model has a category, profiles.png (one line per category) into --out
-(default: OUT/report/ of the first OUT, or report/ beside it when it is a CSV file). Categories
-are the zoo's, or --category's. With --compare, compares each model with the paper's results CSV
-instead of drawing; with --claims, prints and writes claims.md and claims.csv (the paper's
-statements, tested); with --diff, prints B - A per layer with paired 95% intervals and writes
-diff.csv and diff.png.
+(default: OUT/report/ of the first OUT, or report/ beside it when it is a CSV file). Results of
+several image sets (results.csv's dataset) get those figures per set (heatmap_SET.png, ...) and
+datasets.png, each model's criticality per set side by side. Categories are the zoo's, or
+--category's. With --compare, compares each model with the paper's results CSV instead of
+drawing; with --claims, prints and writes claims.md and claims.csv (the paper's statements,
+tested); both take one image set's results. With --diff, prints B - A per layer with paired 95%
+intervals and writes diff.csv and diff.png.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 import sys
 from typing import Sequence
 
@@ -34,12 +35,13 @@ from lc_jax.report import claims
 from lc_jax.report import compare
 from lc_jax.report import diff
 from lc_jax.report import stats
-from lc_jax.report.figures import plot_criticality, plot_diff, plot_study
+from lc_jax.report.figures import file_part, plot_criticality, plot_diff, plot_study
 from lc_jax.report.read import load, per_image_of, resolve, results_of, run_images
-from lc_jax.report.stats import by_model, summarize
+from lc_jax.report.stats import by_model, image_sets, summarize
 from lc_jax.report.text import model_table, table
 
 CLOSED_PIPE = 141  # 128 + SIGPIPE: the exit status when the reader of the output went away
+PAPER_SET = 'imagenet2012'  # the image set the paper measured (ImageNet val), in results.csv
 
 
 def write_workdir_report(workdir: str, top: int = 10) -> str:
@@ -51,7 +53,7 @@ def write_workdir_report(workdir: str, top: int = 10) -> str:
   grouped = by_model(summaries)
   for model, layers in grouped.items():
     name = ('criticality.png' if len(grouped) == 1 else
-            f"criticality_{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.png")
+            f'criticality_{file_part(model)}.png')
     plot_criticality(layers, os.path.join(os.path.dirname(csv_path), name))
   return table(summaries, top)
 
@@ -87,6 +89,17 @@ def _stages(flag: str, value: Sequence[str] | None) -> list[str] | None:
   if not names:
     raise UserError(f'--{flag} names no stage: give stage names, e.g. --{flag}=stem,layer1')
   return names
+
+
+def _one_image_set(datasets: Sequence[str], flag: str) -> str:
+  """The one image set that `datasets` (the rows') name, '' for none; a UserError for several:
+  --claims and --compare hold models of one image set against each other."""
+  sets = image_sets(datasets)
+  if len(sets) > 1:
+    raise UserError(f'--{flag} takes the results of one image set; these hold {len(sets)}: '
+                    f'{", ".join(sets)}. Give one set\'s results, e.g. python -m lc_jax.report '
+                    f'OUT/{sets[0]} --{flag}')
+  return sets[0] if sets else ''
 
 
 def _diff(paths: Sequence[str], out: str | None, resamples: int, seed: int) -> None:
@@ -125,6 +138,10 @@ def _main(argv: Sequence[str]) -> None:
     for csv_path in results_of(path):
       rows += load(csv_path)
   if flags.FLAGS.compare:
+    image_set = _one_image_set([r['dataset'] for r in rows], 'compare')
+    if image_set not in ('', PAPER_SET):
+      print(f'note: these results are of {image_set}; the paper measured ImageNet val '
+            f'({PAPER_SET})')
     comparisons = compare.compare(load(flags.FLAGS.compare), rows)
     if not comparisons:
       raise UserError(f'no model of {", ".join(paths)} is in {flags.FLAGS.compare} (model_id '
@@ -136,6 +153,7 @@ def _main(argv: Sequence[str]) -> None:
     raise UserError(f'no reset layer in {", ".join(paths)}: only original-model rows')
   category_of, order = categories.of_summaries(summaries, categories.parse(f.category or []))
   if f.claims:
+    _one_image_set([s.dataset for s in summaries], 'claims')
     ids = dict.fromkeys(s.model_id for s in summaries)
     of_id, _ = categories.assign(list(ids), categories.parse(f.category or []))
     measured = claims.claims(summaries, of_id, order, _stages('early', f.early),
@@ -149,21 +167,17 @@ def _main(argv: Sequence[str]) -> None:
 
   # Drawn before anything is printed: a reader that stops early (`| head`) loses no figure.
   try:
-    heatmap, scatter, skipped, profiles = plot_study(summaries, out, category_of, order)
+    drawn = plot_study(summaries, out, category_of, order)
   except OSError as e:
     raise UserError(f'cannot write into the --out folder {out}: {e.strerror or e}') from None
   if top > 0:
     print(table(summaries, top), end='\n\n')
-  print(model_table(summaries))
-  print(f'\nwrote {heatmap}')
-  if profiles:
-    print(f'wrote {profiles}')
-  if scatter is None:
-    print('no scatter plot: no model has labelled images (original top-1 unknown)')
-  else:
-    print(f'wrote {scatter}')
-    if skipped:
-      print(f'  left out for lack of labels: {", ".join(skipped)}')
+  print(model_table(summaries), end='\n\n')
+  for figure in drawn:
+    if figure.path:
+      print(f'wrote {figure.path}')
+    if figure.note:
+      print(f'  {figure.note}' if figure.path else figure.note)
 
 
 def run() -> None:

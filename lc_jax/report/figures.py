@@ -1,17 +1,21 @@
 """Matplotlib figures of LayerSummary lists: one model's criticality per layer, the paper's
-models-by-layers heatmap (Figure 1) and its accuracy-vs-criticality scatter (Figure 2)."""
+models-by-layers heatmap (Figure 1) and its accuracy-vs-criticality scatter (Figure 2), a
+model's criticality per image set, and the study's figures together (`plot_study`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from lc_jax.report.categories import OTHER
-from lc_jax.report.stats import LayerSummary, by_model, finite_mean, model_interval, spearman
+from lc_jax.report.stats import LayerSummary, UNKNOWN_SET, by_model, finite_mean, image_sets
+from lc_jax.report.stats import model_interval, spearman
 
 KIND_COLORS = {'conv': '#4C72B0', 'depthwise_conv': '#55A868', 'linear': '#C44E52',
                'batchnorm': '#8172B2'}
@@ -39,6 +43,35 @@ def _stage_spans(stages: Sequence[str]) -> list[tuple[str, int, int]]:
   return spans
 
 
+def _shade_stages(ax, stages: Sequence[str]) -> None:
+  """Every other stage's columns shaded, and each stage named above its columns."""
+  for i, (stage, start, end) in enumerate(_stage_spans(stages)):
+    if i % 2:
+      ax.axvspan(start - 0.5, end - 0.5, color='0.93', lw=0, zorder=0)
+    ax.text((start + end - 1) / 2, 1.01, stage, transform=ax.get_xaxis_transform(), ha='center',
+            va='bottom', fontsize=LABEL_PT)
+
+
+def _layer_axes(ax, layers: Sequence[str], stages: Sequence[str]) -> None:
+  """An axes of criticality (%) per layer: stages shaded and named, the layers' names below in
+  forward order, y from 0 to 100 % (a band wider than that is cut at its ends)."""
+  _shade_stages(ax, stages)
+  ax.set_xlim(-0.5, len(layers) - 0.5)
+  ax.set_ylim(0, 102)
+  ax.set_xticks(range(len(layers)))
+  ax.set_xticklabels(layers, rotation=90, fontsize=LABEL_PT)
+  ax.set_ylabel('criticality, %', fontsize=9)
+  ax.tick_params(axis='y', labelsize=LABEL_PT)
+  ax.grid(axis='y', color='0.85', lw=0.5)
+
+
+def file_part(name: str) -> str:
+  """`name` (a model label, an image set such as 'imagenet2012_corrupted/fog_3') as part of a
+  file name: every run of characters other than letters, digits, '_', '.' and '-' becomes
+  '_'."""
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', name)
+
+
 def _save(fig, path: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -56,15 +89,18 @@ def _common(values) -> str | None:
 
 
 def _protocol(layers: Sequence[LayerSummary]) -> list[str]:
-  """What the layers were measured under, where they agree: 'fresh reset', '7 images',
-  '3 trials'."""
+  """What the layers were measured under, where they agree: 'fresh reset', '7 images of
+  imagenet_r' (the image set where results.csv names it), '3 trials'."""
   parts = []
   mode = _common(s.mode for s in layers)
   if mode:
     parts.append(f'{mode} reset')
   images = _common(s.num_images for s in layers)
+  image_set = _common(s.dataset for s in layers)
   if images is not None:
-    parts.append(_plural(float(images), 'image'))
+    parts.append(_plural(float(images), 'image') + (f' of {image_set}' if image_set else ''))
+  elif image_set:
+    parts.append(image_set)
   trials = max(s.trials for s in layers)
   parts.append(_plural(trials, 'trial'))
   return parts
@@ -441,12 +477,8 @@ def profiles_figure(summaries: Sequence[LayerSummary], category_of: Mapping[str,
     ax.set_label('layers')
     stage_ax.set_label('stages')
     model_rows, layers, stages, matrix = _matrix([s for s in summaries if s.model in models])
-    spans = [span for span in _stage_spans(stages)]
-    for i, (stage, start, end) in enumerate(spans):
-      if i % 2:
-        ax.axvspan(start - 0.5, end - 0.5, color='0.93', lw=0, zorder=0)
-      ax.text((start + end - 1) / 2, 1.01, stage, transform=ax.get_xaxis_transform(),
-              ha='center', va='bottom', fontsize=LABEL_PT)
+    _layer_axes(ax, layers, stages)
+    spans = _stage_spans(stages)
     stage_names = [span[0] for span in spans]
     for k, category in enumerate(present):
       members = [i for i, m in enumerate(model_rows) if category_of.get(m, OTHER) == category]
@@ -467,21 +499,16 @@ def profiles_figure(summaries: Sequence[LayerSummary], category_of: Mapping[str,
       stage_ax.errorbar(np.arange(len(spans)) + 0.06 * (k - len(present) / 2), mean,
                         yerr=np.where(np.isfinite(half), half, 0.0), color=color, marker='o',
                         markersize=3, lw=1.2, capsize=2)
-    ax.set_xlim(-0.5, len(layers) - 0.5)
-    ax.set_ylim(0, 102)  # criticality's range; a band wider than it is cut at its ends
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(layers, rotation=90, fontsize=LABEL_PT)
-    ax.set_ylabel('criticality, %', fontsize=9)
-    ax.tick_params(axis='y', labelsize=LABEL_PT)
-    ax.grid(axis='y', color='0.85', lw=0.5)
     ax.legend(fontsize=LABEL_PT, frameon=False, loc='best')
     stage_ax.set_xticks(range(len(spans)))
     stage_ax.set_xticklabels(stage_names, rotation=90, fontsize=LABEL_PT)
     stage_ax.tick_params(axis='y', labelsize=LABEL_PT)
     stage_ax.set_ylabel('mean criticality of the stage, %', fontsize=9)
     stage_ax.grid(axis='y', color='0.85', lw=0.5)
-  fig.suptitle('criticality by category: mean over the category\'s models, 95% band (Student t '
-               'over models); right: per-stage means', fontsize=10)
+  image_set = _common(s.dataset for s in summaries)
+  fig.suptitle(f'criticality by category{f" on {image_set}" if image_set else ""}: mean over '
+               'the category\'s models, 95% band (Student t over models); right: per-stage means',
+               fontsize=10)
   fig.tight_layout()
   return fig
 
@@ -503,11 +530,7 @@ def diff_figure(d):
   plt = _pyplot()
   n = len(d.layers)
   fig, ax = plt.subplots(figsize=(max(8.0, ROW_INCHES * n + 3.0), 4.4))
-  for i, (stage, start, end) in enumerate(_stage_spans([l.stage for l in d.layers])):
-    if i % 2:
-      ax.axvspan(start - 0.5, end - 0.5, color='0.93', lw=0, zorder=0)
-    ax.text((start + end - 1) / 2, 1.01, stage, transform=ax.get_xaxis_transform(), ha='center',
-            va='bottom', fontsize=LABEL_PT)
+  _shade_stages(ax, [l.stage for l in d.layers])
   x = np.arange(n)
   value = np.array([100 * l.difference for l in d.layers])
   low = np.array([100 * l.low for l in d.layers])
@@ -617,9 +640,10 @@ def scatter_figure(summaries: Sequence[LayerSummary],
   ax.set_xlabel('mean criticality over layers, %', fontsize=9)
   ax.set_ylabel('top-1 accuracy of the original model, %', fontsize=9)
   ax.tick_params(labelsize=LABEL_PT)
-  ax.set_title('accuracy vs. mean criticality; bars: 95% intervals\n(criticality over trials, '
-               'top-1 over images, Wilson)' + ('' if groups == [None] else f'; {summary}'),
-               fontsize=10)
+  image_set = _common(s.dataset for s in summaries)
+  ax.set_title(f'accuracy vs. mean criticality{f" on {image_set}" if image_set else ""}; bars: '
+               '95% intervals\n(criticality over trials, top-1 over images, Wilson)'
+               + ('' if groups == [None] else f'; {summary}'), fontsize=10)
   ax.grid(color='0.85', lw=0.5, zorder=0)
   ax.margins(0.15)
   # Below the axes: it never hides a point.
@@ -651,23 +675,137 @@ def plot_scatter(summaries: Sequence[LayerSummary], path: str,
   return skipped
 
 
+def _across_sets(summaries: Sequence[LayerSummary]) -> list[list[str]]:
+  """The model labels of each model (model_id and reset mode) measured on two image sets or
+  more, a list per model, models and labels in order of first appearance."""
+  of_model: dict[tuple[str, str], dict[str, str]] = {}  # -> {label: dataset}
+  for s in summaries:
+    of_model.setdefault((s.model_id, s.mode), {})[s.model] = s.dataset
+  return [list(labels) for labels in of_model.values() if len(set(labels.values())) > 1]
+
+
+DATASETS_STACKED = 3  # datasets.png stacks up to this many panels; more go in two columns
+
+
+def datasets_figure(summaries: Sequence[LayerSummary]):
+  """The figure of `plot_datasets`, not saved: a matplotlib Figure with an axes labelled 'panel'
+  per model measured on two image sets or more, row by row; None when there is no such model."""
+  panels = _across_sets(summaries)
+  if not panels:
+    return None
+  plt = _pyplot()
+  sets = list(dict.fromkeys(s.dataset for s in summaries))
+  colours = plt.get_cmap('tab10').colors
+  grouped = by_model(summaries)
+  width = max(len(layer_union([[s.layer for s in grouped[m]] for m in p])) for p in panels)
+  columns = 1 if len(panels) <= DATASETS_STACKED else 2
+  rows = -(-len(panels) // columns)
+  fig, axes = plt.subplots(rows, columns, squeeze=False,
+                           figsize=(columns * max(8.0, ROW_INCHES * width + 3.0), 4.2 * rows))
+  for ax in axes.flat[len(panels):]:
+    ax.remove()
+  for ax, models in zip(axes.flat, panels):
+    ax.set_label('panel')
+    layers_of = [grouped[m] for m in models]
+    _, layers, stages, matrix = _matrix([s for ls in layers_of for s in ls])
+    _layer_axes(ax, layers, stages)
+    column = {layer: j for j, layer in enumerate(layers)}
+    x = np.arange(len(layers))
+    named = [ls[0].dataset or UNKNOWN_SET for ls in layers_of]
+    for values, model, model_layers, name in zip(matrix, models, layers_of, named):
+      colour = colours[sets.index(model_layers[0].dataset) % len(colours)]
+      # Two runs of one model on one set (two folders) keep their labels apart.
+      ax.plot(x, values, color=colour, lw=1.4, marker='o', markersize=2.5,
+              label=name if named.count(name) == 1 else model)
+      if max(s.trials for s in model_layers) >= 2:
+        half = np.full(len(layers), np.nan)
+        for s in model_layers:
+          half[column[s.layer]] = 100 * s.ci_trials
+        ax.fill_between(x, values - half, values + half, color=colour, alpha=0.18, lw=0)
+    ax.legend(fontsize=LABEL_PT, frameon=False, loc='upper left', bbox_to_anchor=(1.005, 1.0),
+              title='image set', title_fontsize=LABEL_PT)
+    every = [s for ls in layers_of for s in ls]
+    ax.set_title(f'{every[0].model_id}: {", ".join(_protocol(every))}', fontsize=9, pad=14)
+  fig.suptitle('layer criticality per image set, a panel per model measured on several: mean '
+               'over trials, 95% band over trials (Student t, with 2 trials or more)',
+               fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def plot_datasets(summaries: Sequence[LayerSummary], path: str) -> bool:
+  """A model's criticality per image set side by side: a panel per model (model_id and reset
+  mode) measured on two image sets or more (stacked, or in two columns for more than
+  DATASETS_STACKED), its layers in forward order (stages shaded and
+  named), a line per image set (the mean criticality over trials, %) with its 95% Student t
+  band over trials where there are two trials or more, the legend naming the sets. Returns
+  whether it drew: nothing is written when no model was measured on two sets."""
+  fig = datasets_figure(summaries)
+  if fig is None:
+    return False
+  plt = _pyplot()
+  _save(fig, path)
+  plt.close(fig)
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Drawn:
+  """A figure of `plot_study`: its path, or None when it was not drawn, and a note: why it was
+  not drawn, or which models it leaves out."""
+
+  path: str | None
+  note: str = ''
+
+
+def _study(summaries: Sequence[LayerSummary], folder: str, image_set: str | None,
+           category_of: Mapping[str, str], order: Sequence[str]) -> list[Drawn]:
+  """heatmap, profiles (when a model has a category) and scatter of `summaries`; the file
+  names end in '_' and the image set's `file_part` unless `image_set` is None."""
+  suffix = '' if image_set is None else f'_{file_part(image_set or UNKNOWN_SET)}'
+  labels = by_model(summaries)
+  category_of = {m: c for m, c in category_of.items() if m in labels}
+  drawn = [Drawn(os.path.join(folder, f'heatmap{suffix}.png'))]
+  plot_heatmap(summaries, drawn[-1].path, category_of, order)
+  if any(c != OTHER for c in category_of.values()):
+    drawn.append(Drawn(os.path.join(folder, f'profiles{suffix}.png')))
+    plot_profiles(summaries, drawn[-1].path, category_of, order)
+  scatter = os.path.join(folder, f'scatter{suffix}.png')
+  skipped = plot_scatter(summaries, scatter, category_of, order)
+  if len(skipped) == len(labels):
+    of = f' of image set {image_set or UNKNOWN_SET}' if image_set is not None else ''
+    drawn.append(Drawn(None, f'no scatter plot{of}: no model has labelled images (original '
+                             'top-1 unknown)'))
+  else:
+    drawn.append(Drawn(scatter, f'left out for lack of labels: {", ".join(skipped)}'
+                       if skipped else ''))
+  return drawn
+
+
 def plot_study(summaries: Sequence[LayerSummary], folder: str,
                category_of: Mapping[str, str] | None = None, order: Sequence[str] = ()
-               ) -> tuple[str, str | None, list[str], str | None]:
-  """The paper's figures over every model of `summaries` into `folder`: heatmap.png, scatter.png
-  and, when a model has a category, profiles.png (`plot_profiles`). Categories: `category_of`
-  (model label -> category) in `order`; by default the zoo's (categories.of_summaries).
-  Returns (the heatmap's path, the scatter's path or None when no model has labels, the models
-  left out of the scatter for lack of labels, the profiles' path or None)."""
+               ) -> list[Drawn]:
+  """The paper's figures over every model of `summaries` into `folder`: heatmap.png,
+  profiles.png when a model has a category (`plot_profiles`), and scatter.png when a model has
+  labels. Categories: `category_of` (model label -> category) in `order`; by default the zoo's
+  (categories.of_summaries).
+
+  When the summaries name two image sets or more (stats.image_sets), each image set gets those
+  figures of its own models, named heatmap_SET.png and so on (SET: the set's `file_part`;
+  UNKNOWN_SET for rows that name none), and datasets.png (`plot_datasets`) draws each model
+  measured on several sets. Returns every figure, in drawing order, and those not drawn."""
   if category_of is None:
     from lc_jax.report import categories  # pylint: disable=g-import-not-at-top
     category_of, order = categories.of_summaries(summaries)
-  heatmap, scatter = os.path.join(folder, 'heatmap.png'), os.path.join(folder, 'scatter.png')
-  plot_heatmap(summaries, heatmap, category_of, order)
-  skipped = plot_scatter(summaries, scatter, category_of, order)
-  labelled = len(skipped) < len(by_model(summaries))
-  profiles = None
-  if any(c != OTHER for c in category_of.values()):
-    profiles = os.path.join(folder, 'profiles.png')
-    plot_profiles(summaries, profiles, category_of, order)
-  return heatmap, scatter if labelled else None, skipped, profiles
+  if len(image_sets(s.dataset for s in summaries)) < 2:
+    return _study(summaries, folder, None, category_of, order)
+  drawn = []
+  path = os.path.join(folder, 'datasets.png')
+  if plot_datasets(summaries, path):
+    drawn.append(Drawn(path))
+  else:
+    drawn.append(Drawn(None, 'no datasets.png: no model was measured on two image sets'))
+  for image_set in dict.fromkeys(s.dataset for s in summaries):
+    drawn += _study([s for s in summaries if s.dataset == image_set], folder, image_set,
+                    category_of, order)
+  return drawn

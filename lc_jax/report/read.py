@@ -132,20 +132,22 @@ def _check_text(csv_path: str) -> None:
 
 def _cut_short(header: Sequence[str], last: Sequence[str]) -> bool:
   """Whether the last record of a file that does not end in a newline was cut short: always in
-  the runner's format (it ends every row with one), else when it has fewer cells than the
-  header."""
-  return tuple(c.strip() for c in header) == schema.COLUMNS or len(last) < len(header)
+  the runner's format, with or without the dataset column (it ends every row with one), else
+  when it has fewer cells than the header."""
+  runner = tuple(c.strip() for c in header) in (schema.COLUMNS, schema.WITHOUT_DATASET)
+  return runner or len(last) < len(header)
 
 
 def load(path: str) -> list[dict[str, Any]]:
   """The rows of a results CSV (or of a workdir's results.csv), in file order.
 
   Each row is a dict with every column of the runner's format: text columns as str ('' when
-  the file lacks them; kind and stage are then guessed from the layer name), numeric ones as
-  float (NaN when empty or missing), 'trial' as int, and 'source' (the CSV's path). Layer names
-  lose a leading 'model.' / 'module.'; criticality is derived as 1 - pred_cos_sim when missing.
-  The 'original' row is kept; `summarize` sets it apart. A last line cut short, as a run killed
-  while writing it leaves it (`_cut_short`), is left out with a note on stderr.
+  the file lacks them: the dataset is then unknown, as in the paper's file; kind and stage are
+  guessed from the layer name), numeric ones as float (NaN when empty or missing), 'trial' as
+  int, and 'source' (the CSV's path). Layer names lose a leading 'model.' / 'module.';
+  criticality is derived as 1 - pred_cos_sim when missing. The 'original' row is kept;
+  `summarize` sets it apart. A last line cut short, as a run killed while writing it leaves it
+  (`_cut_short`), is left out with a note on stderr.
   """
   csv_path = resolve(path)
   try:

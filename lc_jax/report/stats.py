@@ -37,6 +37,16 @@ class LayerSummary:
   nonfinite: int = 0  # trials whose criticality is NaN or inf: left out of its mean, and shown
   num_images: float = math.nan  # images each trial was measured on; NaN when not recorded
   per_trial: tuple[tuple[int, float], ...] = ()  # (trial, criticality) of each trial
+  dataset: str = ''  # the image set measured on (results.csv's dataset); '' when unknown
+
+
+UNKNOWN_SET = 'unknown'  # how tables, figures and file names call the dataset '' beside named ones
+
+
+def image_sets(datasets: Iterable[str]) -> list[str]:
+  """The image sets named among `datasets` (rows' or summaries' dataset; '' names none), in
+  order of first appearance."""
+  return [d for d in dict.fromkeys(datasets) if d]
 
 
 def finite_mean(values: Iterable[float]) -> float:
@@ -84,16 +94,21 @@ def original_top1(rows: Sequence[dict[str, Any]]) -> float:
   return float(np.median(ratios)) if ratios else math.nan
 
 
-def _labels(keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
-  # model_id alone where it is unique; else add the reset mode, then the input's folder.
+def _labels(keys: Sequence[tuple[str, str, str, str]]
+            ) -> dict[tuple[str, str, str, str], str]:
+  # model_id alone where it is unique; else add the reset mode, the image set, then the input's
+  # folder where those still leave two alike; then a number.
   labels = {}
   for key in keys:
-    source, model_id, mode = key
+    source, model_id, mode, dataset = key
     same_id = [k for k in keys if k[1] == model_id]
     label = model_id
-    if len(same_id) > 1 and len({k[2] for k in same_id}) > 1:
+    if len({k[2] for k in same_id}) > 1:
       label += f' ({mode or "?"})'
-    if len(same_id) > 1 and len({k[0] for k in same_id}) > 1:
+    if len({k[3] for k in same_id}) > 1:
+      label += f' [{dataset or UNKNOWN_SET}]'
+    alike = [k for k in same_id if k[2:] == key[2:]]
+    if len({k[0] for k in alike}) > 1:
       label += f' [{os.path.basename(os.path.dirname(os.path.abspath(source)))}]'
     labels[key] = label
   counts: dict[str, int] = {}
@@ -110,22 +125,25 @@ def _labels(keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[LayerSummary]:
   """One LayerSummary per (model, layer), models and layers in order of first appearance.
 
-  A model is a (source file, model_id, mode); rows from several `load`s may be concatenated.
-  A row repeated for the same (model, trial, layer), as a resumed run may write, counts once
-  (the last one wins). The 'original' row is no layer: it gives original_top1.
+  A model is a (source file, model_id, mode, dataset): criticality measured on two image sets
+  is never averaged together. Rows from several `load`s may be concatenated. A row repeated
+  for the same (model, trial, layer), as a resumed run may write, counts once (the last one
+  wins). The 'original' row is no layer: it gives original_top1.
   """
-  # The original's row (mode 'none') serves every reset mode of its file and model.
-  originals: dict[tuple[str, str], list[dict[str, Any]]] = {}
-  groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+  # The original's row (mode 'none') serves every reset mode of its file, model and image set.
+  # Rows made by hand may lack a dataset: unknown, as in the paper's file.
+  originals: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+  groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
   for row in rows:
+    dataset = row.get('dataset', '')
     if row['layer'] == schema.ORIGINAL:
-      originals.setdefault((row['source'], row['model_id']), []).append(row)
+      originals.setdefault((row['source'], row['model_id'], dataset), []).append(row)
     else:
-      groups.setdefault((row['source'], row['model_id'], row['mode']), []).append(row)
+      groups.setdefault((row['source'], row['model_id'], row['mode'], dataset), []).append(row)
   labels = _labels(list(groups))
   summaries = []
   for key, model_rows in groups.items():
-    top1 = original_top1(originals.get(key[:2], []) + model_rows)
+    top1 = original_top1(originals.get((key[0], key[1], key[3]), []) + model_rows)
     by_layer: dict[str, dict[int, dict[str, Any]]] = {}
     for row in model_rows:
       by_layer.setdefault(row['layer'], {})[row['trial']] = row
@@ -146,7 +164,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[LayerSummary]:
           original_top1=top1, source=key[0],
           nonfinite=int(sum(not np.isfinite(r['criticality']) for r in trial_rows)),
           num_images=finite_mean(r['num_images'] for r in trial_rows),
-          per_trial=tuple((r['trial'], r['criticality']) for r in trial_rows)))
+          per_trial=tuple((r['trial'], r['criticality']) for r in trial_rows),
+          dataset=key[3]))
   return summaries
 
 

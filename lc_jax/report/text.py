@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from lc_jax.report.stats import LayerSummary, by_model, finite_mean, nonfinite_note
+from lc_jax.report.stats import LayerSummary, UNKNOWN_SET, by_model, finite_mean, image_sets
+from lc_jax.report.stats import nonfinite_note
 
 
 def _pct(value: float, width: int, digits: int = 1, sign: str = '') -> str:
@@ -43,12 +44,16 @@ def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
 
   Columns: criticality (%), its 95% intervals over trials and over images (percentage points),
   recovered top-1 (% of the original's) and top-1 agreement with the original (%), each 100
-  times the fraction results.csv holds.
+  times the fraction results.csv holds. Each model's image set is named when the summaries
+  span several.
   """
   out = []
+  several = len(image_sets(s.dataset for s in summaries)) > 1
   for model, layers in by_model(summaries).items():
     trials = max(s.trials for s in layers)
     mode = f'{layers[0].mode}, ' if layers[0].mode else ''
+    if several:
+      mode += f'on {layers[0].dataset or UNKNOWN_SET}, '
     top1 = layers[0].original_top1
     labelled = f'original top-1 {top1:.2f}%' if np.isfinite(top1) else 'no labels'
     ranked = sorted((s for s in layers if np.isfinite(s.criticality)),
@@ -86,19 +91,22 @@ def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
 
 
 def model_table(summaries: Sequence[LayerSummary]) -> str:
-  """One line per model: layers, trials, mean criticality over layers (%), original top-1."""
+  """One line per model: layers, trials, mean criticality over layers (%), original top-1, and
+  the image set when the summaries span several."""
   grouped = by_model(summaries)
   notes = {model: nonfinite_note(layers) for model, layers in grouped.items()}
   marks = any(notes.values())  # a column for the mark: '*' where a mean leaves trials out
   width = max(5, *(len(m) for m in grouped))
+  several = len(image_sets(s.dataset for s in summaries)) > 1
   lines = [f'{"model":{width}s} {"layers":>6s} {"trials":>6s} {"mean crit %":>11s} '
-           f'{"top-1 %":>8s}']
+           f'{"top-1 %":>8s}' + ('  image set' if several else '')]
   for model, layers in grouped.items():
     top1 = layers[0].original_top1
     mean = finite_mean(s.criticality for s in layers)
     mean_text = (_pct(mean, 10) + ('*' if notes[model] else ' ')) if marks else _pct(mean, 11)
     lines.append(f'{model:{width}s} {len(layers):6d} {max(s.trials for s in layers):6d} '
-                 f'{mean_text} {f"{top1:.2f}" if np.isfinite(top1) else "-":>8s}')
+                 f'{mean_text} {f"{top1:.2f}" if np.isfinite(top1) else "-":>8s}'
+                 + (f'  {layers[0].dataset or UNKNOWN_SET}' if several else ''))
   lines += [f'* not finite, left out of the mean: {model}: {note}'
             for model, note in notes.items() if note]
   return '\n'.join(lines)
