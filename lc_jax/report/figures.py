@@ -73,9 +73,13 @@ def file_part(name: str) -> str:
 
 
 def _save(fig, path: str) -> None:
+  """Writes `fig` to `path` (its folder made if needed) and closes it."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fig.savefig(path, dpi=DPI, bbox_inches='tight')
+  try:
+    fig.savefig(path, dpi=DPI, bbox_inches='tight')
+  finally:
+    _pyplot().close(fig)
 
 
 def _plural(count: float, word: str) -> str:
@@ -215,10 +219,7 @@ def plot_criticality(summaries: Sequence[LayerSummary], path: str) -> None:
   VERTICAL_FROM layers the bars stand side by side; a deeper model gets a row per layer, top to
   bottom. An interval clipped at 0 or 100 % ends in a triangle; the title gives the model, the
   reset mode, the images, the trials and the mean criticality."""
-  plt = _pyplot()
-  fig = criticality_figure(summaries)
-  _save(fig, path)
-  plt.close(fig)
+  _save(criticality_figure(summaries), path)
 
 
 def _title_above(fig, ax, text: str, fontsize: float) -> None:
@@ -448,10 +449,7 @@ def plot_heatmap(summaries: Sequence[LayerSummary], path: str,
   drawn as panels one above the other, each with its own columns and means. With categories
   (model label -> category, and their order), the rows of a panel are grouped in bands, named
   beside them, with a rule between bands and a mean row under each band (`_bands`)."""
-  plt = _pyplot()
-  fig = heatmap_figure(summaries, category_of, order)
-  _save(fig, path)
-  plt.close(fig)
+  _save(heatmap_figure(summaries, category_of, order), path)
 
 
 def _mean_band(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -519,10 +517,7 @@ def plot_profiles(summaries: Sequence[LayerSummary], path: str, category_of: Map
   order): the mean criticality per layer over the category's models, forward order, stages
   shaded and named, with a 95% Student t band over the models (none for one model); beside
   it, the per-stage means (each model's mean over a stage's layers) with their 95% intervals."""
-  plt = _pyplot()
-  fig = profiles_figure(summaries, category_of, order)
-  _save(fig, path)
-  plt.close(fig)
+  _save(profiles_figure(summaries, category_of, order), path)
 
 
 def diff_figure(d):
@@ -560,10 +555,7 @@ def diff_figure(d):
 def plot_diff(d, path: str) -> None:
   """The difference profile of a report.diff.Diff: B - A per layer (forward order, stages
   shaded) with its 95% interval; layers whose interval excludes 0 in red."""
-  plt = _pyplot()
-  fig = diff_figure(d)
-  _save(fig, path)
-  plt.close(fig)
+  _save(diff_figure(d), path)
 
 
 def _top1_interval(top1: float, images: float) -> tuple[float, float]:
@@ -667,11 +659,8 @@ def plot_scatter(summaries: Sequence[LayerSummary], path: str,
   extreme. Returns the models left out for lack of labels; writes nothing when no model has
   labels."""
   fig, skipped = scatter_figure(summaries, category_of, order)
-  if fig is None:
-    return skipped
-  plt = _pyplot()
-  _save(fig, path)
-  plt.close(fig)
+  if fig is not None:
+    _save(fig, path)
   return skipped
 
 
@@ -741,12 +730,9 @@ def plot_datasets(summaries: Sequence[LayerSummary], path: str) -> bool:
   band over trials where there are two trials or more, the legend naming the sets. Returns
   whether it drew: nothing is written when no model was measured on two sets."""
   fig = datasets_figure(summaries)
-  if fig is None:
-    return False
-  plt = _pyplot()
-  _save(fig, path)
-  plt.close(fig)
-  return True
+  if fig is not None:
+    _save(fig, path)
+  return fig is not None
 
 
 @dataclasses.dataclass(frozen=True)
