@@ -144,7 +144,7 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
     assert 0 <= t['device_busy'] <= t['compute'] + t['compile']
   for model_id in MODELS:
     rows = (out / model_id / schema.RESULTS).read_text().splitlines()
-    assert len(rows) == 1 + 1 + 3 and rows[1].startswith(f'{model_id},original,')
+    assert len(rows) == 1 + 1 + 3 and rows[1].startswith(f'{model_id},photos,original,')
     assert (out / model_id / 'criticality.png').exists()  # as run.py leaves its workdir
 
   # Killed in its second model, then run again with a fresh zoo cache of its own.
