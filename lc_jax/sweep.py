@@ -225,7 +225,19 @@ def run_sets(config: ml_collections.ConfigDict, workdir: str, models: Sequence[s
                  config.progress and jax.process_index() == 0)
     folder = os.path.join(workdir, name)
     states[folder] = run(configs[name], folder, models)
+  if jax.process_index() == 0:
+    _across_sets(workdir, states)
   return states
+
+
+def _across_sets(workdir: str, states: dict[str, dict]) -> None:
+  """WORKDIR/datasets.png: each model's criticality on every set it finished, side by side
+  (report.plot_datasets); nothing when no model finished on two sets."""
+  rows = []
+  for folder, state in states.items():
+    for model_id in state['done']:
+      rows += report.load(os.path.join(folder, model_id))
+  report.plot_datasets(report.summarize(rows), os.path.join(workdir, 'datasets.png'))
 
 
 class _Ahead:

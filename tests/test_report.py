@@ -541,6 +541,31 @@ def test_cli_draws_each_image_set_and_a_model_across_sets(tmp_path):
     _png_size(path)
 
 
+def test_the_folder_of_a_sweep_over_sets_is_read_whole(tmp_path):
+  from lc_jax import sweep  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'shift'
+  folders = _sweep_over_sets(root)
+  # Every set's sweep folder below it, by path (a set with '/' one level deeper).
+  assert report.results_of(str(root)) == [
+      str(root / dataset / model_id / 'results.csv')
+      for dataset, models in sorted(zip(SETS, (['m', 'n'], ['m']))) for model_id in models]
+  result = _cli([str(root), '--out', str(tmp_path / 'figures')], cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert 'wrote ' + str(tmp_path / 'figures' / 'datasets.png') in result.stdout
+  # What the sweep over sets draws at its top: the datasets figure, a panel for model m.
+  states = {folder: json.loads((tmp_path / folder / 'sweep.json').read_text())
+            for folder in folders}
+  sweep._across_sets(str(root), states)  # pylint: disable=protected-access
+  _png_size(str(root / 'datasets.png'))
+  panels = [ax for ax in report.figures.datasets_figure(report.summarize(
+      [r for f in folders for p in report.results_of(f) for r in report.load(p)])).axes
+            if ax.get_label() == 'panel']
+  assert len(panels) == 1 and panels[0].get_title().startswith('m: ')
+  # Nothing below: the folder's own message.
+  (tmp_path / 'empty').mkdir()
+  _assert_one_error_line(_cli([str(tmp_path / 'empty')], cwd=tmp_path), 'has no results.csv')
+
+
 @pytest.mark.parametrize('flag', ['--claims', '--compare'])
 def test_claims_and_compare_refuse_several_image_sets(tmp_path, flag):
   folders = _sweep_over_sets(tmp_path / 'shift')

@@ -247,6 +247,9 @@ def test_a_sweep_runs_each_named_set_into_its_own_folder(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(sweep, 'run', lambda config, workdir, models: calls.append(
       (config.data.name, workdir, list(models))) or {'done': list(models), 'failed': {}})
+  drawn = []  # the figure across sets (tests/test_report.py draws it from results)
+  monkeypatch.setattr(sweep, '_across_sets', lambda workdir, states: drawn.append(
+      (workdir, list(states))))
   config = lc_config.default()
   config.data.update(source='tfds', name='imagenet_r, imagenet_v2/topimages,imagenet_r')
   workdir = str(tmp_path / 'study')
@@ -255,6 +258,7 @@ def test_a_sweep_runs_each_named_set_into_its_own_folder(tmp_path, monkeypatch):
   assert calls == [('imagenet_r', folders[0], ['tv_resnet50']),
                    ('imagenet_v2/topimages', folders[1], ['tv_resnet50'])]
   assert list(states) == folders
+  assert drawn == [(workdir, folders)]
   # One set: the sweep's folder itself, as before.
   config.data.name = 'imagenet_sketch'
   assert list(sweep.run_sets(config, workdir, ['tv_resnet50'])) == [workdir]

@@ -42,8 +42,14 @@ def resolve(path: str) -> str:
 
 
 def results_of(path: str) -> list[str]:
-  """The results CSVs that `path` names: a results CSV, a run's workdir, or a sweep's folder
-  (each finished model's results, in the sweep's order)."""
+  """The results CSVs that `path` names: a results CSV, a run's workdir, a sweep's folder (each
+  finished model's results, in the sweep's order), or the folder of a sweep over image sets
+  (each set's sweep folder below it, WORKDIR/<set>/, in the order of their paths)."""
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, schema.RESULTS)) and (
+      not os.path.exists(os.path.join(path, schema.SWEEP))):
+    sets = sweeps_below(path)
+    if sets:
+      return [csv_path for folder in sets for csv_path in results_of(folder)]
   sweep = os.path.join(path, schema.SWEEP)
   if os.path.isdir(path) and not os.path.exists(os.path.join(path, schema.RESULTS)) and (
       os.path.isfile(sweep)):
@@ -56,6 +62,20 @@ def results_of(path: str) -> list[str]:
       raise UserError(f'the sweep in {path} has no finished model yet')
     return [resolve(os.path.join(path, model_id)) for model_id in done]
   return [resolve(path)]
+
+
+def sweeps_below(folder: str, depth: int = 2) -> list[str]:
+  """The sweep folders (holding schema.SWEEP) within `depth` levels below `folder`, sorted by
+  path: the image sets of a sweep over several (a set named 'imagenet_v2/topimages' nests one
+  level deeper). A sweep's own model folders are not searched."""
+  found = []
+  for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    if entry.is_dir() and not entry.is_symlink():
+      if os.path.isfile(os.path.join(entry.path, schema.SWEEP)):
+        found.append(entry.path)
+      elif depth > 1 and not os.path.exists(os.path.join(entry.path, schema.RESULTS)):
+        found += sweeps_below(entry.path, depth - 1)
+  return found
 
 
 def clean_layer_name(name: str) -> str:
