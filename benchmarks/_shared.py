@@ -10,8 +10,21 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import tempfile
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def in_workdir(benchmark: Callable[[str], None], workdir: str) -> None:
+  """Runs `benchmark(folder)` in `workdir` (made if needed, and kept), or without one in a
+  temporary folder removed afterwards."""
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    benchmark(os.path.abspath(workdir))
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      benchmark(tmp)
 
 
 def make_checkpoint(path: str, arch: str, seed: int = 0, image_size: int = 224) -> None:

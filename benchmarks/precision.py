@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -192,12 +191,7 @@ def jax_device() -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _WORKDIR.value:
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    benchmark(os.path.abspath(_WORKDIR.value))
-  else:
-    with tempfile.TemporaryDirectory() as tmp:
-      benchmark(tmp)
+  _shared.in_workdir(benchmark, _WORKDIR.value)
 
 
 if __name__ == '__main__':

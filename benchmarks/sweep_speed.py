@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,12 +235,7 @@ def hours(seconds: float) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _WORKDIR.value:
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    benchmark(os.path.abspath(_WORKDIR.value))
-  else:
-    with tempfile.TemporaryDirectory() as tmp:
-      benchmark(tmp)
+  _shared.in_workdir(benchmark, _WORKDIR.value)
 
 
 if __name__ == '__main__':
