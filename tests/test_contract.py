@@ -2,10 +2,11 @@
 
 A new family is a model file and a converter file; this test covers it without being edited:
 its segments chain to the whole forward (equal blocks sharing one compiled program), every
-variable belongs to exactly one segment, the inventory's layers cover every variable, a
-checkpoint of its torch names converts back to the same variables (and is recognised as this
-architecture), those names and shapes are its timm counterpart's, a checkpoint that timm wrote
-gives timm's logits, and a fresh reset keeps shapes and dtypes.
+variable belongs to exactly one segment, the inventory's layers cover every variable and count
+the parameters of their timm modules, a checkpoint of its torch names converts back to the same
+variables (and is recognised as this architecture), those names and shapes are its timm
+counterpart's, a checkpoint that timm wrote gives timm's logits, and a fresh reset keeps shapes
+and dtypes.
 """
 
 import jax
@@ -160,6 +161,20 @@ def test_its_torch_names_and_shapes_are_timms(built):
   ours = {k: v.shape for k, v in mapping.to_state_dict(jax.tree.map(np.asarray, variables)).items()}
   assert sorted(ours) == sorted(theirs)
   assert ours == theirs
+
+
+def test_each_layers_parameter_count_is_its_timm_modules(built):
+  """A layer's num_params (the results' column) is the count of its timm module's own
+  parameters, biases included (a free-standing tensor: that tensor's), and the layers add up to
+  the model's."""
+  arch, _, _, _, layers = built
+  model = _timm(arch, 'meta')
+  modules, tensors = dict(model.named_modules()), dict(model.named_parameters())
+  for layer in layers:
+    own = ([tensors[layer.name]] if layer.name in tensors else
+           list(modules[layer.name].parameters(recurse=False)))
+    assert layer.num_params == sum(p.numel() for p in own), layer.name
+  assert sum(layer.num_params for layer in layers) == sum(p.numel() for p in model.parameters())
 
 
 def test_a_checkpoint_timm_wrote_gives_timms_logits(smallest, tmp_path):

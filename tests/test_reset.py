@@ -309,6 +309,13 @@ def test_modes_change_what_they_should(trained_and_fresh, resnet50_layers):
   block_in = before['intermediates']['layer2']['0']['__call__'][0]
   block_out = after['intermediates']['layer2']['1']['__call__'][0]
   np.testing.assert_array_equal(block_out, block_in)  # the block returns its shortcut
+  # A block with a projection shortcut loses its branch only: it returns relu(projection).
+  projected = layers_lib.select(resnet50_layers, ['conv', 'batchnorm'], 'layer2.0', 'block')[0]
+  _, after = module.apply(reset.make('skip', resnet50_layers)(trained, projected), images,
+                          capture_intermediates=True, mutable=['intermediates'])
+  shortcut = before['intermediates']['layer2']['0']['downsample']['__call__'][0]
+  np.testing.assert_array_equal(after['intermediates']['layer2']['0']['__call__'][0],
+                                np.maximum(shortcut, 0))
   with pytest.raises(UserError, match='has no residual branch among its selected layers'):
     reset.make('skip', resnet50_layers)(trained, layers_lib.Target('fc', (by_name['fc'],)))
   with pytest.raises(UserError, match='alpha must lie in'):
