@@ -1,5 +1,6 @@
 """Layer inventory, initialisation schemes against torch's, and pure, exact, compile-free resets."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,6 +217,14 @@ def test_fresh_draws_do_not_depend_on_the_selection(resnet50_layers):
   other_trial = init.fresh_variables(resnet50_layers, 'timm_resnet', jax.random.key(4))
   kernel = lambda v: np.asarray(v['params']['layer2']['0']['conv2']['kernel'])
   np.testing.assert_array_equal(kernel(full), kernel(again))
+  # Drawn for a few layers only (a reset of a subset), each layer's weights are the same.
+  names = ('layer1.0.conv1', 'layer2.0.conv2', 'fc')
+  subset = init.fresh_variables([l for l in resnet50_layers if l.name in names],
+                                'timm_resnet', key)
+  for name in names:
+    path = ['params', *name.split('.'), 'kernel']
+    np.testing.assert_array_equal(functools.reduce(dict.get, path, subset),
+                                  functools.reduce(dict.get, path, full))
   assert not np.array_equal(kernel(full), kernel(other_trial))
   assert jax.tree.structure(full) == jax.tree.structure(
       models.variable_shapes(models.create('resnet50')))
