@@ -108,11 +108,15 @@ def test_metrics_match_numpy_and_ignore_masked_rows():
   labels = rng.randint(0, 50, 12).astype(np.int32)
   mask = np.arange(12) < 9
   junk = logits.copy()
-  junk[9:] = 1e4  # padding rows must not count
-  got = _metrics(ref, junk, labels, mask)
+  junk[9:] = 0
+  junk[np.arange(9, 12), labels[9:]] = 1e4  # padding rows, right if they counted
   want = numpy_metrics.numpy_reference(ref[:9], logits[:9], labels[:9])
-  for key, value in want.items():
-    assert got[key] == pytest.approx(value, abs=1e-5), key
+  padded = labels.copy()
+  padded[9:] = -1  # as lc_jax.batches.pad_batch pads: wrong if they counted
+  for padding_labels in (labels, padded):
+    got = _metrics(ref, junk, padding_labels, mask)
+    for key, value in want.items():
+      assert got[key] == pytest.approx(value, abs=1e-5), key
   assert _metrics(ref, ref)['pred_kl_div'] == pytest.approx(0, abs=1e-6)
   assert math.isnan(_metrics(ref, logits)['top1_acc'])
 
