@@ -112,6 +112,9 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
   it comes, against the first.
   """
   key = jax.random.key(0) if key is None else key
+  if not isinstance(dataset, str):
+    raise UserError(f"dataset= names the image set for the rows' dataset column: a string such "
+                    f"as 'imagenet_r', not {dataset!r}")
   _check_count('trials', trials)
   _check_count('batch_size', batch_size)
   _check_model(model, variables)

@@ -257,8 +257,8 @@ def _parse(lines: io.StringIO, path: str) -> list[dict[str, Any]]:
   for row in reader:
     if None in row or None in row.values():
       raise UserError(f'{path}, line {reader.line_num}: not the {len(reader.fieldnames)} cells '
-                      'of a row; the file was edited or damaged: repair or remove that line (the run '
-                      'redoes it), or use a new --workdir')
+                      'of a row; the file was edited or damaged: repair or remove that line '
+                      '(the run redoes it), or use a new --workdir')
     try:
       rows.append(schema.parse_row(row))
     except ValueError as e:

@@ -48,6 +48,8 @@ METRICS = ('top1_acc', 'top5_acc', 'loss', 'pred_cos_sim', 'pred_l1_err', 'pred_
 TEXT = ('model_id', 'dataset', 'layer', 'mode', 'kind', 'stage', 'run_id')
 INTEGER = ('trial', 'num_params', 'num_images')
 # No timings: a resumed run must end with the very file an uninterrupted run writes.
+# The dataset of ImageNet val, the set the paper measured (data.name's default, tfds's name).
+IMAGENET_VAL = 'imagenet2012'
 # `dataset` names the image set (lc_jax.data.DataInfo.name: 'imagenet2012', 'imagenet_r',
 # 'photos', ...; '' where the API was given arrays without a name).
 COLUMNS = ('model_id', 'dataset', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params',

@@ -14,8 +14,10 @@ its architecture's init scheme, and the id (and folder) of its label (the reposi
 lc_jax.zoo.hub.HubId.label). All share the decoded-image cache. WORKDIR/sweep.json records the
 models done and those that failed (a failing download is recorded with its reason and
 skipped; the sweep then exits 1). A killed sweep resumes: finished models are skipped, the
-current one resumes where it stopped. At the end, WORKDIR/heatmap.png and WORKDIR/scatter.png (the paper's Figure
-1) are drawn over every finished model. Over several processes, as run.py.
+current one resumes where it stopped. At the end, WORKDIR/heatmap.png and WORKDIR/scatter.png
+(the paper's Figure 1) are drawn over every finished model. Several image sets by name run one
+after the other, each into WORKDIR/<set>/ as a sweep of its own, and WORKDIR/datasets.png draws
+each model's criticality on every set side by side. Over several processes, as run.py.
 """
 
 from __future__ import annotations
@@ -195,6 +197,16 @@ def sets(config: ml_collections.ConfigDict) -> list[str]:
   if not names:
     raise UserError('data.name is empty: name an image set (a tfds dataset), or several '
                     'separated by commas')
+  if len(names) > 1:  # each set's folder is WORKDIR/<set>/
+    for name in names:
+      if any(part in ('', '.', '..') for part in name.split('/')):
+        raise UserError(f'data.name: {name!r} is no image set name (a set runs into '
+                        'WORKDIR/<set>/: no empty part, ".", ".." or leading "/")')
+    for name in names:
+      inside = [other for other in names if other.startswith(name + '/')]
+      if inside:
+        raise UserError(f'data.name lists {name} and {inside[0]}, whose folder would lie inside '
+                        f"{name}'s: sweep them into separate workdirs")
   return names
 
 
@@ -226,17 +238,19 @@ def run_sets(config: ml_collections.ConfigDict, workdir: str, models: Sequence[s
     folder = os.path.join(workdir, name)
     states[folder] = run(configs[name], folder, models)
   if jax.process_index() == 0:
-    _across_sets(workdir, states)
+    _draw_datasets(workdir, states, [label(m) for m in models])
   return states
 
 
-def _across_sets(workdir: str, states: dict[str, dict]) -> None:
-  """WORKDIR/datasets.png: each model's criticality on every set it finished, side by side
-  (report.plot_datasets); nothing when no model finished on two sets."""
+def _draw_datasets(workdir: str, states: dict[str, dict], labels: Sequence[str]) -> None:
+  """WORKDIR/datasets.png: the criticality of each of the models `labels` on every set it
+  finished, side by side (report.plot_datasets), as each set's figures take this sweep's models;
+  nothing when no model finished on two sets."""
   rows = []
   for folder, state in states.items():
-    for model_id in state['done']:
-      rows += report.load(os.path.join(folder, model_id))
+    for model_id in labels:
+      if model_id in state['done']:
+        rows += report.load(os.path.join(folder, model_id))
   report.plot_datasets(report.summarize(rows), os.path.join(workdir, 'datasets.png'))
 
 

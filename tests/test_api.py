@@ -307,6 +307,8 @@ def test_bad_input_is_one_clear_error():
     lc_jax.criticality(module, variables, images, pattern='Conv_9')
   with pytest.raises(UserError, match='needs the other checkpoint'):
     lc_jax.criticality(module, variables, images, mode='checkpoint')
+  with pytest.raises(UserError, match="dataset= names the image set .* not None"):
+    lc_jax.criticality(module, variables, images, dataset=None)
 
 
 @pytest.mark.parametrize('script,expect', [

@@ -12,6 +12,7 @@ from PIL import Image
 import pytest
 import skimage.data
 
+import optional
 from lc_jax import data
 from lc_jax.data import loader
 from lc_jax.data import subset
@@ -299,7 +300,7 @@ def test_bad_settings(folder, tmp_path):
 
 @pytest.fixture(scope='module')
 def tfds():
-  return pytest.importorskip('tensorflow_datasets')
+  return optional.tensorflow_datasets()
 
 
 def test_tfds_imagenet_selects_imagefolder_images(tfds, tmp_path):

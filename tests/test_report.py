@@ -527,6 +527,35 @@ def test_a_file_without_the_dataset_column_reads_with_an_empty_dataset(tmp_path,
   assert 'cut short' in capsys.readouterr().err
 
 
+def test_results_without_the_column_take_their_set_from_run_json(tmp_path):
+  # A sweep over sets by a version without the dataset column: each model folder's run.json
+  # names the set, so the sets stay apart (not pooled into one figure).
+  root = tmp_path / 'shift'
+  folders = _sweep_over_sets(root)
+  column = schema.COLUMNS.index('dataset')
+  for folder, dataset in zip(folders, SETS):
+    for csv_path in report.results_of(folder):
+      with open(csv_path, newline='') as f:
+        records = list(csv.reader(f))
+      with open(csv_path, 'w', newline='') as f:
+        csv.writer(f, lineterminator='\n').writerows(r[:column] + r[column + 1:] for r in records)
+      with open(os.path.join(os.path.dirname(csv_path), 'run.json'), 'w') as f:
+        json.dump({'config': {'data': {'source': 'tfds', 'name': dataset}}}, f)
+  rows = [r for f in folders for p in report.results_of(f) for r in report.load(p)]
+  assert sorted({r['dataset'] for r in rows}) == sorted(SETS)
+  assert list(report.by_model(report.summarize(rows))) == [
+      f'm [{SETS[0]}]', 'n', f'm [{SETS[1]}]']
+  # The photos, and an ImageFolder recognised as a set, as run.json records them.
+  for model_id, run in (
+      ('m', {'config': {'data': {'source': 'photos', 'name': 'imagenet2012'}}}),
+      ('n', {'config': {'data': {'source': 'imagefolder', 'name': 'imagenet2012'}},
+             'dataset': {'imagefolder': 'imagenet_a'}})):
+    with open(os.path.join(folders[0], model_id, 'run.json'), 'w') as f:
+      json.dump(run, f)
+  assert [report.load(os.path.join(folders[0], m))[0]['dataset'] for m in 'mn'] == [
+      'photos', 'imagenet_a']
+
+
 def test_cli_draws_each_image_set_and_a_model_across_sets(tmp_path):
   out = tmp_path / 'figures'
   result = _cli([*_sweep_over_sets(tmp_path / 'shift'), '--out', str(out)], cwd=tmp_path)
@@ -555,12 +584,16 @@ def test_the_folder_of_a_sweep_over_sets_is_read_whole(tmp_path):
   # What the sweep over sets draws at its top: the datasets figure, a panel for model m.
   states = {folder: json.loads((tmp_path / folder / 'sweep.json').read_text())
             for folder in folders}
-  sweep._across_sets(str(root), states)  # pylint: disable=protected-access
+  sweep._draw_datasets(str(root), states, ['m', 'n'])  # pylint: disable=protected-access
   _png_size(str(root / 'datasets.png'))
   panels = [ax for ax in report.figures.datasets_figure(report.summarize(
       [r for f in folders for p in report.results_of(f) for r in report.load(p)])).axes
             if ax.get_label() == 'panel']
   assert len(panels) == 1 and panels[0].get_title().startswith('m: ')
+  # A set whose models all failed is left out with a note; the others are reported.
+  (root / SETS[1] / 'sweep.json').write_text(json.dumps({'models': ['m'], 'done': [],
+                                                         'failed': {'m': 'no data'}}))
+  assert report.results_of(str(root)) == [str(root / SETS[0] / m / 'results.csv') for m in 'mn']
   # Nothing below: the folder's own message.
   (tmp_path / 'empty').mkdir()
   _assert_one_error_line(_cli([str(tmp_path / 'empty')], cwd=tmp_path), 'has no results.csv')

@@ -8,6 +8,9 @@ run.json and its name in results.csv, a resumed run on a restricted set, and Ima
 import io
 import json
 import os
+from unittest import mock
+
+from absl import logging
 
 import flax.linen as nn
 import jax
@@ -17,6 +20,7 @@ from PIL import Image
 import pytest
 
 from numpy_metrics import numpy_reference
+import optional
 from lc_jax import config as lc_config
 from lc_jax import data
 from lc_jax import experiment
@@ -27,7 +31,7 @@ from lc_jax.data import classes as classes_lib
 from lc_jax.data import shifts
 from lc_jax.errors import UserError
 
-tfds = pytest.importorskip('tensorflow_datasets')
+tfds = optional.tensorflow_datasets()
 tf = pytest.importorskip('tensorflow')
 
 # One name of each family, every ImageNetV2 variant; the split each is read from.
@@ -138,6 +142,7 @@ def test_each_set_labels_identity_and_classes(name, tmp_path):
   version = str(tfds.builder(name).info.version)
   assert info.dataset == {'tfds': name, 'version': version, 'split': SETS[name],
                           **({'classes': 200} if restricted else {})}
+  assert info.name == name  # the results' dataset column
   if restricted is None:
     assert info.classes is None
     np.testing.assert_array_equal(got, want)
@@ -146,6 +151,14 @@ def test_each_set_labels_identity_and_classes(name, tmp_path):
     assert info.classes == restricted
     np.testing.assert_array_equal(np.asarray(restricted)[got], want)
     assert [info.class_names[g] for g in got] == [_wnids()[w] for w in want]
+
+
+def test_a_split_other_than_the_sets_own_is_in_its_name(tmp_path):
+  with _mock(_examples([0, 1, 500])):
+    _, _, info = data.load({'source': 'tfds', 'name': 'imagenet_sketch', 'split': 'train',
+                            'num_images': 0, 'resize_size': 32, 'crop_size': 32},
+                           cache_dir=str(tmp_path), progress=False)
+  assert info.name == 'imagenet_sketch:train'  # the results' dataset column
 
 
 def test_a_label_outside_the_200_classes_is_refused(tmp_path):
@@ -248,8 +261,8 @@ def test_a_sweep_runs_each_named_set_into_its_own_folder(tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, 'run', lambda config, workdir, models: calls.append(
       (config.data.name, workdir, list(models))) or {'done': list(models), 'failed': {}})
   drawn = []  # the figure across sets (tests/test_report.py draws it from results)
-  monkeypatch.setattr(sweep, '_across_sets', lambda workdir, states: drawn.append(
-      (workdir, list(states))))
+  monkeypatch.setattr(sweep, '_draw_datasets', lambda workdir, states, labels: drawn.append(
+      (workdir, list(states), labels)))
   config = lc_config.default()
   config.data.update(source='tfds', name='imagenet_r, imagenet_v2/topimages,imagenet_r')
   workdir = str(tmp_path / 'study')
@@ -258,10 +271,16 @@ def test_a_sweep_runs_each_named_set_into_its_own_folder(tmp_path, monkeypatch):
   assert calls == [('imagenet_r', folders[0], ['tv_resnet50']),
                    ('imagenet_v2/topimages', folders[1], ['tv_resnet50'])]
   assert list(states) == folders
-  assert drawn == [(workdir, folders)]
+  assert drawn == [(workdir, folders, ['tv_resnet50'])]
   # One set: the sweep's folder itself, as before.
   config.data.name = 'imagenet_sketch'
   assert list(sweep.run_sets(config, workdir, ['tv_resnet50'])) == [workdir]
+  # A set whose folder would lie inside another's, or a name that is no folder, is refused.
+  for names, why in (('imagenet_v2,imagenet_v2/topimages', 'whose folder would lie inside'),
+                     ('imagenet_r,../elsewhere', 'is no image set name')):
+    config.data.name = names
+    with pytest.raises(UserError, match=why):
+      sweep.run_sets(config, workdir, ['tv_resnet50'])
   # Several sets by name are tfds's: an ImageFolder is one set, in data.path.
   calls.clear()
   config.data.update(source='imagefolder', name='imagenet2012,imagenet_a')
@@ -294,6 +313,16 @@ def test_folder_labels_by_wnid_by_number_else_sorted():
   # Anything else, or numbers out of range: torchvision's positions.
   for folders in (['cat', 'dog'], ['0', '1000'], ['n01443537', 'cat']):
     assert sources.folder_labels(folders) == ([0, 1], folders, 'sorted')
+  # Mostly wnids (or numbers) with a stray or misspelt folder, or one number twice: refused,
+  # where the stray would silently renumber every class.
+  with pytest.raises(UserError, match=r'^3 of the 4 class folders in D are ImageNet wnids, but 1 '
+                     r'are not \(first: n0144076\): rename or remove them'):
+    sources.folder_labels(['n01443537', 'n0144076', 'n09472597', 'n15075141'], 'D')
+  with pytest.raises(UserError, match=r'2 of the 3 class folders in D are class numbers below '
+                     r'1000, but 1 are not \(first: extra\)'):
+    sources.folder_labels(['0', '1', 'extra'], 'D')
+  with pytest.raises(UserError, match='class folders 007, 7 in D name one class number twice'):
+    sources.folder_labels(['007', '1', '7'], 'D')
 
 
 def test_an_imagefolder_copy_of_imagenet_r_equals_its_tfds_version(tmp_path):
@@ -305,16 +334,25 @@ def test_an_imagefolder_copy_of_imagenet_r_equals_its_tfds_version(tmp_path):
     images, labels, info = data.load({'source': 'tfds', 'name': 'imagenet_r', **settings},
                                      cache_dir=str(tmp_path / 'tfds'), progress=False)
   folder = _folder(tmp_path / 'imagenet-r', examples)
-  # Recognised by its 200 folders (data.name left at its default), or named.
-  for name in ('imagenet2012', 'imagenet_r'):
-    got_images, got_labels, got = data.load(
-        {'source': 'imagefolder', 'path': folder, 'name': name, **settings},
-        cache_dir=str(tmp_path / 'folder'), progress=False)
-    np.testing.assert_array_equal(got_images, images)
-    np.testing.assert_array_equal(got_labels, labels)  # positions among the 200
-    assert (got.keys, got.classes, got.class_names) == (info.keys, restricted, info.class_names)
-    assert got.name == 'imagenet_r'
-    assert got.dataset == {'imagefolder': 'imagenet_r', 'labels': 'wnid', 'classes': 200}
+  got_images, got_labels, got = data.load(
+      {'source': 'imagefolder', 'path': folder, 'name': 'imagenet_r', **settings},
+      cache_dir=str(tmp_path / 'folder'), progress=False)
+  np.testing.assert_array_equal(got_images, images)
+  np.testing.assert_array_equal(got_labels, labels)  # positions among the 200
+  assert (got.keys, got.classes, got.class_names) == (info.keys, restricted, info.class_names)
+  assert got.name == 'imagenet_r'
+  assert got.dataset == {'imagefolder': 'imagenet_r', 'labels': 'wnid', 'classes': 200}
+  # Left at the default name, ImageNet-R's classes may be ImageNet-R or those classes of
+  # ImageNet val (200-way or 1000-way): the user says which.
+  with pytest.raises(UserError, match=r'holds the 200 classes of ImageNet-R: add '
+                     r'--config.data.name=imagenet_r to measure it as ImageNet-R \(predictions '
+                     r'restricted to those classes\), or give it a name of your own \(e.g. '
+                     r'--config.data.name=imagenet200\) to measure it 1000-way'):
+    data.load({'source': 'imagefolder', 'path': folder, **settings},
+              cache_dir=str(tmp_path / 'folder'), progress=False)
+  _, _, own = data.load({'source': 'imagefolder', 'path': folder, 'name': 'imagenet200',
+                         **settings}, cache_dir=str(tmp_path / 'folder'), progress=False)
+  assert (own.name, own.classes) == ('imagenet200', None)
   # Named as a set whose classes these are not: one line.
   with pytest.raises(UserError, match=r'is no ImageFolder copy of ImageNet-A: its class folders '
                      r"should be among ImageNet-A's 200 wnids, but \d+ are not \(first: "
@@ -322,10 +360,14 @@ def test_an_imagefolder_copy_of_imagenet_r_equals_its_tfds_version(tmp_path):
     data.load({'source': 'imagefolder', 'path': folder, 'name': 'imagenet_a', **settings},
               cache_dir=str(tmp_path / 'folder'), progress=False)
 
-  # 199 of its classes: not ImageNet-R, so no restriction; labels still ImageNet-1k indices.
+  # 199 of its classes: measured 1000-way as named, with a warning; labels ImageNet-1k indices.
   partial = _folder(tmp_path / 'part', examples[1:])
-  got_images, got_labels, got = data.load({'source': 'imagefolder', 'path': partial, **settings},
-                                          cache_dir=str(tmp_path / 'folder'), progress=False)
+  with mock.patch.object(logging, 'warning') as warned:
+    got_images, got_labels, got = data.load({'source': 'imagefolder', 'path': partial,
+                                             **settings},
+                                            cache_dir=str(tmp_path / 'folder'), progress=False)
+  assert 'are all among the 200 classes of ImageNet-R' in warned.call_args[0][0] % (
+      warned.call_args[0][1:])
   assert got.classes is None and got.name == 'imagenet2012'
   assert got.dataset == {'imagefolder': 'imagenet2012', 'labels': 'wnid'}
   np.testing.assert_array_equal(got_labels, np.asarray(restricted)[labels[1:]])

@@ -2,14 +2,15 @@
 
     config.data = lc_jax.data.default_config(source='photos', num_images=0, order='sorted')
 
-Fields (DataConfig): source ('imagefolder', 'tfds' or 'photos'); path (the ImageFolder root, or
-the tfds data_dir, empty for tfds's default); name and split (the tfds dataset, any image
-classification dataset, ImageNet's shifted sets among them (lc_jax.data.shifts); an empty split
-is the set's evaluation split, filled in by `from_config`; for an ImageFolder, name says which set
-it holds: the results' dataset column, and imagenet_r or imagenet_a restrict to their classes); num_images (0: all); batch_size
-(global, over all hosts); seed and order ('torch': the reference DataLoader's shuffle, 'numpy':
-a numpy permutation, 'sorted': source order); resize_size and crop_size; on_error ('raise', or
-'skip' to mask out images that do not decode); workers (decoding threads, 0: one per CPU core).
+Fields (DataConfig): source ('imagefolder', 'tfds' or 'photos'); path (the ImageFolder root, or the
+tfds data_dir, empty for tfds's default); name and split (the tfds dataset, any image classification
+dataset, ImageNet's shifted sets among them (lc_jax.data.shifts); an empty split is the set's
+evaluation split, filled in by `from_config`; for an ImageFolder, name says which set it holds: the
+results' dataset column, and imagenet_r or imagenet_a restrict to their classes); num_images (0:
+all); batch_size (global, over all hosts); seed and order ('torch': the reference DataLoader's
+shuffle, 'numpy': a numpy permutation, 'sorted': source order); resize_size and crop_size; on_error
+('raise', or 'skip' to mask out images that do not decode); workers (decoding threads, 0: one per
+CPU core).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from lc_jax import errors
+from lc_jax import schema
 from lc_jax.data import shifts
 from lc_jax.errors import UserError
 
@@ -34,7 +36,7 @@ class DataConfig:
 
   source: str = 'imagefolder'
   path: str = ''
-  name: str = 'imagenet2012'
+  name: str = schema.IMAGENET_VAL
   split: str = ''  # the set's evaluation split (shifts.split): validation for imagenet2012
   num_images: int = 10000
   batch_size: int = 500

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from lc_jax import schema
 from lc_jax.data import classes as classes_lib
 from lc_jax.errors import UserError
 
@@ -36,7 +37,7 @@ class Family:
 
 
 FAMILIES = {family.name: family for family in (
-    Family('imagenet2012', 'ImageNet val', 'validation'),
+    Family(schema.IMAGENET_VAL, 'ImageNet val', 'validation'),
     Family('imagenet_v2', 'ImageNetV2', 'test'),
     Family('imagenet_r', 'ImageNet-R', 'test', classes_lib.IMAGENET_R),
     Family('imagenet_a', 'ImageNet-A', 'test', classes_lib.IMAGENET_A),

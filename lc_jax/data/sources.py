@@ -123,9 +123,10 @@ class ImageFolder(Source):
   images dozens of times. Labels are `folder_labels`': ImageNet-1k indices for folders named by
   wnid or by class number, else torchvision's (the position among the sorted names).
 
-  `name` (data.name) names the set the folder holds. ImageNet-R and ImageNet-A (by name, or
-  recognised by their 200 class folders) restrict predictions to their classes, as their tfds
-  versions do (lc_jax.data.shifts).
+  `name` (data.name) names the set the folder holds. ImageNet-R and ImageNet-A restrict
+  predictions to their classes, as their tfds versions do (lc_jax.data.shifts). A folder of
+  exactly their classes left at the default name is refused: it may be ImageNet-R or the
+  same classes of ImageNet val, measured 200-way or 1000-way, and only the user knows which.
   """
 
   kind = 'imagefolder'
@@ -147,16 +148,28 @@ class ImageFolder(Source):
   def describe(self) -> str:
     return f'ImageFolder {self.root}'
 
-  def _list(self) -> Listing:
+  @functools.cached_property
+  def _folders(self) -> list[str]:
+    """The class folders' names, sorted."""
     classes = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
     if not classes:
       raise UserError(f'{self.root} has no class folders: an ImageFolder holds one folder of '
                       f'images per class ({self.root}/<class>/<image>.JPEG)')
-    folder_label, class_names, self._labelling = folder_labels(classes)
-    self._folders = classes
-    self._renumbered = folder_label != list(range(len(classes)))  # not torchvision's labels
+    return classes
+
+  @functools.cached_property
+  def _labelling(self) -> tuple[list[int], list[str], str]:
+    return folder_labels(self._folders, self.root)
+
+  @property
+  def _renumbered(self) -> bool:
+    """Whether the labels differ from torchvision's ImageFolder's."""
+    return self._labelling[0] != list(range(len(self._folders)))
+
+  def _list(self) -> Listing:
+    folder_label, class_names, _ = self._labelling
     keys, labels, ignored, empty, loops = [], [], [], [], []
-    for label, name in zip(folder_label, classes):
+    for label, name in zip(folder_label, self._folders):
       count = len(keys)
       for folder, files in _walk(self.root, name, loops):
         for file in sorted(files):
@@ -190,7 +203,7 @@ class ImageFolder(Source):
       digest.update(f'{key}\0{size}\n'.encode())
     found = {'kind': self.kind, 'images': self.size(), 'files': digest.hexdigest()}
     if self._renumbered:  # labels that torchvision's ImageFolder would not give
-      found['labels'] = self._labelling
+      found['labels'] = self._labelling[2]
     return found
 
   @property
@@ -204,34 +217,39 @@ class ImageFolder(Source):
   def identity(self):
     if self.name == DataConfig.name and not self._renumbered:
       return None  # ImageNet val as torchvision reads it: the fingerprint says it all
-    found = {'imagefolder': self.name, 'labels': self._labelling}
+    found = {'imagefolder': self.name, 'labels': self._labelling[2]}
     if self.classes is not None:
       found['classes'] = len(self.classes)
     return found
 
   @functools.cached_property
   def _set(self) -> tuple[str, tuple[int, ...] | None]:
-    """The set's name and the classes predictions are restricted to (None: all): data.name's,
-    or ImageNet-R's or ImageNet-A's when the folders are exactly one of them and data.name is
-    the default."""
-    self.listing  # pylint: disable=pointless-statement  (lists the folders)
+    """The set's name (data.name) and the classes predictions are restricted to (None: all)."""
+    folders = set(self._folders)
+    if self._asked == DataConfig.name and self._labelling[2] == 'wnid':
+      for family in shifts.FAMILIES.values():
+        if family.classes is None:
+          continue
+        if folders == set(family.classes):
+          raise UserError(
+              f'{self.root} holds the {len(folders)} classes of {family.title}: add '
+              f'--config.data.name={family.name} to measure it as {family.title} (predictions '
+              f'restricted to those classes), or give it a name of your own (e.g. '
+              f'--config.data.name=imagenet{len(folders)}) to measure it 1000-way')
+        if folders < set(family.classes) and 2 * len(folders) > len(family.classes):
+          logging.warning('the %d class folders of %s are all among the %d classes of %s: it is '
+                          'measured 1000-way as %s; if it is a copy of %s, set data.name=%s',
+                          len(folders), self.root, len(family.classes), family.title,
+                          DataConfig.name, family.title, family.name)
     family = shifts.family(self._asked)
-    if self._asked == DataConfig.name and self._labelling == 'wnid':
-      family = next((f for f in shifts.FAMILIES.values()
-                     if f.classes is not None and set(f.classes) == set(self._folders)), family)
     if family is None or family.classes is None:
       return self._asked, None
-    others = sorted(set(self._folders) - set(family.classes))
+    others = sorted(folders - set(family.classes))
     if others:
       raise UserError(f'{self.root} is no ImageFolder copy of {family.title}: its class '
                       f'folders should be among {family.title}\'s {len(family.classes)} wnids, '
                       f'but {len(others)} are not (first: {others[0]})')
-    name = self._asked if shifts.family(self._asked) is family else family.name
-    if name != self._asked:
-      logging.info('the class folders of %s are the %d classes of %s: predictions are '
-                   'restricted to them (data.name=%s)', self.root, len(family.classes),
-                   family.title, name)
-    return name, shifts.class_indices(family.name, classes_lib.IMAGENET_1K)
+    return self._asked, shifts.class_indices(family.name, classes_lib.IMAGENET_1K)
 
   def read(self, indices):
     for j, i in enumerate(indices):
@@ -239,7 +257,8 @@ class ImageFolder(Source):
       yield j, path, path
 
 
-def folder_labels(folders: Sequence[str]) -> tuple[list[int], list[str], str]:
+def folder_labels(folders: Sequence[str], where: str = 'the ImageFolder'
+                  ) -> tuple[list[int], list[str], str]:
   """(the label of each of the sorted class `folders`, the names the labels index, how).
 
   - 'wnid': every folder is an ImageNet-1k wnid (classes.IMAGENET_1K): its ImageNet-1k index.
@@ -248,14 +267,31 @@ def folder_labels(folders: Sequence[str]) -> tuple[list[int], list[str], str]:
   - 'number': every folder is a class number below 1000, as in ImageNetV2's release (0..999):
     that number, where torchvision's sorted names give folder '10' label 2.
   - 'sorted': otherwise, torchvision's: the position among the sorted names.
-  """
+
+  Folders that are more than half wnids (or class numbers) but not all, or two folders of one
+  class number ('7', '007'), are refused (`where` names the folder): a stray or misspelt folder
+  would otherwise renumber every class, silently."""
   imagenet = {wnid: i for i, wnid in enumerate(classes_lib.IMAGENET_1K)}
-  if all(name in imagenet for name in folders):
-    return [imagenet[name] for name in folders], list(classes_lib.IMAGENET_1K), 'wnid'
   numbers = [int(name) if name.isascii() and name.isdigit() else -1 for name in folders]
-  if all(0 <= n < len(imagenet) for n in numbers) and len(set(numbers)) == len(numbers):
-    return numbers, [str(n) for n in range(len(imagenet))], 'number'
-  return list(range(len(folders))), list(folders), 'sorted'
+  for how, fits in (('wnid', [name in imagenet for name in folders]),
+                    ('number', [0 <= n < len(imagenet) for n in numbers])):
+    if all(fits):
+      break
+    if 2 * sum(fits) > len(folders):
+      odd = [name for name, fit in zip(folders, fits) if not fit]
+      kind = 'ImageNet wnids' if how == 'wnid' else f'class numbers below {len(imagenet)}'
+      raise UserError(f'{sum(fits)} of the {len(folders)} class folders in {where} are {kind}, '
+                      f'but {len(odd)} are not (first: {odd[0]}): rename or remove them, so '
+                      'that every class keeps its ImageNet label')
+  else:
+    return list(range(len(folders))), list(folders), 'sorted'
+  if how == 'wnid':
+    return [imagenet[name] for name in folders], list(classes_lib.IMAGENET_1K), 'wnid'
+  twice = sorted({name for name, n in zip(folders, numbers) if numbers.count(n) > 1})
+  if twice:
+    raise UserError(f'class folders {", ".join(twice)} in {where} name one class number twice: '
+                    'keep one folder per class')
+  return numbers, [str(n) for n in range(len(imagenet))], 'number'
 
 
 def _walk(root: str, name: str, loops: list[str]) -> list[tuple[str, list[str]]]:
@@ -307,7 +343,9 @@ class Tfds(Source):
 
   def __init__(self, name: str, split: str, data_dir: str = ''):
     self._tfds = _import_tfds()
-    self.name, self.split = name, split
+    self.dataset, self.split = name, split
+    # The results' name: the set, and the split where it is not the set's own evaluation split.
+    self.name = name if split == shifts.split(name) else f'{name}:{split}'
     try:
       self._builder = self._tfds.builder(name, data_dir=data_dir or None)
     except (ValueError, KeyError) as e:  # DatasetNotFoundError is a ValueError
@@ -323,7 +361,7 @@ class Tfds(Source):
         name, None if self._label_key is None else features[self._label_key].names)
 
   def describe(self) -> str:
-    return f'tfds {self.name} {self.split}'
+    return f'tfds {self.dataset} {self.split}'
 
   def _find_key(self, features, feature_type) -> str | None:
     # Prefer the dataset's own (image, label) pair; fall back to the first feature of the type.

@@ -28,6 +28,7 @@ from typing import Sequence
 
 from lc_jax import errors
 from lc_jax import launch
+from lc_jax import schema
 from lc_jax import workdir
 from lc_jax.errors import UserError
 from lc_jax.report import categories
@@ -41,7 +42,6 @@ from lc_jax.report.stats import by_model, image_sets, summarize
 from lc_jax.report.text import model_table, table
 
 CLOSED_PIPE = 141  # 128 + SIGPIPE: the exit status when the reader of the output went away
-PAPER_SET = 'imagenet2012'  # the image set the paper measured (ImageNet val), in results.csv
 
 
 def write_workdir_report(workdir: str, top: int = 10) -> str:
@@ -139,9 +139,9 @@ def _main(argv: Sequence[str]) -> None:
       rows += load(csv_path)
   if flags.FLAGS.compare:
     image_set = _one_image_set([r['dataset'] for r in rows], 'compare')
-    if image_set not in ('', PAPER_SET):
+    if image_set not in ('', schema.IMAGENET_VAL):
       print(f'note: these results are of {image_set}; the paper measured ImageNet val '
-            f'({PAPER_SET})')
+            f'({schema.IMAGENET_VAL})')
     comparisons = compare.compare(load(flags.FLAGS.compare), rows)
     if not comparisons:
       raise UserError(f'no model of {", ".join(paths)} is in {flags.FLAGS.compare} (model_id '

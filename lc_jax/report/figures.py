@@ -664,7 +664,7 @@ def plot_scatter(summaries: Sequence[LayerSummary], path: str,
   return skipped
 
 
-def _across_sets(summaries: Sequence[LayerSummary]) -> list[list[str]]:
+def _models_on_several_sets(summaries: Sequence[LayerSummary]) -> list[list[str]]:
   """The model labels of each model (model_id and reset mode) measured on two image sets or
   more, a list per model, models and labels in order of first appearance."""
   of_model: dict[tuple[str, str], dict[str, str]] = {}  # -> {label: dataset}
@@ -679,7 +679,7 @@ DATASETS_STACKED = 3  # datasets.png stacks up to this many panels; more go in t
 def datasets_figure(summaries: Sequence[LayerSummary]):
   """The figure of `plot_datasets`, not saved: a matplotlib Figure with an axes labelled 'panel'
   per model measured on two image sets or more, row by row; None when there is no such model."""
-  panels = _across_sets(summaries)
+  panels = _models_on_several_sets(summaries)
   if not panels:
     return None
   plt = _pyplot()

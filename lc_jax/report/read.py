@@ -48,8 +48,16 @@ def results_of(path: str) -> list[str]:
   if os.path.isdir(path) and not os.path.exists(os.path.join(path, schema.RESULTS)) and (
       not os.path.exists(os.path.join(path, schema.SWEEP))):
     sets = sweeps_below(path)
-    if sets:
-      return [csv_path for folder in sets for csv_path in results_of(folder)]
+    found = []
+    for folder in sets:
+      try:
+        found += results_of(folder)
+      except UserError as e:  # a set whose models all failed: the others are reported
+        print(f'left out: {e}', file=sys.stderr)
+    if sets and not found:
+      raise UserError(f'no image set below {path} has a finished model yet')
+    if found:
+      return found
   sweep = os.path.join(path, schema.SWEEP)
   if os.path.isdir(path) and not os.path.exists(os.path.join(path, schema.RESULTS)) and (
       os.path.isfile(sweep)):
@@ -69,7 +77,11 @@ def sweeps_below(folder: str, depth: int = 2) -> list[str]:
   path: the image sets of a sweep over several (a set named 'imagenet_v2/topimages' nests one
   level deeper). A sweep's own model folders are not searched."""
   found = []
-  for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+  try:
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+  except OSError as e:
+    raise UserError(f'cannot read {folder}: {e.strerror}') from None
+  for entry in entries:
     if entry.is_dir() and not entry.is_symlink():
       if os.path.isfile(os.path.join(entry.path, schema.SWEEP)):
         found.append(entry.path)
@@ -161,13 +173,13 @@ def _cut_short(header: Sequence[str], last: Sequence[str]) -> bool:
 def load(path: str) -> list[dict[str, Any]]:
   """The rows of a results CSV (or of a workdir's results.csv), in file order.
 
-  Each row is a dict with every column of the runner's format: text columns as str ('' when
-  the file lacks them: the dataset is then unknown, as in the paper's file; kind and stage are
-  guessed from the layer name), numeric ones as float (NaN when empty or missing), 'trial' as
-  int, and 'source' (the CSV's path). Layer names lose a leading 'model.' / 'module.';
-  criticality is derived as 1 - pred_cos_sim when missing. The 'original' row is kept;
-  `summarize` sets it apart. A last line cut short, as a run killed while writing it leaves it
-  (`_cut_short`), is left out with a note on stderr.
+  Each row is a dict with every column of the runner's format: text columns as str ('' when the file
+  lacks them; kind and stage are then guessed from the layer name, the dataset taken from the
+  run.json beside the file (`run_dataset`), else unknown, as in the paper's file), numeric ones as
+  float (NaN when empty or missing), 'trial' as int, and 'source' (the CSV's path). Layer names lose
+  a leading 'model.' / 'module.'; criticality is derived as 1 - pred_cos_sim when missing. The
+  'original' row is kept; `summarize` sets it apart. A last line cut short, as a run killed while
+  writing it leaves it (`_cut_short`), is left out with a note on stderr.
   """
   csv_path = resolve(path)
   try:
@@ -197,6 +209,7 @@ def load(path: str) -> list[dict[str, Any]]:
                        f'reads {_shown(columns)})')
 
   default_model = os.path.basename(os.path.dirname(os.path.abspath(csv_path))) or 'model'
+  default_dataset = '' if 'dataset' in columns else run_dataset(csv_path)
   rows = []
   for line, record in records:
     raw = dict(zip(columns, record))
@@ -206,6 +219,7 @@ def load(path: str) -> list[dict[str, Any]]:
     if not row['layer']:
       raise UserError(f'{where}: the layer is empty')
     row['model_id'] = row['model_id'] or default_model
+    row['dataset'] = row['dataset'] or default_dataset
     for column in NUMERIC:
       row[column] = _number(raw.get(column, ''), column, where)
     if math.isnan(row['criticality']):
@@ -252,12 +266,32 @@ def per_image_of(csv_path: str) -> dict[tuple[int, str], 'np.ndarray'] | None:
   return out
 
 
-def run_images(csv_path: str) -> Any:
-  """The 'images' entry of the run.json beside a results CSV (which images the run measured),
-  or None without one."""
+def _run_info(csv_path: str) -> dict[str, Any]:
+  """The run.json beside a results CSV; {} without one (or when it does not read)."""
   path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), schema.RUN)
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f).get('images')
-  except (OSError, ValueError, AttributeError):
-    return None
+      found = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return found if isinstance(found, dict) else {}
+
+
+def run_images(csv_path: str) -> Any:
+  """The 'images' entry of the run.json beside a results CSV (which images the run measured),
+  or None without one."""
+  return _run_info(csv_path).get('images')
+
+
+def run_dataset(csv_path: str) -> str:
+  """The image set of a run whose results CSV has no dataset column (a version before it), from
+  the run.json beside it: 'photos', the ImageFolder's set, or config.data.name; '' without one
+  (a results CSV of the paper's, or of the API without a workdir)."""
+  info = _run_info(csv_path)
+  data = (info.get('config') or {}).get('data') if isinstance(info.get('config'), dict) else None
+  if not isinstance(data, dict):
+    return ''
+  if data.get('source') == 'photos':
+    return 'photos'
+  found = info.get('dataset') if isinstance(info.get('dataset'), dict) else {}
+  return str(found.get('imagefolder') or data.get('name') or '')

@@ -51,15 +51,15 @@ def table(summaries: Sequence[LayerSummary], top: int = 10) -> str:
   several = len(image_sets(s.dataset for s in summaries)) > 1
   for model, layers in by_model(summaries).items():
     trials = max(s.trials for s in layers)
-    mode = f'{layers[0].mode}, ' if layers[0].mode else ''
+    how = f'{layers[0].mode}, ' if layers[0].mode else ''  # the reset mode, and the set
     if several:
-      mode += f'on {layers[0].dataset or UNKNOWN_SET}, '
+      how += f'on {layers[0].dataset or UNKNOWN_SET}, '
     top1 = layers[0].original_top1
     labelled = f'original top-1 {top1:.2f}%' if np.isfinite(top1) else 'no labels'
     ranked = sorted((s for s in layers if np.isfinite(s.criticality)),
                     key=lambda s: -s.criticality)
     not_finite = nonfinite_note(layers)
-    out.append(f'{model}: {mode}{len(layers)} layers, {trials} trial{"s" * (trials != 1)}, '
+    out.append(f'{model}: {how}{len(layers)} layers, {trials} trial{"s" * (trials != 1)}, '
                f'{labelled}; mean criticality '
                f'{_pct(finite_mean(s.criticality for s in layers), 0)}%'
                + (f' of {len(ranked)} layers' if not_finite else ''))
