@@ -1,9 +1,6 @@
 """Our run equals the paper's loop in PyTorch: same checkpoint, same reset weights, same images."""
 
-import os
-
 import jax
-import ml_collections
 import numpy as np
 import PIL.Image
 import pytest

@@ -2,7 +2,6 @@
 any work, the report marks NaN rows and drops a line cut short, and crossval fails a model whose
 compared tensors are not finite or all zeros on both sides."""
 
-import csv
 import math
 import os
 import subprocess
