@@ -101,6 +101,13 @@ def test_tied_logits_rank_like_argmax():
   assert got['top1_acc'] == 50.0 and got['top5_acc'] == 50.0
 
 
+def test_top5_counts_each_rank_from_first_to_fifth():
+  # Logits 9, 8, ..., 0: the label at rank k (0-based) is in the top 5 for k < 5 only.
+  logits = np.tile(np.arange(9, -1, -1, dtype=np.float32), (10, 1))
+  got = _metrics(logits, logits, labels=np.arange(10, dtype=np.int32))
+  assert got['top1_acc'] == 10.0 and got['top5_acc'] == 50.0
+
+
 def test_metrics_match_numpy_and_ignore_masked_rows():
   rng = np.random.RandomState(0)
   ref = rng.randn(12, 50).astype(np.float32) * 3

@@ -250,7 +250,7 @@ def trained_and_fresh(tmp_path_factory):
   return trained, fresh, trained_vars, fresh_vars, images
 
 
-@pytest.mark.parametrize('name', ['conv1', 'layer2.0.downsample.0', 'layer3.1.bn3',
+@pytest.mark.parametrize('name', ['conv1', 'layer2.0.downsample.0', 'layer3.1.bn3', 'layer1.0.bn1',
                                   'layer1.2.conv2', 'fc'])
 def test_fresh_reset_equals_torch_with_the_module_loaded(trained_and_fresh, resnet50_layers,
                                                           name):
