@@ -568,6 +568,14 @@ def test_cli_draws_each_image_set_and_a_model_across_sets(tmp_path):
       'heatmap_imagenet2012_corrupted_fog_3.png', 'scatter_imagenet2012_corrupted_fog_3.png'])
   for path in written:
     _png_size(path)
+  assert 'also holds figures' not in result.stdout
+  # One set into the same folder: the other figures stay, and are named as not this report's.
+  one = _cli([_sweep_over_sets(tmp_path / 'shift')[0], '--out', str(out)], cwd=tmp_path)
+  assert one.returncode == 0, one.stderr
+  assert one.stdout.splitlines()[-1] == (
+      f'note: {out} also holds figures this report did not draw, from an earlier one: '
+      'datasets.png, heatmap_imagenet2012_corrupted_fog_3.png, heatmap_imagenet_r.png, '
+      'scatter_imagenet2012_corrupted_fog_3.png, scatter_imagenet_r.png')
 
 
 def test_the_folder_of_a_sweep_over_sets_is_read_whole(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -178,6 +179,21 @@ def _main(argv: Sequence[str]) -> None:
       print(f'wrote {figure.path}')
     if figure.note:
       print(f'  {figure.note}' if figure.path else figure.note)
+  earlier = stale_figures(out, [figure.path for figure in drawn if figure.path])
+  if earlier:
+    print(f'note: {out} also holds figures this report did not draw, from an earlier one: '
+          f'{", ".join(earlier)}')
+
+
+STUDY_FIGURES = re.compile(r'^(heatmap|scatter|profiles)(_.+)?\.png$|^datasets\.png$')
+
+
+def stale_figures(folder: str, drawn: Sequence[str]) -> list[str]:
+  """The study figures (STUDY_FIGURES) in `folder` that are not among `drawn`: left by an
+  earlier report over other runs or sets, and easily taken for this one's."""
+  drawn = {os.path.basename(path) for path in drawn}
+  return sorted(name for name in os.listdir(folder)
+                if STUDY_FIGURES.match(name) and name not in drawn)
 
 
 def run() -> None:
