@@ -9,7 +9,8 @@ Runs, one after the other and each in its own process, the same job: all conv + 
 NUM_IMAGES generated ImageNet-like JPEGs (benchmarks/decode.py's, written into WORKDIR/images):
 
   a  ours, end to end: `python run.py --config=configs/paper.py ...` with a fresh image cache
-     (decoding included), prefix reuse on;
+     (decoding included) and a fresh compilation cache (every program compiled), prefix reuse
+     on;
   b  the paper's procedure in PyTorch, as its code (github.com/paulgavrikov/layer_criticality)
      does it: the timm model, the trained state_dict restored before each reset, the layer's
      parameters and buffers taken from a freshly initialised model, and for every one of the
@@ -24,7 +25,8 @@ any, calibrated on smooth random images, the head scaled to a trained model's lo
 saves it to WORKDIR/ARCH.pth (kept and reused when the workdir is given again). Prints a header
 (CPUs, versions, jax backend), then per leg: wall time of the process (imports included),
 images*layers per second, the process's own peak resident memory (its VmHWM at exit) and its
-mean criticality; then the ratios b/a and c/a; then the model FLOPs each procedure executes (2 *
+mean criticality, and for legs a and c the run's own split of its time (its closing progress
+lines: programs compiled, and conversion, images, compile and compute seconds); then the ratios b/a and c/a; then the model FLOPs each procedure executes (2 *
 MACs of every Conv2d and Linear at 224x224, counted with forward hooks) against the minimum
 the protocol needs (one original forward, and for each layer the forward from that layer on),
 (a ViT's attention products, which no Conv2d or Linear computes, are not counted), and with
@@ -38,6 +40,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -255,7 +258,8 @@ def ours_command(tmp: str, leg: str, checkpoint: str, num_images: int, batch_siz
              f'--config.data.num_images={num_images}', f'--config.data.batch_size={batch_size}',
              f'--config.trials={TRIALS}', f'--config.seed={SEED}',
              f'--config.cache_dir={os.path.join(tmp, "cache_" + leg)}',
-             f'--config.precision={_PRECISION.value}', '--quiet']
+             f'--config.compilation_cache_dir={os.path.join(tmp, "compilation_" + leg)}',
+             f'--config.precision={_PRECISION.value}']
   if leg == 'c':
     command.append('--config.reuse_prefix=false')
   return command
@@ -300,7 +304,8 @@ def compare(tmp: str) -> None:
   results = {}
   os.makedirs(os.path.join(tmp, 'logs'), exist_ok=True)
   for leg in legs:
-    for stale in (leg, f'cache_{leg}'):  # a fresh run: no resume, no image cache
+    # A first run: no resume, no image cache, no compiled programs.
+    for stale in (leg, f'cache_{leg}', f'compilation_{leg}'):
       shutil.rmtree(os.path.join(tmp, stale), ignore_errors=True)
     if leg == 'b':
       os.makedirs(os.path.join(tmp, 'b'))
@@ -326,6 +331,7 @@ def compare(tmp: str) -> None:
                             f'{detail["forward_seconds"]:.1f} s')
         else:
           result['crit'] = mean_criticality_ours(os.path.join(tmp, leg))
+          result['phases'] = closing_lines(result['log'])
       except (OSError, ValueError, KeyError) as e:
         result['rc'], result['error'] = -1, f'no readable results: {e}'
     if result['rc'] != 0 and leg == 'c' and 'reuse_prefix' in result['error']:
@@ -362,6 +368,22 @@ def compare(tmp: str) -> None:
             f'{100 * rate / _PEAK_TFLOPS.value:5.1f}% of peak')
 
 
+def closing_lines(log: str) -> str:
+  """The run's own split of its time, from its progress lines on stderr: `compiled N programs
+  in X s (Y s of compile work)` and `took W s: conversion ..., images ..., compile ...,
+  compute ..., other ...` (its wall time from the workdir's opening, imports not included)."""
+  with open(log, errors='replace') as f:
+    lines = [line.split('] ', 1)[-1].strip() for line in f]
+  found = [line for line in lines if line.startswith(('compiled ', 'took '))][-2:]
+  return '; '.join(found)
+
+
+def start_up(result: dict) -> str:
+  """The process's wall time before and after the run's own (`took W s`): imports, flags."""
+  took = re.search(r'took (\d+(?:\.\d+)?) s', result.get('phases', ''))
+  return f'; start-up and exit {result["wall"] - float(took.group(1)):.1f} s' if took else ''
+
+
 def show_leg(leg: str, result: dict, images_layers: int) -> None:
   name = f'{leg} {LEG_NAMES[leg]}:'
   if result['rc'] != 0:
@@ -372,6 +394,8 @@ def show_leg(leg: str, result: dict, images_layers: int) -> None:
   print(f'{name:32s} {result["wall"]:8.1f} s  {images_layers / result["wall"]:8.1f} '
         f'images*layers/s  peak RSS {result["maxrss_kib"] / 1024:7.0f} MiB  mean criticality '
         f'{100 * result["crit"]:6.2f}%{note}', flush=True)
+  if result.get('phases'):
+    print(f'{"":34s}{result["phases"]}{start_up(result)}', flush=True)
 
 
 @errors.exits_cleanly

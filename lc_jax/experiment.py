@@ -242,10 +242,12 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
                                                             converted)
         with phases('compute'):
           busy = _evaluate(settings, store, model, images, labels, info, targets, primary)
+      show = settings.progress and primary
       progress.say(f'compiled {compiles.count} programs in {compiles.seconds:.1f} s '
                    f'({compiles.work:.1f} s of compile work)'
                    + (f', {compiles.from_cache} more read from the compilation cache'
-                      if compiles.from_cache else ''), settings.progress and primary)
+                      if compiles.from_cache else ''), show)
+      progress.say(phases.summary(time.perf_counter() - start), show)
     except UserError:
       # Refused before it kept a row (an unknown layer, NaN logits): a workdir that held
       # nothing is left as it was, without the lock file and converted model.

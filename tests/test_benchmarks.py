@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end in tiny configurations and print complete tables of
 finite numbers: benchmarks/precision.py on a random ResNet-18 (3 layers, 2 trials, 2 photos at
-32 px), benchmarks/sweep_speed.py on two random ResNet-50s (2 layers, 4 images at 32 px).
+32 px), benchmarks/sweep_speed.py on two random ResNet-50s (2 layers, 4 images at 32 px),
+benchmarks/criticality_speed.py on a random ResNet-18 (its 21 layers, 2 JPEGs, both legs).
 Nothing is downloaded: the photos are scikit-image's, the models are drawn with timm here."""
 
 import math
@@ -98,3 +99,35 @@ def test_sweep_benchmark_splits_each_models_time(tmp_path):
                              'images at 224 px:')
   assert lines[8].strip().startswith('on H100 SXM, float32 at 67 TFLOP/s:')
   assert lines[9].strip().startswith('on this machine at its measured rate') and len(lines) == 10
+
+
+def test_speed_benchmark_compares_the_legs_and_splits_ours(tmp_path):
+  lines = _run('criticality_speed.py', f'--workdir={tmp_path}', '--arch=resnet18',
+               '--num_images=2', '--batch_size=2', '--legs=a,b')
+  print('\n'.join(lines))
+  legs = {line.split(':')[0].strip(): line for line in lines
+          if line.startswith(('a ours:', 'b paper procedure'))}
+  assert set(legs) == {'a ours', 'b paper procedure, PyTorch'}
+  walls = {}
+  for name, line in legs.items():
+    head = line.split('(')[0]  # leg b notes its decoding and forward seconds after the figures
+    wall, rate, rss, crit = [float(v) for v in re.findall(r'\d+(?:\.\d+)?', head)][-4:]
+    assert wall > 0 and rss > 0 and 0 < crit <= 100
+    assert rate == pytest.approx(2 * 21 / wall, rel=0.01, abs=0.06)  # images * layers / s
+    walls[name] = wall
+  # Leg a's own split: a first run (fresh compilation cache) compiles its programs, and its
+  # phases fit in the run's wall time, which fits in the process's.
+  split = lines[lines.index(legs['a ours']) + 1].strip()
+  compiled = re.fullmatch(
+      r'compiled (\d+) programs in (\S+) s \((\S+) s of compile work\); took (\S+) s: '
+      r'conversion (\S+) s, images (\S+) s, compile (\S+) s, compute (\S+) s, other (\S+) s; '
+      r'start-up and exit (\S+) s', split)
+  assert compiled, split
+  programs, *seconds = [float(v) for v in compiled.groups()]
+  took, phases, start = seconds[2], seconds[3:8], seconds[8]
+  assert programs > 0 and seconds[0] > 0 and min(phases) >= 0
+  assert sum(phases) == pytest.approx(took, abs=0.3)
+  assert start > 0 and took + start == pytest.approx(walls['a ours'], abs=0.15)
+  ratio = next(line for line in lines if line.strip().startswith('b/a:'))
+  assert float(re.search(NUMBER, ratio).group()) == pytest.approx(
+      walls['b paper procedure, PyTorch'] / walls['a ours'], abs=0.01)

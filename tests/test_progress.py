@@ -150,6 +150,12 @@ def test_pipe_gets_absl_lines_at_most_every_n_seconds_and_no_rows(tmp_path):
   assert any(m.startswith('prefix reuse: ') for m in messages)
   assert any(re.match(r'compiled \d+ programs in [\d.]+ s \([\d.]+ s of compile work\)', m)
              for m in messages)
+  # The run's last line splits its wall time; the parts add up to it (each printed to 0.1 s).
+  took = re.fullmatch(r'took (\S+) s: conversion (\S+) s, images (\S+) s, compile (\S+) s, '
+                      r'compute (\S+) s, other (\S+) s', messages[-1])
+  assert took, messages[-1]
+  wall, *parts = [float(v) for v in took.groups()]
+  assert min(parts) >= 0 and parts[3] > 0 and sum(parts) == pytest.approx(wall, abs=0.3)
   assert not any(re.match(r'\[ *\d+/6\] ', m) for m in messages), 'rows only with verbose'
   # A phase's lines while it runs are at least `every` apart; its closing line comes at its end.
   shown = {}
