@@ -99,6 +99,45 @@ def test_pixels_equal_torchvision(folder, tmp_path, resize, crop):
   assert info.ignored_files == len(NOT_IMAGES)
 
 
+def test_resized_shape_is_torchvisions():
+  # torchvision's own computation of Resize(size)'s output for an int size, on shapes where
+  # `int(size * long / short)` and `int(size * (long / short))` differ (short side already at
+  # size: 224 x 230 stays 224 x 230, not 224 x 229) and on shapes of both orientations.
+  functional = pytest.importorskip('torchvision.transforms.functional')
+  shapes = [(224, 230), (230, 224), (100, 113), (113, 100), (232, 243), (257, 300), (400, 257)]
+  shapes += [(h, w) for h in range(90, 360, 7) for w in range(90, 360, 11)]
+  for size in (100, 112, 224, 232, 240, 256):
+    for height, width in shapes:
+      want = tuple(functional._compute_resized_output_size((height, width), [size]))  # pylint: disable=protected-access
+      assert data.Transform(size, 32).resized_shape(height, width) == want, (size, height, width)
+
+
+def test_resize_keeps_an_image_whose_short_side_is_the_size(tmp_path):
+  # 230 x 224 at Resize(224): no resampling, only the centre crop, as torchvision does.
+  transforms = pytest.importorskip('torchvision.transforms')
+  image = Image.fromarray(skimage.data.astronaut()).resize((230, 224))
+  theirs = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(200)])(image)
+  np.testing.assert_array_equal(data.Transform(224, 200)(image), np.asarray(theirs))
+
+
+def test_sixteen_bit_grayscale_is_rounded_to_eight_bits(tmp_path):
+  # Every 16-bit value v becomes round(v * 255 / 65535) (no value is a tie: 65535 is odd), in
+  # all three channels; 129 -> 1, 386 -> 2 and 65406 -> 254, where dropping the low byte
+  # gives 0, 1 and 255.
+  values = np.concatenate([np.arange(0, 65536, 7), [128, 129, 385, 386, 65406, 65407]])
+  side = int(np.ceil(np.sqrt(values.size)))
+  pixels = np.zeros(side * side, np.uint16)
+  pixels[:values.size] = values
+  pixels = pixels.reshape(side, side)
+  Image.fromarray(pixels).save(tmp_path / 'deep.png')
+  rgb = np.asarray(data.load_rgb(str(tmp_path / 'deep.png')))
+  want = np.round(pixels.astype(np.float64) * 255 / 65535).astype(np.uint8)
+  assert rgb.shape == (side, side, 3) and rgb.dtype == np.uint8
+  for channel in range(3):
+    np.testing.assert_array_equal(rgb[..., channel], want)
+  assert want.reshape(-1)[values.size - 6:values.size].tolist() == [0, 1, 1, 2, 254, 255]
+
+
 def test_photos_source(tmp_path):
   transforms = pytest.importorskip('torchvision.transforms')
   images, labels, info = data.load(_config('', source='photos'), cache_dir=str(tmp_path),
