@@ -189,6 +189,34 @@ def test_one_architecture_with_and_without_batchnorm_shares_a_panel():
   assert figures.architecture_groups(summaries) == [['convs', 'all']]
 
 
+
+def test_a_band_mean_is_over_the_models_that_have_the_layer():
+  # One band of a ResNet-18 with its BatchNorms (convs 50 %, BatchNorms 20 %) and one without
+  # (convs 70 %): the band's mean row is 60 % under a conv and 20 % under a BatchNorm, the mean
+  # of the one model that has it, as the overall mean row takes it; not blank.
+  convs = _resnet(18)
+  with_bn, values = [], []
+  for layer in convs:
+    with_bn.append(layer)
+    values.append(0.5)
+    if layer[1] == 'conv':
+      bn = (layer[0][:-1] + '1' if layer[0].endswith('downsample.0') else
+            layer[0].replace('conv', 'bn'))
+      with_bn.append((bn, 'batchnorm', layer[2], 128))
+      values.append(0.2)
+  summaries = (_model('all', with_bn, values, spread=0)
+               + _model('convs', convs, np.full(len(convs), 0.7), spread=0))
+  fig = figures.heatmap_figure(summaries, {'all': 'mine', 'convs': 'mine'}, ['mine'])
+  (panel,) = [ax for ax in fig.axes if ax.get_label() == 'panel']
+  rows = [t.get_text() for t in panel.get_yticklabels()]
+  assert rows == ['convs', 'all', 'mean of mine (2)']
+  columns = [t.get_text() for t in panel.get_xticklabels()]
+  band_mean = np.ma.filled(panel.get_images()[0].get_array()[2].astype(float), np.nan)
+  kinds = {name: kind for name, kind, _, _ in with_bn}
+  want = np.array([20.0 if kinds[c] == 'batchnorm' else 60.0 for c in columns])
+  assert columns == [name for name, _, _, _ in with_bn]
+  np.testing.assert_allclose(band_mean, want)
+
 def test_scatter_has_intervals_on_both_axes_and_rho_in_its_legend(tmp_path):
   from matplotlib.container import ErrorbarContainer  # pylint: disable=g-import-not-at-top
   from scipy import stats  # pylint: disable=g-import-not-at-top
@@ -285,6 +313,34 @@ def test_category_profiles_have_a_line_and_band_per_category(tmp_path):
   report.figures.plot_profiles(summaries, str(tmp_path / 'p.png'), category_of, order)
   assert (tmp_path / 'p.png').stat().st_size > 1000
 
+
+
+def test_stage_points_are_the_mean_of_each_models_stage_means():
+  # Per category and stage: each model's mean over the stage's layers, then the mean over the
+  # models with its Student t half-width; criticality rising through the layers, so a stage
+  # mean that took in the next stage's first layer would be off.
+  from matplotlib.container import ErrorbarContainer  # pylint: disable=g-import-not-at-top
+  r50 = _resnet(50)
+  rising = np.linspace(0.05, 0.95, 54)
+  summaries = []
+  for name, offset in (('tv_resnet50', 0.0), ('resnet50_dino', 0.02), ('resnet50_swav', -0.03)):
+    summaries += _model(name, r50, rising + offset, spread=0)
+  category_of, order = report.categories.of_summaries(summaries)
+  fig = figures.profiles_figure(summaries, category_of, order)
+  stages_ax = next(ax for ax in fig.axes if ax.get_label() == 'stages')
+  bars = [c for c in stages_ax.containers if isinstance(c, ErrorbarContainer)]
+  stage_of = np.array([stage for _, _, stage, _ in r50])
+  names = list(dict.fromkeys(stage_of))
+  for container, members in zip(bars, ([0.0], [0.02, -0.03])):  # baseline, then contrastive
+    per_model = np.array([[100 * np.mean((rising + m)[stage_of == stage]) for stage in names]
+                          for m in members])
+    np.testing.assert_allclose(container.lines[0].get_ydata(), per_model.mean(axis=0))
+    if len(members) == 2:
+      half = [report.interval(column)[1] for column in per_model.T]
+      tops = [segment[1][1] - y for segment, y in zip(
+          container.lines[2][0].get_segments(), per_model.mean(axis=0))]
+      np.testing.assert_allclose(tops, half)
+  assert len(bars) == 2
 
 def test_a_scatter_of_many_models_is_coloured_by_category_and_names_a_few():
   # 20 models in two categories: a series per category in the legend, and at most

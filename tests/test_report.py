@@ -92,6 +92,10 @@ def test_spearman_averages_ties():
   assert report.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
   assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
   assert math.isnan(report.spearman([1, 1, 1], [1, 2, 3]))  # constant: no correlation
+  # Ranks, not values: monotone but far from linear gives 1 (Pearson's r: 0.71); y's ranks
+  # 2, 1, 4, 3, 5 against 1..5 give 1 - 6 * 4 / (5 * 24) = 0.8 (Pearson's r on the values: 0.72).
+  assert report.spearman([1, 2, 3, 4, 5], [1, 2, 3, 4, 1000]) == pytest.approx(1.0)
+  assert report.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 100]) == pytest.approx(0.8)
 
 
 def test_summary_mean_and_intervals_by_hand(tmp_path):
