@@ -252,6 +252,22 @@ def test_scatter_has_intervals_on_both_axes_and_rho_in_its_legend(tmp_path):
   assert report.plot_scatter(summaries, str(tmp_path / 'scatter.png')) == ['unlabelled']
 
 
+@pytest.mark.parametrize('images', [7, 500, 1000])
+def test_a_top1_of_0_or_100_percent_has_an_interval_from_its_own_value(images, tmp_path):
+  # Wilson's lower end at 0% comes out of the arithmetic a hair above 0 for some counts (500,
+  # 1000: 4e-17) and below for others (7), the upper end at 100% a hair above 100: the bar's
+  # length came out negative and matplotlib refused to draw the scatter (a random-weight model
+  # on labelled images has top-1 0%).
+  assert figures._top1_interval(0.0, images)[0] == 0.0
+  assert figures._top1_interval(100.0, images)[1] == 100.0
+  rng = np.random.default_rng(0)
+  summaries = []
+  for i, top1 in enumerate([0.0, 100.0, 0.0]):
+    summaries += _model(f'm{i}', _resnet(18), rng.uniform(0, 1, 21), top1=top1, images=images)
+  assert report.plot_scatter(summaries, str(tmp_path / 'scatter.png')) == []
+  assert (tmp_path / 'scatter.png').stat().st_size > 0
+
+
 def test_tables_state_their_units():
   text = report.table(_model('m', _deep(5), np.linspace(0.1, 0.5, 5)))
   header = next(line for line in text.splitlines() if 'crit %' in line)

@@ -560,13 +560,16 @@ def plot_diff(d, path: str) -> None:
 
 def _top1_interval(top1: float, images: float) -> tuple[float, float]:
   """The 95% Wilson interval (lower, upper, in %) of a top-1 of `top1` % over `images` images;
-  NaNs when the count is unknown."""
+  NaNs when the count is unknown. At a top-1 of 0 or 100 % one end is the top-1 itself, held
+  there against rounding (centre - half comes out a hair above 0), as errorbar takes no
+  negative length."""
   if not (np.isfinite(top1) and np.isfinite(images) and images > 0):
     return math.nan, math.nan
   p, n, z = top1 / 100, images, 1.959964
   centre = (p + z * z / (2 * n)) / (1 + z * z / n)
   half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  return 100 * (centre - half), 100 * (centre + half)
+  return (min(max(100 * (centre - half), 0.0), top1),
+          max(min(100 * (centre + half), 100.0), top1))
 
 
 # A scatter names every model up to this many; with more, only the SCATTER_NAMED farthest from
