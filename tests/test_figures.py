@@ -268,6 +268,17 @@ def test_a_top1_of_0_or_100_percent_has_an_interval_from_its_own_value(images, t
   assert (tmp_path / 'scatter.png').stat().st_size > 0
 
 
+def test_top1_bars_are_wilson_intervals():
+  # scipy's Wilson score interval; at 7 of 7 and 0 of 50 the normal approximation would give
+  # bars of zero length.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  for hits, images in ((7, 7), (0, 50), (6, 11), (36, 40), (7600, 10000)):
+    want = stats.binomtest(hits, images).proportion_ci(method='wilson')
+    low, high = figures._top1_interval(100 * hits / images, images)  # pylint: disable=protected-access
+    assert low == pytest.approx(100 * want.low, abs=1e-5), (hits, images)
+    assert high == pytest.approx(100 * want.high, abs=1e-5), (hits, images)
+  assert all(math.isnan(v) for v in figures._top1_interval(76.0, math.nan))  # pylint: disable=protected-access
+
 def test_tables_state_their_units():
   text = report.table(_model('m', _deep(5), np.linspace(0.1, 0.5, 5)))
   header = next(line for line in text.splitlines() if 'crit %' in line)

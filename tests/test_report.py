@@ -117,6 +117,16 @@ def test_summary_mean_and_intervals_by_hand(tmp_path):
   assert summaries[4].ci_trials == pytest.approx(T_975_2 * 0.2 / math.sqrt(3), rel=1e-6)
 
 
+
+def test_model_points_leave_out_a_layer_that_is_not_finite(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  values = [[0.1, 0.2, 0.3, 0.4, 0.5]] * 2
+  summaries = report.summarize(report.load(write_results(tmp_path / 'a', 'm', values)))
+  summaries[2] = dataclasses.replace(summaries[2], criticality=math.nan)
+  (model, mean, top1), = report.model_points(summaries)
+  assert model == 'm' and top1 == pytest.approx(80.0)
+  assert mean == pytest.approx(100 * (0.1 + 0.2 + 0.4 + 0.5) / 4)
+
 def test_layer_order_kept_and_original_is_no_layer(tmp_path):
   values = [[0.1, 0.2, 0.3, 0.4, 0.5]] * 2
   rows = report.load(write_results(tmp_path / 'a', 'm', values))
