@@ -17,6 +17,7 @@ from lc_jax import models
 from lc_jax import sharding
 from lc_jax import timing
 from lc_jax.errors import UserError
+from tests import devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,8 +168,7 @@ sys.exit(1 if failed else 0)
 def eight_devices(tmp_path_factory):
   """The folder the eight-device interpreter wrote its results (or tracebacks) to."""
   folder = tmp_path_factory.mktemp('eight_devices')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = dict(devices.cpu_devices(8), JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _EIGHT_DEVICES], env=env, capture_output=True,
                           text=True, check=False, cwd=folder)
   (folder / 'stderr.txt').write_text(result.stderr)

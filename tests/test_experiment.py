@@ -22,6 +22,7 @@ from lc_jax import engine
 from lc_jax import metrics
 from lc_jax import schema
 from lc_jax.errors import UserError
+from tests import devices
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
@@ -439,7 +440,7 @@ def test_prefix_reuse_and_eight_devices_give_the_same_results(checkpoint, tmp_pa
   # Over 8 devices, batches of 4 padded to 8 and sharded, or resets spread over 4 groups of 2
   # devices each; or on one device, each batch of 4 in chunks of 2 (chunk_size=3 splits it
   # evenly): equal within float32 rounding.
-  eight = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  eight = devices.cpu_devices(8)
   runs = [(str(tmp_path / name), _config(checkpoint, cache, *args, *extra).to_dict())
           for name, extra in (('sharded', ()), ('spread', ('--config.spread_resets=4',)))]
   result = subprocess.run([sys.executable, '-c', _EIGHT_DEVICES, json.dumps(runs)], cwd=ROOT,
@@ -469,7 +470,7 @@ def test_two_processes_give_the_single_process_results(checkpoint, tmp_path):
   with socket.socket() as probe:
     probe.bind(('localhost', 0))
     port = probe.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = devices.cpu_devices(2)
 
   def two(workdir, *extra):  # each host decodes its own part: a cache of their own
     processes = [subprocess.Popen(

@@ -22,6 +22,7 @@ from lc_jax import models
 from lc_jax import schema
 import run_config
 from local_server import LocalServer
+from tests import devices
 
 torch = pytest.importorskip('torch')
 
@@ -214,7 +215,7 @@ def test_a_sweep_over_two_processes_gives_one_process_results(served, tmp_path, 
     probe.bind(('localhost', 0))
     port = probe.getsockname()[1]
   two = [a if not a.startswith('--workdir=') else f'--workdir={tmp_path / "two"}' for a in args]
-  env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = devices.cpu_devices(2, env)
   processes = [subprocess.Popen(
       [*two, '--num_processes=2', f'--coordinator_address=localhost:{port}',
        f'--process_id={index}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,

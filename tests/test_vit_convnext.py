@@ -29,6 +29,7 @@ from lc_jax import models
 from lc_jax import reset
 from lc_jax import schema
 from lc_jax.errors import UserError
+from tests import devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGIT_TOLERANCE = 1e-4  # max abs difference of the logits, float32, matmul precision highest
@@ -278,7 +279,7 @@ def test_prefix_reuse_chunks_and_spread_resets_give_the_whole_runs_results(check
   spread = subprocess.run(
       [sys.executable, 'run.py', '--config=configs/demo.py', f'--workdir={runs["spread"]}',
        *_flags(_settings(arch, path, runs['spread'], tmp_path, spread_resets=2))],
-      cwd=ROOT, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+      cwd=ROOT, env=devices.cpu_devices(4),
       capture_output=True, text=True, check=False)
   assert spread.returncode == 0, spread.stderr
   want = _numbers(runs['whole'])
