@@ -113,7 +113,8 @@ def test_speed_benchmark_compares_the_legs_and_splits_ours(tmp_path):
     head = line.split('(')[0]  # leg b notes its decoding and forward seconds after the figures
     wall, rate, rss, crit = [float(v) for v in re.findall(r'\d+(?:\.\d+)?', head)][-4:]
     assert wall > 0 and rss > 0 and 0 < crit <= 100
-    assert rate == pytest.approx(2 * 21 / wall, rel=0.01, abs=0.06)  # images * layers / s
+    # images * layers / s, from the wall time before it was printed to 0.1 s (and itself to 0.1)
+    assert 2 * 21 / (wall + 0.05) - 0.05 <= rate <= 2 * 21 / (wall - 0.05) + 0.05
     walls[name] = wall
   # Leg a's own split: a first run (fresh compilation cache) compiles its programs, and its
   # phases fit in the run's wall time, which fits in the process's.
