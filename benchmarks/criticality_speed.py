@@ -26,7 +26,9 @@ saves it to WORKDIR/ARCH.pth (kept and reused when the workdir is given again). 
 (CPUs, versions, jax backend), then per leg: wall time of the process (imports included),
 images*layers per second, the process's own peak resident memory (its VmHWM at exit) and its
 mean criticality, and for legs a and c the run's own split of its time (its closing progress
-lines: programs compiled, and conversion, images, compile and compute seconds); then the ratios b/a and c/a; then the model FLOPs each procedure executes (2 *
+lines: programs compiled, and conversion, images, compile and compute seconds) and the
+process's start-up and exit around it; then the ratios b/a and c/a; then the model FLOPs each
+procedure executes (2 *
 MACs of every Conv2d and Linear at 224x224, counted with forward hooks) against the minimum
 the protocol needs (one original forward, and for each layer the forward from that layer on),
 (a ViT's attention products, which no Conv2d or Linear computes, are not counted), and with
@@ -331,7 +333,7 @@ def compare(tmp: str) -> None:
                             f'{detail["forward_seconds"]:.1f} s')
         else:
           result['crit'] = mean_criticality_ours(os.path.join(tmp, leg))
-          result['phases'] = closing_lines(result['log'])
+          result['phases'], result['took'] = closing_lines(result['log'])
       except (OSError, ValueError, KeyError) as e:
         result['rc'], result['error'] = -1, f'no readable results: {e}'
     if result['rc'] != 0 and leg == 'c' and 'reuse_prefix' in result['error']:
@@ -368,20 +370,15 @@ def compare(tmp: str) -> None:
             f'{100 * rate / _PEAK_TFLOPS.value:5.1f}% of peak')
 
 
-def closing_lines(log: str) -> str:
+def closing_lines(log: str) -> tuple[str, float | None]:
   """The run's own split of its time, from its progress lines on stderr: `compiled N programs
-  in X s (Y s of compile work)` and `took W s: conversion ..., images ..., compile ...,
-  compute ..., other ...` (its wall time from the workdir's opening, imports not included)."""
+  in X s (Y s of compile work); took W s: conversion ..., images ..., compile ..., compute ...,
+  other ...`, and W (its wall time from the workdir's opening, imports not included)."""
   with open(log, errors='replace') as f:
     lines = [line.split('] ', 1)[-1].strip() for line in f]
   found = [line for line in lines if line.startswith(('compiled ', 'took '))][-2:]
-  return '; '.join(found)
-
-
-def start_up(result: dict) -> str:
-  """The process's wall time before and after the run's own (`took W s`): imports, flags."""
-  took = re.search(r'took (\d+(?:\.\d+)?) s', result.get('phases', ''))
-  return f'; start-up and exit {result["wall"] - float(took.group(1)):.1f} s' if took else ''
+  took = re.match(r'took (\d+(?:\.\d+)?) s', found[-1]) if found else None
+  return '; '.join(found), float(took.group(1)) if took else None
 
 
 def show_leg(leg: str, result: dict, images_layers: int) -> None:
@@ -395,7 +392,9 @@ def show_leg(leg: str, result: dict, images_layers: int) -> None:
         f'images*layers/s  peak RSS {result["maxrss_kib"] / 1024:7.0f} MiB  mean criticality '
         f'{100 * result["crit"]:6.2f}%{note}', flush=True)
   if result.get('phases'):
-    print(f'{"":34s}{result["phases"]}{start_up(result)}', flush=True)
+    start = (f'; start-up and exit {result["wall"] - result["took"]:.1f} s'
+             if result.get('took') is not None else '')
+    print(f'{"":34s}{result["phases"]}{start}', flush=True)
 
 
 @errors.exits_cleanly
