@@ -28,8 +28,8 @@ images*layers per second, the process's own peak resident memory (its VmHWM at e
 mean criticality, and for legs a and c the run's own split of its time (its closing progress
 lines: programs compiled, and conversion, images, compile and compute seconds) and the
 process's start-up and exit around it; then the ratios b/a and c/a; then the model FLOPs each
-procedure executes (2 *
-MACs of every Conv2d and Linear at 224x224, counted with forward hooks) against the minimum
+procedure executes (2 * MACs of every Conv2d and Linear at 224x224, counted with forward hooks)
+against the minimum
 the protocol needs (one original forward, and for each layer the forward from that layer on),
 (a ViT's attention products, which no Conv2d or Linear computes, are not counted), and with
 --peak_tflops those FLOPs per second of wall time as a fraction of the device's peak.
