@@ -216,7 +216,7 @@ def _versions() -> dict[str, str]:
 
 def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
         timings: dict[str, float] | None = None,
-        converted: Converted | None = None) -> list[dict[str, Any]]:
+        converted: Converted | None = None, converting: float = 0.0) -> list[dict[str, Any]]:
   """Runs (or resumes) the experiment of `config` in `workdir`; returns all result rows.
 
   Every setting is checked before the workdir is touched; the first process then holds the
@@ -224,20 +224,23 @@ def run(config: ml_collections.ConfigDict | RunConfig, workdir: str,
   given, is filled with the run's wall time in seconds, its phases (see `timing.Phases`) and
   'device_busy': the seconds in which the device was busy with the original and the resets
   (timing.Busy).
-  `converted`: the checkpoint's conversion, done ahead by `preconvert`."""
+  `converted`: the checkpoint's conversion, done ahead by `preconvert`; `converting`: the
+  seconds the caller spent on it (converting, or waiting for it), counted in the conversion
+  phase and the wall time."""
   workdir = _workdir(workdir)
   settings = check(config)
   primary = jax.process_index() == 0  # with several processes (hosts), the one that writes
   use_compilation_cache(settings.compilation_cache_dir)
   untouched = workdir_lib.untouched(workdir) if primary else None  # before the lock makes it
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
-  start = time.perf_counter()
+  start = time.perf_counter() - converting
   matmul = evaluate.matmul_precision(settings.precision, settings.matmul_precision)
   with lock, jax.default_matmul_precision(matmul):
     store = None
     try:
       with timing.Compiles() as compiles:
         phases = timing.Phases(compiles)
+        phases.seconds['conversion'] += converting
         store, model, images, labels, info, targets = _open(settings, workdir, primary, phases,
                                                             converted)
         with phases('compute'):

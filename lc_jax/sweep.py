@@ -152,15 +152,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str],
           following = next((m for m in models[k + 1:] if label(m) not in state['done']),
                            None)
           ahead = _Ahead(config, workdir, following) if following and primary else None
-          experiment.run(model_config(config, model_id), path, spent, converted)
+          experiment.run(model_config(config, model_id), path, spent, converted, here)
         except UserError as e:
           if jax.process_count() > 1 and not e.shared:  # the other processes went on: all stop
             raise
           state['failed'][name] = str(e)
           progress.say(f'{model_id}: skipped: {e}', show)
         else:
-          spent['conversion'] += here
-          spent['wall'] += here
           if primary:  # its folder as run.py leaves it
             _criticality_figure(path)
           state['done'].append(name)

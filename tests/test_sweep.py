@@ -140,6 +140,11 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
     assert events.index(converted[0]) < events.index(('run', before, 'end', main))
     assert events.index(('run', before, 'start', main)) < events.index(converted[1])
     assert timings[model_id]['converted_ahead'] > 0
+  # Each model's closing line counts the conversion the sweep did (or waited for) before its
+  # run: the first model's, done in front, is not 0.
+  took = [float(c) for c in re.findall(r'took [\d.]+ s: conversion ([\d.]+) s', full_stderr)]
+  assert took == [round(timings[m]['conversion'], 1) for m in MODELS]
+  assert took[0] > 0
   for t in timings.values():  # a lower bound of the time the device had work (a small program
     # that XLA's CPU client runs inline, during its dispatch, is not seen)
     assert 0 <= t['device_busy'] <= t['compute'] + t['compile']
