@@ -145,6 +145,7 @@ def test_null_intervals_cover_zero_in_about_95_percent_of_seeds():
     b = stats.hierarchical_bootstrap(sides[1], 400, seed, salt=1)
     low, high = stats.percentile_interval(a - b)
     covered.append(low[0] <= 0 <= high[0])
+  print(f'coverage of 0 over {len(covered)} null cases: {100 * np.mean(covered):.1f}%')
   assert 0.90 <= np.mean(covered) <= 0.99, np.mean(covered)
 
 
@@ -306,6 +307,10 @@ def test_diff_of_real_runs_marks_the_perturbed_layer_and_not_the_seed(tmp_path, 
     with open(tmp_path / f'diff_{other}' / 'diff.csv', newline='') as f:
       rows = list(csv.DictReader(f))
     assert [r['layer'] for r in rows] == ['conv1', 'bn1', 'conv2', 'bn2', 'head']
+    for r in rows:  # the figures docs/statistics.md quotes
+      print(f'seed0 -> {other}: {r["layer"]:5} {100 * float(r["difference"]):+.2f} pp '
+            f'[{100 * float(r["low"]):+.2f}, {100 * float(r["high"]):+.2f}]'
+            + (' marked' if r['marked'] == '1' else ''))
     return [r['layer'] for r in rows if r['marked'] == '1']
   assert marked('seed1') == []
   perturbed = marked('perturbed')
