@@ -155,6 +155,37 @@ def test_writes_orbax_checkpoint_and_card(resnet18_file, tmp_path):
   assert refused.returncode == 1 and 'already holds a converted model' in refused.stderr
 
 
+def test_a_kept_conversion_is_reused_only_for_its_source_arch_and_version(tmp_path):
+  # checkpoints.convert_into reuses what its folder holds only when it is a conversion of the
+  # same file (sha256), as the same architecture, by this version; else it converts again.
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from lc_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from lc_jax import models  # pylint: disable=g-import-not-at-top
+  from lc_jax.version import __version__  # pylint: disable=g-import-not-at-top
+  paths, digests = [], []
+  for seed in (0, 1):
+    torch.manual_seed(seed)
+    paths.append(str(tmp_path / f'resnet18_{seed}.pth'))
+    torch.save(timm.create_model('resnet18').state_dict(), paths[-1])
+    with open(paths[-1], 'rb') as f:
+      digests.append(hashlib.sha256(f.read()).hexdigest())
+  model_dir = str(tmp_path / 'model')
+  for path, digest in zip(paths, digests):  # the second file into the first one's folder
+    _, variables, card = checkpoints.convert_into(path, model_dir, digest)
+    assert card['sha256'] == digest
+    _assert_same_variables(variables, converters.convert(path)[1])
+  card_path = os.path.join(model_dir, models.store.CARD)
+  with open(card_path) as f:
+    card = json.load(f)
+  with open(card_path, 'w') as f:
+    json.dump({**card, 'lc_jax_version': '0.0.1'}, f)  # a conversion by another version
+  _, _, card = checkpoints.convert_into(paths[1], model_dir, digests[1])
+  assert card['lc_jax_version'] == __version__
+  assert models.store.read_card(model_dir)['lc_jax_version'] == __version__
+  with pytest.raises(Exception, match='resnet34'):  # not the kept resnet18 under another name
+    checkpoints.convert_into(paths[1], model_dir, digests[1], arch='resnet34')
+
+
 def _cli(*args):
   return subprocess.run([sys.executable, '-m', 'converters', *args], capture_output=True,
                         text=True, cwd=os.path.dirname(os.path.dirname(__file__)), check=False)

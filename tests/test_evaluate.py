@@ -74,6 +74,17 @@ def _equations(jaxpr):
           yield from _equations(inner)
 
 
+def test_same_leaves_means_every_leaf_shared():
+  # Forward.many runs a segment once for every reset only when their trees hold the very same
+  # leaf objects; a leaf equal in value but a reset's own is not shared.
+  kernel, bias = np.zeros(2), np.zeros(2)
+  tree = {'bias': bias, 'kernel': kernel}
+  assert evaluate._same_leaves([tree, {'bias': bias, 'kernel': kernel}])
+  assert not evaluate._same_leaves([tree, {'bias': bias, 'kernel': np.zeros(2)}])
+  assert not evaluate._same_leaves([tree, tree, {'bias': bias, 'kernel': np.zeros(2)}])
+  assert not evaluate._same_leaves([tree, {'bias': bias}])
+
+
 def test_bfloat16_runs_every_conv_and_dense_in_bfloat16():
   module, variables, layers, images = _model('resnet18')
   exact = evaluate.Forward(module, layers)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -544,6 +545,37 @@ def test_run_interrupted_between_batches_resumes_exactly(checkpoint, tmp_path, m
   assert ((tmp_path / 'killed' / 'results.csv').read_bytes()
           == (tmp_path / 'full' / 'results.csv').read_bytes())
   assert not (tmp_path / 'killed' / 'partial.json').exists()
+
+
+def test_a_run_resumed_from_some_of_its_rows_measures_exactly_the_others(checkpoint, tmp_path,
+                                                                         capsys):
+  # A results.csv that holds a target's trial 0 without its trial 1, and another's trial 1
+  # without its trial 0 (as a file repaired by hand leaves it): the resumed run appends exactly
+  # the rows missing, each once, in the uninterrupted run's order, and rewrites none.
+  from lc_jax import config as lc_config  # pylint: disable=g-import-not-at-top
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = lc_config.default()
+  config.model.checkpoint = checkpoint
+  config.data.update(source='photos', num_images=0, order='sorted', batch_size=4,
+                     resize_size=36, crop_size=32)
+  config.reset.layers = 'layer2.0.*,fc'
+  config.trials, config.progress, config.cache_dir = 2, False, str(tmp_path / 'cache')
+  experiment.run(config, str(tmp_path / 'full'))
+  lines = (tmp_path / 'full' / 'results.csv').read_text().splitlines(keepends=True)
+  rows = _rows(tmp_path / 'full')
+  targets = list(dict.fromkeys(r['layer'] for r in rows[1:]))
+  assert len(targets) == 4 and len(rows) == 1 + 2 * len(targets)
+  keep = {('original', '0'), (targets[0], '0'), (targets[1], '1'), (targets[-1], '1')}
+  kept = [lines[0]] + [line for line, r in zip(lines[1:], rows) if (r['layer'], r['trial']) in keep]
+  shutil.copytree(tmp_path / 'full', tmp_path / 'resumed')
+  (tmp_path / 'resumed' / 'results.csv').write_text(''.join(kept))
+
+  config.progress = True
+  experiment.run(config, str(tmp_path / 'resumed'))
+  assert 'resuming: 3 of 8 resets already in results.csv' in capsys.readouterr().err
+  missing = [line for line in lines[1:] if line not in kept]
+  assert len(missing) == 5
+  assert (tmp_path / 'resumed' / 'results.csv').read_text() == ''.join(kept + missing)
 
 
 def test_one_ahead_makes_the_next_item_before_handing_out_one():

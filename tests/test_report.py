@@ -117,7 +117,6 @@ def test_summary_mean_and_intervals_by_hand(tmp_path):
   assert summaries[4].ci_trials == pytest.approx(T_975_2 * 0.2 / math.sqrt(3), rel=1e-6)
 
 
-
 def test_model_points_leave_out_a_layer_that_is_not_finite(tmp_path):
   import dataclasses  # pylint: disable=g-import-not-at-top
   values = [[0.1, 0.2, 0.3, 0.4, 0.5]] * 2
@@ -191,6 +190,25 @@ def test_paper_format_reads_to_the_same_layers(tmp_path):
   assert tv[0].original_top1 == pytest.approx(76.0)
   assert grouped['resnet50_augmix_180ep'][0].original_top1 == pytest.approx(77.5)
   assert tv[0].trials == 2
+
+
+def test_paper_format_guesses_each_models_stem_and_head_on_its_own(tmp_path):
+  # A ResNet, then an EfficientNet, in one file of the paper's: the EfficientNet's conv_stem
+  # precedes its own first stage (the stem), though the ResNet's stages came before it.
+  layers = {'tv_resnet50': ['conv1', 'layer1.0.conv1', 'fc'],
+            'efficientnet_b0': ['conv_stem', 'blocks.0.0.conv_dw', 'conv_head', 'classifier']}
+  path = tmp_path / 'paper.csv'
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(PAPER_COLUMNS)
+    for model_id, names in layers.items():
+      for name in names:
+        writer.writerow([70.0, 90.0, 1.0, '', f'model.{name}', 0.9, 0.1, 0.05, -1000.0, 0.0,
+                         0.9, model_id])
+  stages = {(r['model_id'], r['layer']): r['stage'] for r in report.load(str(path))}
+  assert [stages['efficientnet_b0', n] for n in layers['efficientnet_b0']] == [
+      'stem', 'blocks.0', 'head', 'head']
+  assert [stages['tv_resnet50', n] for n in layers['tv_resnet50']] == ['stem', 'layer1', 'head']
 
 
 def test_run_id_column_is_optional(tmp_path):

@@ -85,6 +85,26 @@ def test_unknown_names_fail_with_the_closest(resnet50_layers):
     layers_lib.select(resnet50_layers, types=['attention'])
 
 
+def test_a_name_selects_its_module_not_one_whose_name_it_begins():
+  # ViT's blocks.1 is no prefix of blocks.10 or blocks.11: timm's Linears under 'blocks.1.'.
+  layers = _inventory('vit_tiny_patch16_224')
+  vit = timm.create_model('vit_tiny_patch16_224', pretrained=False)
+  linears = [n for n, m in vit.named_modules() if isinstance(m, torch.nn.Linear)]
+  for item in ('blocks.1', 'blocks.1.attn'):
+    want = [n for n in linears if n.startswith(item + '.')]
+    assert len(want) == (4 if item == 'blocks.1' else 2)
+    assert [t.name for t in layers_lib.select(layers, ['linear'], item)] == want
+
+
+def test_a_regex_matches_whole_names_and_last_0_selects_none(resnet50_layers):
+  names = lambda pattern: [t.name for t in layers_lib.select(resnet50_layers, pattern=pattern)]
+  assert names(r'layer1\.0\.conv\d') == ['layer1.0.conv1', 'layer1.0.conv2', 'layer1.0.conv3']
+  with pytest.raises(UserError, match='selects no layer'):  # a prefix of each name, no whole one
+    names(r'layer1\.0\.conv')
+  with pytest.raises(UserError, match='selects no layer'):
+    names('last:0')
+
+
 # ------------------------------------------------------------------- initialisation schemes
 
 

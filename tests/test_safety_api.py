@@ -366,3 +366,45 @@ def test_crossval_nan_metrics_fail():
   broken = {c.quantity for c in checks if not c.passed}
   # Without labels, the accuracy columns are empty on both sides: left out, not failed.
   assert broken == set(schema.METRICS) - set(labelled)
+
+
+def test_crossval_counted_columns_are_held_to_a_share_of_the_images():
+  # 2000 images, the original's top-1 50%: one image more right is 0.05 points of top-1 and
+  # top-5 and 0.001 of recovered_acc (top-1 / 50%), a share 1/2000 = 5e-4 of the images, within
+  # the 1e-3 tolerance; three images (1.5e-3) are over it.
+  from lc_jax import crossval  # pylint: disable=g-import-not-at-top
+
+  def rows(top1):
+    zeros = {c: 0.0 for c in schema.METRICS}
+    return [{'layer': schema.ORIGINAL, 'trial': 0, **zeros, 'top1_acc': 50.0, 'top5_acc': 50.0,
+             'recovered_acc': 1.0},
+            {'layer': 'fc', 'trial': 0, **zeros, 'top1_acc': top1, 'top5_acc': top1,
+             'recovered_acc': top1 / 50.0}]
+  theirs = rows(40.0)
+  for images, passed in ((1, True), (3, False)):
+    ours = {(r['layer'], r['trial']): r for r in rows(40.0 + 0.05 * images)}
+    checks = {c.quantity: c for c in crossval.metric_checks(theirs, ours, crossval.TOLERANCES)
+              if c.name == 'fc'}
+    for column in ('top1_acc', 'top5_acc', 'recovered_acc'):
+      assert checks[column].difference == pytest.approx(images / 2000, rel=1e-6), column
+      assert checks[column].passed == passed, column
+
+
+def test_crossval_a_zero_tolerance_passes_only_no_difference():
+  from lc_jax.crossval.report import judged  # pylint: disable=g-import-not-at-top
+  assert judged('metric', 'fc', 0, 'loss', 1.0, 1.0, 0.0, 0.0).passed
+  assert not judged('metric', 'fc', 0, 'loss', 1.0, 1.0 + 1e-12, 1e-12, 0.0).passed
+
+
+def test_crossval_first_disagreement_is_the_first_in_forward_order():
+  from lc_jax import layers as layers_lib  # pylint: disable=g-import-not-at-top
+  from lc_jax.crossval.compare_parity import first_disagreement  # pylint: disable=g-import-not-at-top
+  from lc_jax.crossval.report import judged  # pylint: disable=g-import-not-at-top
+  spec = models.get('resnet18')
+  layers = layers_lib.inventory(spec.create(), spec.block_depth)
+  over = {'logits', 'layer1.0.conv1', 'layer1.0', 'layer2.0.conv2'}  # torch's forward order:
+  names = ['logits', 'conv1', 'bn1', 'layer1.0.conv1', 'layer1.0.bn1', 'layer1.0',
+           'layer2.0.conv2']
+  checks = [judged('parity', n, None, 'relative max diff', 1.0, math.nan,
+                   2e-4 if n in over else 0.0, 1e-4) for n in names]
+  assert first_disagreement(checks, layers) == ('layer1.0.conv1', 'layer1', 'layer1.0.conv1')

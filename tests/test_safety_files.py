@@ -150,6 +150,15 @@ def test_partial_batches_done_edited(tmp_path):
   assert _edit(tmp_path, state) == (0, {})
 
 
+def test_partial_sums_of_another_run_are_not_adopted(tmp_path):
+  # A run killed before its first row leaves partial.json alone to say whose sums they are
+  # (run.json gone, no rows): another run's sums, of the very keys, start over.
+  _saved(tmp_path)
+  os.remove(tmp_path / schema.RUN)
+  other = {**_RUN, 'config': {'seed': 1}}
+  assert results.Store(str(tmp_path), other).load_partial(list(_SUMS), 3, _FIELDS) == (0, {})
+
+
 # ------------------------------------------------------------------------- results.csv ----------
 
 
@@ -195,6 +204,121 @@ def test_results_without_the_dataset_column_resume_with_it(tmp_path):
   store.close()
   assert path.read_text() == new  # as an uninterrupted run of this version writes it
   assert results.Store(str(tmp_path), _RUN).rows == store.rows
+
+
+def test_a_row_is_written_and_fsynced_before_append_returns(tmp_path, monkeypatch):
+  # What the file holds at each fsync, read through a file of its own (not the store's buffer).
+  store = results.Store(str(tmp_path), _RUN)
+  path = tmp_path / schema.RESULTS
+  seen = []
+  fsync = os.fsync
+  monkeypatch.setattr(os, 'fsync', lambda fd: (fsync(fd), seen.append(path.read_text()))[0])
+  store.append(_row(0.522))
+  line = schema.format_row({**_row(0.522), 'run_id': schema.run_id(_RUN)})
+  assert path.read_text() == schema.header() + line  # store still open
+  assert seen and seen[-1].endswith(line), 'no fsync after the row was written'
+  store.close()
+
+
+def test_a_half_written_last_row_is_cut_off_and_the_next_row_starts_a_line(tmp_path):
+  store = results.Store(str(tmp_path), _RUN)
+  store.append(_row(0.522))
+  store.close()
+  path = tmp_path / schema.RESULTS
+  whole = path.read_text()
+  half = schema.format_row({**_row(0.7, layer='conv1'), 'run_id': schema.run_id(_RUN)})[:40]
+  with open(path, 'a') as f:
+    f.write(half)  # as a kill in the middle of a write leaves it
+  store = results.Store(str(tmp_path), _RUN)
+  assert path.read_text() == whole  # cut off in place, before anything is appended
+  assert [r['layer'] for r in store.rows] == ['bn1'] and not store.done(0, 'conv1')
+  store.append(_row(0.7, layer='conv1'))
+  store.close()
+  line = schema.format_row({**_row(0.7, layer='conv1'), 'run_id': schema.run_id(_RUN)})
+  assert path.read_text() == whole + line
+  assert [r['layer'] for r in results.Store(str(tmp_path), _RUN).rows] == ['bn1', 'conv1']
+
+
+_OTHER = {'config': {'seed': 1}, 'checkpoint_sha256': 'ef', 'images': {'content': '01'},
+          'targets': ['conv_head']}
+
+
+@pytest.mark.parametrize('entry', schema.RUN_IDENTITY)
+def test_a_workdir_of_another_run_is_refused_for_each_identity_entry(tmp_path, entry):
+  store = results.Store(str(tmp_path), _RUN)
+  store.append(_row(0.522))
+  store.close()
+  rows = (tmp_path / schema.RESULTS).read_bytes()
+  other = {**_RUN, entry: _OTHER[entry]}
+  # run.json names the entry that differs ...
+  with pytest.raises(UserError, match=rf'holds a run of another configuration \({entry}'):
+    results.Store(str(tmp_path), other)
+  # ... and without run.json, the rows' run_id tells them apart.
+  os.remove(tmp_path / schema.RUN)
+  with pytest.raises(UserError, match='holds rows of another run'):
+    results.Store(str(tmp_path), other)
+  assert (tmp_path / schema.RESULTS).read_bytes() == rows
+  assert not (tmp_path / schema.RUN).exists()
+
+
+# ------------------------------------------------------------------------- the workdir ----------
+
+
+def test_a_held_workdir_is_refused_to_a_second_lock(tmp_path):
+  # flock locks of two open files exclude each other within one process too.
+  with workdir_lib.Lock(str(tmp_path)):
+    with pytest.raises(UserError, match=r'is in use by another run \(pid '):
+      with workdir_lib.Lock(str(tmp_path)):
+        pass
+  with workdir_lib.Lock(str(tmp_path)):  # given up at the end of the block
+    pass
+
+
+@pytest.mark.parametrize('dangling', [False, True], ids=['to-a-file', 'dangling'])
+def test_open_own_refuses_a_link_itself(tmp_path, dangling):
+  elsewhere = tmp_path / 'elsewhere.txt'
+  if not dangling:
+    elsewhere.write_text('not yours\n')
+  os.symlink(elsewhere, tmp_path / schema.RESULTS)
+  for mode in ('r', 'a', 'r+b'):
+    if dangling and mode != 'a':
+      continue  # nothing to read
+    with pytest.raises(UserError, match='is a symbolic link'):
+      workdir_lib.open_own(str(tmp_path / schema.RESULTS), mode)
+  assert elsewhere.read_text() == 'not yours\n' if not dangling else not elsewhere.exists()
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+  path = tmp_path / schema.RUN
+  path.write_text('old\n')
+
+  def refuse(*args):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(os, 'replace', refuse)
+  with pytest.raises(UserError, match='No space left on device'):
+    workdir_lib.write_atomically(str(path), 'new\n')
+  assert os.listdir(tmp_path) == [schema.RUN] and path.read_text() == 'old\n'
+
+
+def test_a_refused_run_leaves_the_workdir_as_it_found_it(tmp_path):
+  # An empty folder given as the workdir stays, emptied of what the run made; folders the run
+  # created are removed up to the first that was there; a folder holding anything is kept.
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  found = workdir_lib.untouched(str(empty))
+  (empty / schema.LOCK).write_text('')
+  (empty / schema.MODEL).mkdir()
+  (empty / schema.MODEL / 'model.json').write_text('{}')
+  workdir_lib.take_back(found)
+  assert empty.is_dir() and os.listdir(empty) == []
+  new = tmp_path / 'a' / 'b' / 'run'
+  found = workdir_lib.untouched(str(new))
+  new.mkdir(parents=True)
+  (new / schema.LOCK).write_text('')
+  workdir_lib.take_back(found)
+  assert os.listdir(tmp_path) == ['empty']
+  (empty / 'mine.txt').write_text('x')
+  assert workdir_lib.untouched(str(empty)) is None
 
 
 # ------------------------------------------------------------------------- links ----------------

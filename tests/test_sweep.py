@@ -199,6 +199,53 @@ def test_models_are_selected_by_all_category_or_ids():
   assert config.reset.init_scheme == 'torchvision_resnet'
 
 
+def test_a_resumed_sweep_runs_exactly_the_models_not_done(tmp_path, monkeypatch):
+  """sweep.json of a sweep killed in its second model (all three listed, the first done): the
+  sweep runs the second and third only; a model that fails is recorded as failed, not done; a
+  done model measured with other settings is refused, not taken as done. The models' own runs
+  are stood in for: what is checked is which models the sweep hands to them."""
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  from lc_jax import sweep  # pylint: disable=g-import-not-at-top
+  from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  args, _ = _sweep(tmp_path / 'out', {}, tmp_path / 'zoo')
+  config, workdir = run_config.of([a for a in args if not a.startswith('--models=')])
+  config.progress = False
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, schema.SWEEP), 'w') as f:
+    json.dump({'models': list(MODELS), 'done': [MODELS[0]], 'failed': {}}, f)
+  ran = []
+
+  def run(config, path, *args):
+    del args
+    ran.append((config.model.id, os.path.basename(path)))
+    if config.model.id == MODELS[2]:
+      raise UserError('its download failed')
+  monkeypatch.setattr(experiment, 'preconvert', lambda config, path: None)
+  monkeypatch.setattr(experiment, 'run', run)
+  monkeypatch.setattr(sweep, '_criticality_figure', lambda path: None)
+  monkeypatch.setattr(sweep, '_figures', lambda workdir, done: None)
+  state = sweep.run(config, workdir, list(MODELS))
+  assert ran == [(MODELS[1], MODELS[1]), (MODELS[2], MODELS[2])]
+  want = {'models': list(MODELS), 'done': list(MODELS[:2]),
+          'failed': {MODELS[2]: 'its download failed'}}
+  assert state == want
+  with open(os.path.join(workdir, schema.SWEEP)) as f:
+    assert json.load(f) == want
+
+  # The first model's folder says it was measured with one trial; this sweep asks for two.
+  other = sweep.model_config(config, MODELS[0])
+  other.trials = 1
+  os.makedirs(os.path.join(workdir, MODELS[0]), exist_ok=True)
+  with open(os.path.join(workdir, MODELS[0], schema.RUN), 'w') as f:
+    json.dump({'config': experiment.check(other).measured()}, f, default=str)
+  config.trials = 2
+  ran.clear()
+  with pytest.raises(UserError, match=rf'{MODELS[0]} holds a run of another configuration '
+                                      r'\(config\.trials: 1 -> 2\)'):
+    sweep.run(config, workdir, list(MODELS))
+  assert ran == []
+
+
 def test_a_sweep_over_two_processes_gives_one_process_results(served, tmp_path, monkeypatch):
   """Two processes of two CPU devices each (as two hosts) sweep two models: the first converts
   and writes, both compute; sweep.json and every results.csv as one process's."""

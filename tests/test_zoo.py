@@ -110,6 +110,16 @@ def sha(data: bytes) -> str:
 # --- The registry against the paper's facts ---------------------------------------------------
 
 
+def test_file_sha256_hashes_every_byte(tmp_path):
+  # 3 MiB and 7 bytes, read in chunks of 1 MiB: a change in the last byte changes the digest.
+  from lc_jax.digest import file_sha256  # pylint: disable=g-import-not-at-top
+  data = bytes(range(256)) * (3 * 4096) + b'1234567'
+  path = tmp_path / 'big.bin'
+  for content in (data, data[:-1] + b'!'):
+    path.write_bytes(content)
+    assert file_sha256(str(path)) == hashlib.sha256(content).hexdigest()
+
+
 def test_ids_and_categories_are_the_papers():
   assert len(zoo.ids()) == 51 == len(set(zoo.ids()))
   assert zoo.CATEGORIES == tuple(R50_CATEGORIES)
