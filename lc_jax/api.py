@@ -119,8 +119,12 @@ def criticality(model: Any, variables: dict | None, images, labels=None, *,
   _check_count('batch_size', batch_size)
   _check_model(model, variables)
   reset_lib.check_mode(mode)
+  reset_lib.check_alpha(mode, alpha)
   if mode == 'checkpoint' and source is None:
     raise UserError("mode 'checkpoint' needs the other checkpoint's variables as source=")
+  if mode != 'checkpoint' and source is not None:
+    raise UserError(f"source= applies to mode 'checkpoint' only, and this call resets in mode "
+                    f"{mode!r}: leave it out, or give mode='checkpoint'")
   if workdir is not None and not isinstance(images, (np.ndarray, jax.Array)):
     raise UserError('workdir= needs the images as one array (N, H, W, C): their digest is part '
                     "of the run's identity; an iterable of batches runs without a workdir")

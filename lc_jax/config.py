@@ -234,9 +234,15 @@ def _check_values(run: RunConfig) -> None:
     if not reset_.init_checkpoint:
       raise UserError('reset.mode=checkpoint needs reset.init_checkpoint=PATH')
     checkpoints.check(reset_.init_checkpoint, 'reset.init_checkpoint')
-  if not 0.0 <= reset_.alpha <= 1.0:
-    raise UserError(f'reset.alpha={reset_.alpha} must lie in [0, 1] (the trained weights\' '
-                    'share: 0 is the reset, 1 the trained layer)')
+  elif reset_.init_checkpoint:
+    raise UserError(f'reset.init_checkpoint applies to reset.mode=checkpoint only, and this run '
+                    f'resets in mode {reset_.mode}: leave it empty '
+                    '(--config.reset.init_checkpoint=), or set --config.reset.mode=checkpoint')
+  reset.check_alpha(reset_.mode, reset_.alpha, 'reset.alpha')
+  if run.data.source == 'photos' and run.data.path:
+    raise UserError(f'data.path={run.data.path} is not read: data.source=photos measures the '
+                    "bundled scikit-image photos; for a folder of images add "
+                    '--config.data.source=imagefolder (or tfds with its data_dir)')
   if run.trials <= 0:
     raise UserError(f'trials={run.trials}: give a positive number of trials')
   if not 0 <= run.seed < 2**32:

@@ -100,6 +100,9 @@ class Memory:
   def write_per_image(self, values) -> None:
     del values
 
+  def kept_per_image(self) -> set[str]:
+    return set()
+
   def clear_per_image(self) -> None:
     pass
 
@@ -142,6 +145,16 @@ class Walk:
           self.pending + [_ORIGINAL_KEY], num_batches, metrics.SUMS)
     else:
       self.first_batch, self.sums = 0, {}
+    if keep_per_image:  # rows measured without it cannot be given their values afterwards
+      done = [_key(t, target) for target in plan.targets for t in range(plan.num_trials)
+              if store.done(t, target.name)]
+      kept = store.kept_per_image() if done else set()
+      lacking = [key for key in done if key not in kept]
+      if lacking:
+        raise UserError(f'keep_per_image: {len(lacking)} of the {len(done)} rows in '
+                        'results.csv were measured without their per-image values (per_image.npz '
+                        f'lacks {lacking[0]}), and a finished row is not measured again: measure '
+                        'into a new workdir to keep every row\'s values')
     # The per-image values of the batches done, when kept: without them the rows start over.
     self._earlier: dict[str, np.ndarray] = {}
     if keep_per_image and self.first_batch:

@@ -61,16 +61,31 @@ def load(spec: str) -> Callable[[], Any]:
   except ImportError as e:
     raise UserError(f'model.factory={spec!r}: cannot import {module_name} ({e}); is it on '
                     'PYTHONPATH?') from None
+  except Exception as e:  # pylint: disable=broad-except  # the user's module failed at import
+    raise _raised(spec, f'importing {module_name}', e) from e
   function = getattr(module, function_name, None)
   if not callable(function):
     raise UserError(f'model.factory={spec!r}: {module_name} has no function {function_name}')
   return function
 
 
+def _raised(spec: str, doing: str, error: Exception) -> UserError:
+  """The one-line error of a factory whose own code raised while `doing`."""
+  return UserError(f'model.factory={spec!r} raised {type(error).__name__} {doing}: '
+                   f'{str(error).splitlines()[0] if str(error) else "(no message)"} (call it in '
+                   'Python to see the traceback)')
+
+
 def make(spec: str, image_size: int, scheme: str = '') -> Made:
   """Calls the factory `spec` and adapts what it returns (traced on one image of
   `image_size` x `image_size` x 3, nothing computed)."""
-  made = load(spec)()
+  function = load(spec)
+  try:
+    made = function()
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the user's code: one line, not a trace
+    raise _raised(spec, 'calling it', e) from e
   if isinstance(made, nnx.Module):
     model, variables = made, None
   elif (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module)

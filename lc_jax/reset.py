@@ -169,6 +169,17 @@ def check_mode(mode: str) -> None:
     raise errors.unknown('reset mode', mode, MODES)
 
 
+def check_alpha(mode: str, alpha: float, field: str = 'alpha') -> None:
+  """Refuses an interpolation share outside [0, 1], or one given to a mode that does not
+  interpolate (it would change nothing, yet enter the run's identity)."""
+  if not 0.0 <= alpha <= 1.0:
+    raise UserError(f'{field}={alpha} must lie in [0, 1] (the trained weights\' share: 0 is the '
+                    'reset, 1 the trained layer)')
+  if alpha and mode != 'interpolate':
+    raise UserError(f'{field}={alpha} applies to mode interpolate only, and this run resets in '
+                    f'mode {mode}: leave it at 0, or interpolate')
+
+
 def make(mode: str, all_layers: list[Layer], *, source: dict | None = None,
          alpha: float = 0.0) -> Reset:
   """The reset function `(variables, target) -> variables` of a mode.

@@ -169,6 +169,14 @@ class Store:
     merged.update(values)
     workdir_lib.write_atomically(path, _npz(merged))
 
+  def kept_per_image(self) -> set[str]:
+    """The rows (trial/target keys) whose per-image values PER_IMAGE holds."""
+    try:
+      with np.load(os.path.join(self.workdir, schema.PER_IMAGE)) as saved:
+        return set(saved.files)
+    except (OSError, ValueError):
+      return set()
+
   def clear_per_image(self) -> None:
     """Drops the per-batch values once PER_IMAGE and every row are written."""
     if self.writer:

@@ -80,3 +80,7 @@ def perturbed_cnn():
 
 def not_a_model():
   return 'no model here'
+
+
+def raising():
+  raise RuntimeError('kaboom')

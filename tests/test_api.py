@@ -309,6 +309,11 @@ def test_bad_input_is_one_clear_error():
     lc_jax.criticality(module, variables, images, mode='checkpoint')
   with pytest.raises(UserError, match="dataset= names the image set .* not None"):
     lc_jax.criticality(module, variables, images, dataset=None)
+  # Settings of another mode change nothing; they are refused rather than ignored.
+  with pytest.raises(UserError, match="alpha=0.5 applies to mode interpolate only"):
+    lc_jax.criticality(module, variables, images, alpha=0.5)
+  with pytest.raises(UserError, match="source= applies to mode 'checkpoint' only"):
+    lc_jax.criticality(module, variables, images, mode='zero', source=variables)
 
 
 @pytest.mark.parametrize('script,expect', [

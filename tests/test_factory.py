@@ -161,6 +161,8 @@ def test_the_api_with_a_workdir_resumes_to_the_same_rows(tmp_path, monkeypatch):
     (['--config.model.factory=no_such_module:f'], 'cannot import no_such_module'),
     (['--config.model.factory=factory_models:missing'], 'has no function missing'),
     (['--config.model.factory=factory_models:not_a_model'], 'returned a str'),
+    (['--config.model.factory=factory_models:raising'],
+     "model.factory='factory_models:raising' raised RuntimeError calling it: kaboom"),
     (['--config.reset.mode=checkpoint', '--config.reset.init_checkpoint=x.pth'],
      'needs model.checkpoint, not model.factory'),
     (['--config.precision=bfloat16'], 'needs a registered architecture'),
@@ -172,7 +174,30 @@ def test_a_bad_factory_is_one_error_before_any_row(extra, message, tmp_path, mon
   with pytest.raises(UserError, match=re.escape(message)) as raised:
     experiment.run(config, str(tmp_path / 'run'))
   assert '\n' not in str(raised.value)
-  assert not (tmp_path / 'run' / 'results.csv').exists()
+  assert not (tmp_path / 'run').exists()  # nothing left behind: no lock, no converted model
+
+
+def test_per_image_values_are_not_promised_for_rows_measured_without_them(tmp_path,
+                                                                           monkeypatch):
+  # A finished workdir run again with keep_per_image, and one whose first rows were measured
+  # without it: refused in one line, the rows and files as they were (a finished row is not
+  # measured again, so its values could never be written).
+  from lc_jax import experiment  # pylint: disable=g-import-not-at-top
+  monkeypatch.syspath_prepend(TESTS)
+  plain, _ = run_config.of(_args('unused', tmp_path / 'cache', 'linen_cnn', '--quiet',
+                                 '--config.keep_per_image=false'))
+  kept, _ = run_config.of(_args('unused', tmp_path / 'cache', 'linen_cnn', '--quiet',
+                                '--config.keep_per_image=true'))
+  experiment.run(plain, str(tmp_path / 'run'))
+  rows = (tmp_path / 'run' / 'results.csv').read_bytes()
+  with pytest.raises(UserError, match=r'keep_per_image: (\d+) of the \1 rows in results.csv were '
+                                      r'measured without their per-image values'):
+    experiment.run(kept, str(tmp_path / 'run'))
+  assert (tmp_path / 'run' / 'results.csv').read_bytes() == rows
+  assert not (tmp_path / 'run' / 'per_image.npz').exists()
+  # Rows measured with it resume with it, as test_per_image_values_resume_bit_identical shows.
+  experiment.run(kept, str(tmp_path / 'kept'))
+  experiment.run(kept, str(tmp_path / 'kept'))
 
 
 def test_per_image_values_resume_bit_identical(tmp_path, monkeypatch):
