@@ -27,9 +27,10 @@ EARLY = [i for i, (_, stage) in enumerate(LAYERS) if stage in ('stem', 'layer1')
 DEEP = [i for i, (_, stage) in enumerate(LAYERS) if stage in ('layer3', 'layer4')]
 
 
-def write_run(workdir, model_id, values, per_image=None, images='the same 100'):
+def write_run(workdir, model_id, values, per_image=None, images='the same 100', arch=None):
   """A runner-format workdir: values[trial][layer] criticality; per_image[trial][layer] an
-  array over images (its mean must be the trial's value), written to per_image.npz."""
+  array over images (its mean must be the trial's value), written to per_image.npz; `arch`
+  the run.json's architecture (None: a run.json without one)."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, schema.RESULTS), 'w', newline='') as f:
     writer = csv.writer(f)
@@ -39,7 +40,7 @@ def write_run(workdir, model_id, values, per_image=None, images='the same 100'):
         writer.writerow([model_id, 'imagenet2012', layer, trial, 'fresh', 'conv', stage, 100, 100,
                          '', '', '', 1 - c, '', '', '', '', '', c, 0.01, RUN_ID])
   with open(os.path.join(workdir, schema.RUN), 'w') as f:
-    json.dump({'images': images}, f)
+    json.dump({'images': images, **({} if arch is None else {'arch': arch})}, f)
   if per_image is not None:
     np.savez(os.path.join(workdir, schema.PER_IMAGE), **{
         f'{t}/{layer}': per_image[t][l] for t in range(len(per_image))
@@ -277,6 +278,41 @@ def test_cli_diff_prints_marks_and_draws(tmp_path):
   assert 'the runs measured different images' in result.stdout
   bad = _cli(['--diff', a], cwd=tmp_path)
   assert bad.returncode != 0 and 'compares two runs' in bad.stderr
+
+
+def test_diff_of_float_rounding_marks_nothing(tmp_path):
+  # Two runs of one model that differ only in float32 rounding (as other batch sizes give):
+  # per trial a difference of 1e-8 with no spread, whose interval excludes 0 by 1e-8 only.
+  # Nothing is marked; a real effect of 0.01 still is.
+  values = np.linspace(0.2, 0.7, len(LAYERS)) + np.array([[0.0], [0.001], [0.002]])
+  a = write_run(tmp_path / 'a', 'demo', values)
+  b = write_run(tmp_path / 'b', 'demo', values + 1e-8 + 1e-10 * np.arange(3)[:, None])
+  d = _diff(a, b)
+  assert d.over.startswith('Student t')
+  assert all(0 < l.low and l.high < 1e-6 for l in d.layers)
+  assert not any(l.marked for l in d.layers)
+  assert '(0 of 10 layers)' in diff.table(d) and '0.0001 pp of 0' in diff.table(d)
+  shifted = values.copy()
+  shifted[:, 5] += 0.01 + 1e-4 * np.arange(3)
+  c = write_run(tmp_path / 'c', 'demo', shifted)
+  assert [l.layer for l in _diff(a, c).layers if l.marked] == [LAYERS[5][0]]
+
+
+def test_diff_of_two_architectures_is_refused(tmp_path):
+  values = np.full((3, len(LAYERS)), 0.5)
+  a = write_run(tmp_path / 'a', 'r18', values, arch='resnet18')
+  b = write_run(tmp_path / 'b', 'r50', values + 0.1, arch='resnet50')
+  result = _cli(['--diff', a, b, f'--out={tmp_path / "out"}'], cwd=tmp_path)
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  assert 'resnet18' in lines[0] and 'resnet50' in lines[0]
+  assert not (tmp_path / 'out' / 'diff.csv').exists()
+  # One architecture, or a side whose run.json does not name one: compared.
+  same = write_run(tmp_path / 'same', 'r18b', values + 0.1, arch='resnet18')
+  unnamed = write_run(tmp_path / 'unnamed', 'r50', values + 0.1)
+  for other in (same, unnamed):
+    assert all(l.marked for l in _diff(a, other).layers)
 
 
 def test_diff_of_real_runs_marks_the_perturbed_layer_and_not_the_seed(tmp_path, monkeypatch):

@@ -209,13 +209,53 @@ def test_a_band_mean_is_over_the_models_that_have_the_layer():
   fig = figures.heatmap_figure(summaries, {'all': 'mine', 'convs': 'mine'}, ['mine'])
   (panel,) = [ax for ax in fig.axes if ax.get_label() == 'panel']
   rows = [t.get_text() for t in panel.get_yticklabels()]
-  assert rows == ['convs', 'all', 'mean of mine (2)']
+  assert rows == ['convs', 'all', 'mean of mine (1-2)']  # the BatchNorms: 'all' only
   columns = [t.get_text() for t in panel.get_xticklabels()]
   band_mean = np.ma.filled(panel.get_images()[0].get_array()[2].astype(float), np.nan)
   kinds = {name: kind for name, kind, _, _ in with_bn}
   want = np.array([20.0 if kinds[c] == 'batchnorm' else 60.0 for c in columns])
   assert columns == [name for name, _, _, _ in with_bn]
   np.testing.assert_allclose(band_mean, want)
+
+def _two_resnet18s(trials_of_two=2):
+  """A ResNet-18 of 3 trials over every layer (50 %) and one of `trials_of_two` trials over
+  layer1 and the head only (30 %)."""
+  r18 = _resnet(18)
+  some = [l for l in r18 if l[2] in ('layer1', 'head')]
+  two = [dataclasses.replace(s, trials=trials_of_two, per_trial=s.per_trial[:trials_of_two])
+         for s in _model('two', some, np.full(len(some), 0.3), spread=0)]
+  return _model('three', r18, np.full(len(r18), 0.5), spread=0) + two
+
+
+def test_heatmap_title_gives_the_range_of_trials():
+  fig = figures.heatmap_figure(_two_resnet18s())
+  title = fig._suptitle.get_text()  # pylint: disable=protected-access
+  assert '2-3 trials' in title and '3 trials' not in title.replace('2-3 trials', ''), title
+  fig = figures.heatmap_figure(_two_resnet18s(trials_of_two=3))
+  assert '3 trials' in fig._suptitle.get_text()  # pylint: disable=protected-access
+
+
+def test_heatmap_mean_row_says_how_many_models_a_layer_is_over():
+  # layer2 onwards only in one model: its cells hold that model's value, as a band's mean row
+  # does, and the row's label says the means are over 1 or 2 models, not '2 models'.
+  fig = figures.heatmap_figure(_two_resnet18s(trials_of_two=3))
+  mean_rows = [t.get_text() for t in _texts(fig) if t.get_text().startswith('mean of')]
+  assert mean_rows == ['mean of 1-2 models'], mean_rows
+  r18 = _resnet(18)
+  fig = figures.heatmap_figure(_model('a', r18, np.full(len(r18), 0.5))
+                               + _model('b', r18, np.full(len(r18), 0.3)))
+  assert [t.get_text() for t in _texts(fig) if t.get_text().startswith('mean of')] == [
+      'mean of 2 models']
+
+
+def test_scatter_of_equal_top1s_says_rho_is_undefined():
+  summaries = []
+  for i in range(3):
+    summaries += _model(f'm{i}', _resnet(18), np.full(21, 0.2 + 0.1 * i), top1=80.0, seed=i)
+  fig, _ = figures.scatter_figure(summaries)
+  legend = ' '.join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+  assert 'nan' not in legend and 'undefined' in legend and 'top-1' in legend, legend
+
 
 def test_scatter_has_intervals_on_both_axes_and_rho_in_its_legend(tmp_path):
   from matplotlib.container import ErrorbarContainer  # pylint: disable=g-import-not-at-top

@@ -1,5 +1,6 @@
 """Two models, or two runs of one, compared layer by layer: B - A with a paired 95% interval, and
-the layers whose interval excludes 0 marked.
+the layers whose interval excludes 0 marked (its ends within ROUNDING of 0, float32 rounding,
+counted as 0).
 
     python -m lc_jax.report --diff A B [--out DIR]      # A, B: workdirs, or CSV@MODEL_ID
 
@@ -27,6 +28,12 @@ from lc_jax.report import read
 from lc_jax.report import stats
 from lc_jax.report.stats import LayerSummary, by_model, summarize
 
+# Criticality (a fraction) within which two runs of the same model and images agree whatever
+# their batch and chunk layout: each image's float32 arithmetic rounds differently under another
+# layout (docs/speed.md, tested to 1e-6). An interval end or difference within it counts as 0,
+# so that rounding is not marked as a change.
+ROUNDING = 1e-6
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerDiff:
@@ -42,8 +49,8 @@ class LayerDiff:
 
   @property
   def marked(self) -> bool:
-    """Whether the interval excludes 0."""
-    return bool(self.low > 0 or self.high < 0)
+    """Whether the interval excludes 0, its ends within ROUNDING of 0 counted as 0."""
+    return bool(self.low > ROUNDING or self.high < -ROUNDING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +112,14 @@ def diff(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str, Any]],
 
   `per_image_*`: read.per_image_of of each side, or None; `same_images`: whether the two runs
   measured the same images in the same order (their run.json agree), which pairing needs.
+  Runs whose run.json name two architectures are refused (a UserError); a side without one
+  (the paper's CSV, an API run without a workdir) is taken as it is.
   """
+  archs = [read.run_arch(rows[0]['source']) if rows else '' for rows in (rows_a, rows_b)]
+  if all(archs) and archs[0] != archs[1]:
+    raise UserError(f'{labels[0]} is a {archs[0]} and {labels[1]} a {archs[1]} (their run.json): '
+                    '--diff pairs layers by name, and in another architecture a name is '
+                    'another layer; compare two runs of one architecture')
   sides = []
   for rows, label in ((rows_a, labels[0]), (rows_b, labels[1])):
     grouped = by_model(summarize(rows))
@@ -175,7 +189,9 @@ def table(d: Diff) -> str:
                  f'{100 * l.difference:+8.2f} {_interval(l):>18s}' + (' *' if l.marked else ''))
   marked = [l.layer for l in d.layers if l.marked]
   lines.append(f'95% intervals: {d.over}. *: the interval excludes 0 '
-               f'({len(marked)} of {len(d.layers)} layers)')
+               f'({len(marked)} of {len(d.layers)} layers), its ends within {100 * ROUNDING:g} '
+               'pp of 0 counted as 0 (float32 rounding: runs of other batch sizes differ by '
+               'that much)')
   lines += [f'note: {n}' for n in d.notes]
   return '\n'.join(lines)
 

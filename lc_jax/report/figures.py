@@ -92,9 +92,16 @@ def _common(values) -> str | None:
   return str(values.pop()) if len(values) == 1 else None
 
 
+def _count(counts, word: str) -> str:
+  """'3 trials', or '2-3 trials' where the counts differ."""
+  low, high = min(counts), max(counts)
+  return _plural(high, word) if low == high else f'{low:.0f}-{high:.0f} {word}s'
+
+
 def _protocol(layers: Sequence[LayerSummary]) -> list[str]:
   """What the layers were measured under, where they agree: 'fresh reset', '7 images of
-  imagenet_r' (the image set where results.csv names it), '3 trials'."""
+  imagenet_r' (the image set where results.csv names it), '3 trials' (the most of a model's
+  layers; '2-3 trials' where the models differ)."""
   parts = []
   mode = _common(s.mode for s in layers)
   if mode:
@@ -105,8 +112,10 @@ def _protocol(layers: Sequence[LayerSummary]) -> list[str]:
     parts.append(_plural(float(images), 'image') + (f' of {image_set}' if image_set else ''))
   elif image_set:
     parts.append(image_set)
-  trials = max(s.trials for s in layers)
-  parts.append(_plural(trials, 'trial'))
+  trials = {}
+  for s in layers:
+    trials[s.model] = max(trials.get(s.model, 0), s.trials)
+  parts.append(_count(trials.values(), 'trial'))
   return parts
 
 
@@ -304,8 +313,9 @@ def _bands(models: Sequence[str], matrix: np.ndarray, category_of: Mapping[str, 
 
   Bands follow `order`; within a band the models are sorted by mean criticality over their
   layers, most critical first (ties by name); under every band a row 'mean of CATEGORY (n)'
-  holds the mean of each layer over the band's models (the model itself in a band of one, so
-  that every band reads the same way, as in the paper's Figure 1).
+  holds the mean of each layer over the band's models that have it (the model itself in a band
+  of one, so that every band reads the same way, as in the paper's Figure 1); n is the band's
+  models, '1-2' where some lack a layer.
   """
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', RuntimeWarning)
@@ -321,12 +331,22 @@ def _bands(models: Sequence[str], matrix: np.ndarray, category_of: Mapping[str, 
     for m in members:
       labels.append(m)
       rows.append(matrix[index[m]])
+    chosen = matrix[[index[m] for m in members]]
     with warnings.catch_warnings():
       warnings.simplefilter('ignore', RuntimeWarning)
-      rows.append(np.nanmean(matrix[[index[m] for m in members]], axis=0))
-    labels.append(f'mean of {category} ({len(members)})')
+      rows.append(np.nanmean(chosen, axis=0))
+    labels.append(f'mean of {category} ({_models_per_layer(chosen, bare=True)})')
     bands.append((category, start, len(rows)))
   return labels, np.array(rows), bands
+
+
+def _models_per_layer(matrix: np.ndarray, bare: bool = False) -> str:
+  """How many models (rows of `matrix`) a mean row's cells are over: '3 models', or '1-3
+  models' where some lack a layer (a layer no model has is left out); `bare`: the count alone."""
+  counts = np.sum(np.isfinite(matrix), axis=0)
+  counts = counts[counts > 0].tolist() or [len(matrix)]
+  text = _count(counts, 'model')
+  return text.split(' ')[0] if bare else text
 
 
 def heatmap_figure(summaries: Sequence[LayerSummary],
@@ -417,7 +437,7 @@ def heatmap_figure(summaries: Sequence[LayerSummary],
       bottom = axes(0, bottom_y, panel_w, cell_h)
       bottom.imshow(np.ma.masked_invalid(col_mean[None, :]), **style)
       bottom.set_yticks([0])
-      bottom.set_yticklabels([f'mean of {len(models)} models'], fontsize=LABEL_PT)
+      bottom.set_yticklabels([f'mean of {_models_per_layer(matrix)}'], fontsize=LABEL_PT)
       bottom.set_xticks([])
       if cols <= 120:
         _cell_text(bottom, col_mean[None, :], 6)
@@ -554,7 +574,8 @@ def diff_figure(d):
 
 def plot_diff(d, path: str) -> None:
   """The difference profile of a report.diff.Diff: B - A per layer (forward order, stages
-  shaded) with its 95% interval; layers whose interval excludes 0 in red."""
+  shaded) with its 95% interval; layers whose interval excludes 0 (LayerDiff.marked, beyond
+  float32 rounding) in red."""
   _save(diff_figure(d), path)
 
 
@@ -607,8 +628,13 @@ def scatter_figure(summaries: Sequence[LayerSummary],
   yerr = np.array([np.where(np.isfinite(low), y - low, 0.0),
                    np.where(np.isfinite(high), high - y, 0.0)])
   rho = spearman(x, y)
-  summary = (f"Spearman's rho = {rho:.2f} ({len(points)} models)" if len(points) >= 3 else
-             f"Spearman's rho: needs 3 models, {len(points)} here")
+  if len(points) < 3:
+    summary = f"Spearman's rho: needs 3 models, {len(points)} here"
+  elif np.isfinite(rho):
+    summary = f"Spearman's rho = {rho:.2f} ({len(points)} models)"
+  else:  # a constant has no ranks to correlate
+    same = 'top-1' if np.all(y == y[0]) else 'mean criticality'
+    summary = f"Spearman's rho: undefined, the {len(points)} models' {same} is the same"
   # One series per category (in `order`) when the models have categories, else one.
   category = [(category_of or {}).get(p[0], OTHER) for p in points]
   groups = ([c for c in order if c in category] + sorted(set(category) - set(order))

@@ -283,6 +283,15 @@ def run_images(csv_path: str) -> Any:
   return _run_info(csv_path).get('images')
 
 
+def run_arch(csv_path: str) -> str:
+  """The registered architecture of the run whose results CSV this is (run.json's 'arch':
+  'resnet50', ...), '' when it names none: a results CSV of the paper's, of the API without a
+  workdir, or a model.factory run ('factory:module:function' names the function that built the
+  model, not its architecture: two functions may build one)."""
+  arch = _run_info(csv_path).get('arch')
+  return arch if isinstance(arch, str) and not arch.startswith('factory:') else ''
+
+
 def run_dataset(csv_path: str) -> str:
   """The image set of a run whose results CSV has no dataset column (a version before it), from
   the run.json beside it: 'photos', the ImageFolder's set, or config.data.name; '' without one
