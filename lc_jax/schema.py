@@ -54,9 +54,9 @@ IMAGENET_VAL = 'imagenet2012'
 # 'photos', ...; '' where the API was given arrays without a name).
 COLUMNS = ('model_id', 'dataset', 'layer', 'trial', 'mode', 'kind', 'stage', 'num_params',
            'num_images') + METRICS + ('run_id',)
-# The columns of a results.csv written before `dataset` was one: a workdir holding one is
-# resumed, its rows given the run's dataset (lc_jax.results.Store); the report reads it with an
-# empty dataset.
+# The columns of a results.csv without `dataset`: a workdir holding one is resumed, its rows
+# given the run's dataset (lc_jax.results.Store); the report takes its dataset from the run.json
+# beside it, else leaves it empty (lc_jax.report.read.run_dataset).
 WITHOUT_DATASET = tuple(c for c in COLUMNS if c != 'dataset')
 # run.json entries that make a run what it is: a workdir is resumed only with all of them equal.
 RUN_IDENTITY = ('config', 'checkpoint_sha256', 'images', 'targets')
