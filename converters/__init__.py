@@ -10,7 +10,7 @@ lc_jax.checkpoints'.
 
 import importlib
 
-from converters.convert import convert, digests_sha256
+from converters.convert import ArchitectureMismatch, convert, digests_sha256
 from converters.layouts import LAYOUTS, convert_layout
 from converters.mapping import Mismatch, MismatchError
 from converters.reader import DROP_RULES, ConversionError, DropRule, read

@@ -19,6 +19,9 @@ from converters import cli
 from lc_jax import errors
 from lc_jax import launch
 from lc_jax import models
+from lc_jax.errors import UserError
+
+USAGE = 'python -m converters SRC [--arch ARCH] --out DIR'
 
 # Defined when run as a program (`_run`).
 _ARCH = _OUT = _OVERWRITE = _TRUST_PICKLE = _ALLOW_NONFINITE = _MEAN = _STD = None
@@ -26,10 +29,12 @@ _ARCH = _OUT = _OVERWRITE = _TRUST_PICKLE = _ALLOW_NONFINITE = _MEAN = _STD = No
 
 @errors.exits_cleanly
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError('give one checkpoint: python -m converters SRC --out DIR')
+  if len(argv) == 3 and _OUT.value is None:  # `python -m converters SRC DIR`
+    raise UserError(f'unexpected argument {argv[2]}; give the output folder as a flag: '
+                    f'python -m converters {argv[1]} --out {argv[2]}')
+  src = cli.one_source(argv, f'{USAGE} (--help lists the flags)')
   arch, variables, metadata = converters.convert(
-      argv[1], _ARCH.value, trust_pickle=_TRUST_PICKLE.value,
+      src, _ARCH.value, trust_pickle=_TRUST_PICKLE.value,
       mean=cli.floats(_MEAN.value, 'mean'), std=cli.floats(_STD.value, 'std'),
       allow_nonfinite=_ALLOW_NONFINITE.value)
   metadata['arch_inferred'] = _ARCH.value is None

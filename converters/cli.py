@@ -9,6 +9,18 @@ import jax
 from lc_jax.errors import UserError
 
 
+def one_source(argv: Sequence[str], usage: str) -> str:
+  """The one checkpoint of a converter command line (`argv` as absl leaves it: the program,
+  then the arguments that are not flags); a UserError, one `error:` line that shows `usage`,
+  for none or several."""
+  if len(argv) == 2:
+    return argv[1]
+  if len(argv) < 2:
+    raise UserError(f'give one checkpoint: {usage}')
+  raise UserError(f'unexpected arguments after the checkpoint {argv[1]}: {" ".join(argv[2:])} '
+                  f'(one checkpoint at a time; the rest are flags): {usage}')
+
+
 def floats(values: Sequence[str] | None, name: str) -> tuple[float, ...] | None:
   """'0.5,0.5,0.5' as parsed by a list flag -> (0.5, 0.5, 0.5); None stays None."""
   if values is None:

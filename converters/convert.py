@@ -20,6 +20,17 @@ from lc_jax import models
 from lc_jax.version import __version__
 
 
+class ArchitectureMismatch(ConversionError):
+  """A checkpoint (`where`) of another architecture (`found`) than the one asked for (`arch`);
+  the message advises converting it as what it holds, which suits a checkpoint whose
+  architecture is free to choose."""
+
+  def __init__(self, where: str, found: str, arch: str):
+    super().__init__(f'{where} holds {found} weights, not {arch}; '
+                     f'convert it as {found} or leave the architecture out')
+    self.where, self.found, self.arch = where, found, arch
+
+
 def convert(src: str, arch: str | None = None, *, trust_pickle: bool = False,
             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             allow_nonfinite: bool = False) -> tuple[str, dict, dict[str, Any]]:
@@ -78,8 +89,7 @@ def build(tensors: dict[str, np.ndarray], arch: str | None, mean, std, where: st
   else:
     recipe = recipes.for_family(models.get(arch).family)
     if found is not None and arch not in found[1]:
-      raise ConversionError(f'{where} holds {found[1][0]} weights, not {arch}; '
-                            f'convert it as {found[1][0]} or leave the architecture out')
+      raise ArchitectureMismatch(where, found[1][0], arch)
   spec = models.get(arch)
   tensors = recipe.rename(dict(tensors))
   num_classes = spec.num_classes

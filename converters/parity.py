@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 import converters
+from converters import cli
 from converters import mapping
 from lc_jax import batches
 from lc_jax import data
@@ -157,10 +158,10 @@ def _class_name(index: int) -> str:
 
 @errors.exits_cleanly
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError('give one checkpoint: python -m converters.parity SRC')
+  src = cli.one_source(argv, 'python -m converters.parity SRC [--arch ARCH] (--help lists the '
+                       'flags)')
   jax.config.update('jax_default_matmul_precision', 'highest')
-  arch, variables, metadata = converters.convert(argv[1], _ARCH.value,
+  arch, variables, metadata = converters.convert(src, _ARCH.value,
                                                  trust_pickle=_TRUST_PICKLE.value)
   module = models.create_from_card(metadata)
   model = torch_model(arch, variables, metadata['num_classes'])

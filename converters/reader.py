@@ -21,6 +21,7 @@ import pickle
 import re
 import struct
 import zipfile
+import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -181,12 +182,12 @@ def load(path: str, trust_pickle: bool = False,
   fmt = _sniff(head)
   if fmt == 'safetensors':
     obj = _read_safetensors(path)
-  elif fmt == 'torch-zip':
-    obj = _read_torch_zip(path, allowed)
-    if obj is None:  # holds more than tensors and plain containers: torch reads it
-      obj = _read_torch(path, trust_pickle, allowed)
-  elif fmt == 'torch-legacy':
-    obj = _read_torch_legacy(path, allowed)
+  elif fmt in ('torch-zip', 'torch-legacy'):
+    plain = _read_torch_zip if fmt == 'torch-zip' else _read_torch_legacy
+    try:
+      obj = plain(path, allowed)
+    except _Damaged as e:  # torch.load fails on it too: no need of torch to say so
+      raise ConversionError(_damaged_message(path, str(e))) from None
     if obj is None:  # holds more than tensors and plain containers: torch reads it
       obj = _read_torch(path, trust_pickle, allowed)
   else:
@@ -315,9 +316,13 @@ class _TensorUnpickler(_PlainUnpickler):
     if kind != 'storage' or not isinstance(numel, int) or numel < 0:
       raise _NotPlain(kind)
     if key not in self.storages:  # tensors sharing a storage share one read
-      raw = self.archive.read(f'{self.prefix}data/{key}')
+      name = f'{self.prefix}data/{key}'
+      if name not in self.archive.NameToInfo:
+        raise _Damaged(f'the archive has no {name}')
+      raw = self.archive.read(name)
       if len(raw) < numel * _itemsize(dtype):
-        raise _NotPlain('short storage')
+        raise _Damaged(f'{name} holds {len(raw)} bytes, its tensors need '
+                       f'{numel * _itemsize(dtype)}')
       self.storages[key] = _storage(raw, dtype, numel)
     return self.storages[key]
 
@@ -380,39 +385,68 @@ class _LegacyUnpickler(_PlainUnpickler):
 
 def _read_torch_legacy(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
   """A torch legacy (non-zip) checkpoint of tensors in plain containers, read without torch;
-  None when it holds anything else, or is damaged (torch then reads it and explains)."""
+  None when it holds anything else (torch then reads it, or says what is wrong). A file cut
+  short or damaged, on which torch.load fails too, raises `_Damaged`."""
+  with open(path, 'rb') as f:
+    raw = f.read()
   try:
-    with open(path, 'rb') as f:
-      raw = f.read()
-    stream = io.BytesIO(raw)
-    magic, protocol, sys_info = (_PlainUnpickler(stream).load() for _ in range(3))
-    if (magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict)
-        or sys_info.get('little_endian') is not True):
-      return None
-    start = stream.tell()
-    scan = _LegacyUnpickler(stream, None, allowed)
-    scan.load()
-    keys = _PlainUnpickler(stream).load()
-    if not isinstance(keys, list) or sorted(keys) != sorted(scan.wanted):
-      return None
-    storages: dict[str, np.ndarray] = {}
-    at = stream.tell()
-    for key in keys:
-      dtype, numel = scan.wanted[key]
-      count, = struct.unpack_from('<q', raw, at)
-      at += 8
-      if count != numel or at + count * _itemsize(dtype) > len(raw):
-        return None
-      storages[key] = _storage(raw, dtype, count, at)
-      at += count * _itemsize(dtype)
-    stream.seek(start)
-    return _LegacyUnpickler(stream, storages, allowed).load()
+    return _plain_legacy(raw, allowed)
+  except _NotPlain:
+    return None  # torch.load reads it, or refuses it
+  except _Damaged:
+    raise
+  except _DAMAGE as e:
+    raise _Damaged(_first_line(e)) from None
   except Exception:  # pylint: disable=broad-except
-    return None  # anything unusual or damaged: torch.load reads it, or says what is wrong
+    return None  # anything unusual: torch.load reads it, or says what is wrong
+
+
+def _plain_legacy(raw: bytes, allowed: tuple[type, ...]) -> Any | None:
+  stream = io.BytesIO(raw)
+  magic, protocol, sys_info = (_PlainUnpickler(stream).load() for _ in range(3))
+  if magic != _LEGACY_MAGIC:
+    raise _Damaged("it starts with a pickle, but not with torch's magic number")
+  if protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict):
+    raise _Damaged(f"protocol {protocol!r}, not torch's {_LEGACY_PROTOCOL}")
+  if sys_info.get('little_endian') is not True:
+    return None  # big-endian: torch.load reads it
+  start = stream.tell()
+  scan = _LegacyUnpickler(stream, None, allowed)
+  scan.load()
+  keys = _PlainUnpickler(stream).load()
+  if not isinstance(keys, list) or sorted(keys) != sorted(scan.wanted):
+    raise _Damaged('its list of storages is not that of its tensors')
+  storages: dict[str, np.ndarray] = {}
+  at = stream.tell()
+  for key in keys:
+    dtype, numel = scan.wanted[key]
+    count, = struct.unpack_from('<q', raw, at)
+    at += 8
+    if count != numel:
+      raise _Damaged(f'storage {key} holds {count} elements, its tensors {numel}')
+    if at + count * _itemsize(dtype) > len(raw):
+      raise _Damaged(f'cut short: storage {key} ends at byte {at + count * _itemsize(dtype)} '
+                     f'of a file of {len(raw)}')
+    storages[key] = _storage(raw, dtype, count, at)
+    at += count * _itemsize(dtype)
+  stream.seek(start)
+  return _LegacyUnpickler(stream, storages, allowed).load()
 
 
 class _NotPlain(Exception):
-  pass
+  """Something besides tensors and plain containers: torch.load reads it, or refuses it."""
+
+
+class _Damaged(Exception):
+  """A torch file cut short or damaged (torch.load fails on it too); the message says how."""
+
+
+# What reading a cut or damaged file raises (a bad archive, a pickle cut short or garbled).
+_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, struct.error)
+
+
+def _damaged_message(path: str, reason: str) -> str:
+  return f'cannot read {path}: truncated or not a PyTorch checkpoint ({reason})'
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
@@ -430,11 +464,13 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
 
 def _read_torch_zip(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
   """A torch zip checkpoint of tensors in plain containers, read without torch (faster, and no
-  torch in memory); None when it holds anything else, or is damaged (torch then reads it and
-  explains)."""
+  torch in memory); None when it holds anything else (torch then reads it, or says what is
+  wrong). A file cut short or damaged, on which torch.load fails too, raises `_Damaged`."""
   try:
     with zipfile.ZipFile(path) as archive:
       pickles = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+      if not pickles:
+        raise _Damaged('a zip archive without the data.pkl of a PyTorch file')
       if len(pickles) != 1:
         return None
       prefix = pickles[0][:-len('data.pkl')]
@@ -442,8 +478,14 @@ def _read_torch_zip(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
           prefix + 'byteorder') != b'little':
         return None
       return _TensorUnpickler(archive, prefix, allowed).load()
+  except _NotPlain:
+    return None  # torch.load reads it, or refuses it
+  except _Damaged:
+    raise
+  except _DAMAGE as e:
+    raise _Damaged(_first_line(e)) from None
   except Exception:  # pylint: disable=broad-except
-    return None  # anything unusual or damaged: torch.load reads it, or says what is wrong
+    return None  # anything unusual: torch.load reads it, or says what is wrong
 
 
 def _read_torch(path: str, trust_pickle: bool, allowed: tuple[type, ...] = ()) -> Any:
@@ -463,8 +505,7 @@ def _read_torch(path: str, trust_pickle: bool, allowed: tuple[type, ...] = ()) -
         'the file; if you trust it, allow it: --config.model.trust_pickle=true for run.py, '
         '--trust_pickle for python -m converters, trust_pickle=True in Python', path) from None
   except (RuntimeError, EOFError, OSError, ValueError) as e:
-    raise ConversionError(f'cannot read {path}: truncated or not a PyTorch checkpoint '
-                          f'({_first_line(e)})') from None
+    raise ConversionError(_damaged_message(path, _first_line(e))) from None
   except Exception as e:  # pylint: disable=broad-except
     # Unpickling a trusted file runs its code: any error of that code ends up here.
     raise ConversionError(f'cannot load {path}: {type(e).__name__}: {_first_line(e)}') from None

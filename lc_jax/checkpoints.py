@@ -80,12 +80,30 @@ def sha256(source: str, *, offline: bool | None = None, mirrors: str = '') -> st
 def convert(source: str, arch: str | None = None, *, trust_pickle: bool = False,
             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             offline: bool | None = None, mirrors: str = '',
-            allow_nonfinite: bool = False) -> tuple[str, dict, dict[str, Any]]:
+            allow_nonfinite: bool = False, of_model: str = '') -> tuple[str, dict, dict[str, Any]]:
   """`converters.convert` of any checkpoint argument: a path or bundled:NAME as it is; zoo:ID's
   files fetched (or taken from the cache; `offline`, `mirrors`) and read in the model's layout
   with its normalisation, unless `mean`/`std` are given; an hf: id's weights fetched likewise
   and read as the architecture and with the normalisation of its config.json (`hub_config`),
-  or as its keys tell without one. Returns (arch, variables, metadata)."""
+  or as its keys tell without one. `of_model`: the setting that names `source` when it must be
+  of the model's architecture `arch` (e.g. 'reset.init_checkpoint'); one of another
+  architecture is then refused as such, not with the advice to convert it as what it holds.
+  Returns (arch, variables, metadata)."""
+  try:
+    return _convert(source, arch, trust_pickle=trust_pickle, mean=mean, std=std,
+                    offline=offline, mirrors=mirrors, allow_nonfinite=allow_nonfinite)
+  except converters.ArchitectureMismatch as e:
+    if not of_model:
+      raise
+    raise converters.ConversionError(
+        f'{of_model}: {e.where} holds {e.found} weights, not {e.arch}; it must hold weights of '
+        f"the model's architecture ({e.arch})") from None
+
+
+def _convert(source: str, arch: str | None, *, trust_pickle: bool,
+             mean: Sequence[float] | None, std: Sequence[float] | None,
+             offline: bool | None, mirrors: str,
+             allow_nonfinite: bool) -> tuple[str, dict, dict[str, Any]]:
   if hub.is_hub(source):
     paths = hub.fetch(source, offline=offline, mirrors=mirrors or None)
     return _convert_hub(source, *paths, arch, trust_pickle=trust_pickle, mean=mean, std=std,

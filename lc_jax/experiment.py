@@ -186,7 +186,7 @@ def reset_source(settings: RunConfig, model: Model, trial: int) -> dict | None:
     _, variables, _ = checkpoints.convert(
         settings.reset.init_checkpoint, model.card['arch'],
         trust_pickle=settings.model.trust_pickle, offline=settings.model.offline or None,
-        mirrors=settings.model.mirrors)
+        mirrors=settings.model.mirrors, of_model='reset.init_checkpoint')
     return variables
   return None
 

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from typing import Any, Iterable, Mapping
 
@@ -230,7 +231,7 @@ class Store:
     if others:
       raise UserError(f'{self.path} holds rows of another run (run_id {others[0]}, this run '
                       f'{self.run_id}): another configuration, checkpoint or image set; use a '
-                      'new --workdir, or the same settings to resume it')
+                      'new workdir, or the same settings to resume it')
     if complete != text and self.writer:
       with workdir_lib.open_own(self.path, 'r+b') as f:
         f.truncate(len(complete.encode('utf-8')))
@@ -307,7 +308,7 @@ def refuse_other_run(workdir: str, run_info: Mapping[str, Any]) -> None:
   if differences:
     shown = '; '.join(differences[:6]) + ('; ...' if len(differences) > 6 else '')
     raise UserError(f'{os.path.abspath(workdir)} holds a run of another configuration ({shown}); '
-                    'use a new --workdir, or the same settings to resume it')
+                    'use a new workdir, or the same settings to resume it')
 
 
 def _differences(old: Any, new: Any, prefix: str) -> Iterable[str]:
@@ -319,5 +320,14 @@ def _differences(old: Any, new: Any, prefix: str) -> Iterable[str]:
 
 
 def _short(value: Any) -> str:
+  """`value` as JSON in at most 60 characters; a long string keeps its quotes and both ends
+  (digests that differ in their last characters still differ)."""
   text = json.dumps(value, default=str)
-  return text if len(text) <= 60 else text[:57] + '...'
+  if len(text) <= 60:
+    return text
+  if isinstance(value, str):
+    return (json.dumps(value[:40], ensure_ascii=False)[:-1] + '...'
+            + json.dumps(value[-12:], ensure_ascii=False)[1:])
+  cut = text[:56].rstrip('\\')
+  inside = len(re.findall(r'(?<!\\)"', cut)) % 2  # cut inside a string: close it
+  return cut + ('..."' if inside else '...')

@@ -241,3 +241,21 @@ def test_bad_input_ends_in_one_line(tmp_path, resnet18_file, resnet50_state):
     assert fragment in lines[0], (name, lines[0])
     assert 'Traceback' not in result.stderr
     assert not (tmp_path / 'out').exists(), f'{name}: nothing is written on failure'
+
+
+def test_arguments_besides_one_checkpoint_end_in_one_line(tmp_path, resnet18_file):
+  # `python -m converters SRC DIR` (--out forgotten), no checkpoint, or two: one `error:` line
+  # with the usage, exit status 1, nothing written; not the whole --help.
+  out = tmp_path / 'out'
+  cases = [
+      ([resnet18_file, str(out)], f'python -m converters {resnet18_file} --out {out}'),
+      ([], 'give one checkpoint: python -m converters SRC'),
+      ([resnet18_file, resnet18_file, '--out', str(out)], 'unexpected arguments after'),
+  ]
+  for argv, fragment in cases:
+    result = _cli(*argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, (argv, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith('error: '), (argv, result.stderr)
+    assert fragment in lines[0], (argv, lines[0])
+    assert result.stdout == '' and not out.exists()

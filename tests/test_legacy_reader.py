@@ -103,9 +103,72 @@ def test_damaged_legacy_file_goes_to_torch_which_explains(tmp_path):
   torch.save({'w': torch.randn(100, 100)}, path, _use_new_zipfile_serialization=False)
   cut = tmp_path / 'cut.pth'
   cut.write_bytes(path.read_bytes()[:20_000])
-  assert reader._read_torch_legacy(str(cut)) is None  # pylint: disable=protected-access
+  with pytest.raises(reader._Damaged, match='cut short'):  # pylint: disable=protected-access
+    reader._read_torch_legacy(str(cut))  # pylint: disable=protected-access
   with pytest.raises(reader.ConversionError, match='truncated or not a PyTorch checkpoint'):
     reader.load(str(cut))
+  with pytest.raises(Exception):  # torch.load fails on it too
+    torch.load(cut, weights_only=True)
+
+
+# Reads each of argv[1:] with reader.load in an interpreter without torch; prints one line for
+# each: the error's, or 'read'.
+_ERRORS_WITHOUT_TORCH = """
+import sys
+sys.modules['torch'] = None  # importing torch raises ImportError
+from converters import reader
+for path in sys.argv[1:]:
+  try:
+    reader.load(path)
+    print('read')
+  except reader.ConversionError as e:
+    print(str(e).replace(chr(10), ' NEWLINE '))
+"""
+
+
+def _errors_without_torch(paths):
+  result = subprocess.run([sys.executable, '-c', _ERRORS_WITHOUT_TORCH, *map(str, paths)],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  return result.stdout.splitlines()
+
+
+def test_damaged_files_are_called_damaged_without_torch(tmp_path):
+  # A torch file cut short or garbled is damaged, with torch or without: the base install says
+  # so, and does not send its user to install torch to learn it.
+  state = {'w': torch.randn(100, 100), 'b': torch.randn(100)}
+  torch.save(state, tmp_path / 'zip.pth')
+  torch.save(state, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)
+  zipped, legacy = (tmp_path / 'zip.pth').read_bytes(), (tmp_path / 'legacy.pth').read_bytes()
+  garbled = bytearray(zipped)
+  at = zipped.index(b'data.pkl') + 40  # inside the pickle's stored bytes: its CRC fails
+  garbled[at:at + 8] = b'\xff' * 8
+  plain = pickle.dumps({'w': 1.0}, protocol=2)  # a pickle, but not torch's: starts like one
+  cases = {
+      'zip cut': zipped[:len(zipped) // 2], 'zip cut to its pickle': zipped[:300],
+      'zip garbled': bytes(garbled), 'legacy cut': legacy[:len(legacy) // 2],
+      'legacy cut in its pickle': legacy[:120], 'plain pickle': plain,
+  }
+  paths = {}
+  for name, data in cases.items():
+    paths[name] = tmp_path / f'{name.replace(" ", "_")}.pth'
+    paths[name].write_bytes(data)
+    assert reader._sniff(data[:16]) in ('torch-zip', 'torch-legacy'), name  # pylint: disable=protected-access
+    with pytest.raises(reader.ConversionError, match='truncated or not a PyTorch checkpoint'):
+      reader.load(str(paths[name]))  # with torch
+    with pytest.raises(Exception):  # which cannot read it either
+      torch.load(paths[name], weights_only=True)
+  torch.save({'w': state['w'], 'args': argparse.Namespace(lr=0.1)}, tmp_path / 'args.pth')
+  intact = [tmp_path / 'zip.pth', tmp_path / 'legacy.pth']
+  lines = _errors_without_torch([*paths.values(), *intact, tmp_path / 'args.pth'])
+  for (name, path), line in zip(paths.items(), lines):
+    print(f'{name}: {line}')
+    assert line.startswith(f'cannot read {path}: truncated or not a PyTorch checkpoint ('), (
+        name, line)
+    assert 'needs PyTorch' not in line and 'NEWLINE' not in line, (name, line)
+  # The intact files read without torch; one that holds more than tensors asks for torch.
+  assert lines[len(paths):] == ['read', 'read', lines[-1]]
+  assert 'needs PyTorch' in lines[-1]
 
 
 class _Payload:

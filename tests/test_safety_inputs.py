@@ -346,3 +346,64 @@ def test_refused_run_leaves_no_files(resnet18_state, tmp_path):
     experiment.run(config, str(tmp_path / 'kept'))
   assert (tmp_path / 'kept' / 'notes.txt').read_text() == 'mine'
   assert (tmp_path / 'kept' / 'model' / store.CARD).exists()
+
+
+def test_another_run_is_refused_in_words_for_python_and_the_command_line(tmp_path):
+  # Shortened digests keep their quotes and both ends; the advice names no command-line flag,
+  # as the Python API (lc_jax.api, through results.Store) gives it too.
+  from lc_jax import results  # pylint: disable=g-import-not-at-top
+  old, new = 'bdddd1de' * 7 + '56071aaa', 'bdddd1de' * 7 + '86095bbb'
+  run = {'config': {'seed': 0}, 'checkpoint_sha256': 'ab', 'images': {'content': old},
+         'targets': ['fc']}
+  from lc_jax import schema  # pylint: disable=g-import-not-at-top
+  store = results.Store(str(tmp_path), run)
+  store.append({**{c: 0 for c in schema.COLUMNS}, 'model_id': 'm', 'layer': 'fc', 'trial': 0,
+                'mode': 'reinit', 'kind': 'linear', 'stage': 'head', 'num_params': 10,
+                'num_images': 7, **{m: 0.5 for m in schema.METRICS}, 'criticality': 0.1})
+  store.close()
+  with pytest.raises(UserError) as refused:
+    results.Store(str(tmp_path), {**run, 'images': {'content': new}})
+  message = str(refused.value)
+  assert (f'(images.content: "{old[:40]}...{old[-12:]}" -> "{new[:40]}...{new[-12:]}"); '
+          'use a new workdir, or the same settings to resume it') in message, message
+  assert '--workdir' not in message
+  # The rows alone (run.json gone) tell the same.
+  os.remove(tmp_path / 'run.json')
+  with pytest.raises(UserError, match='image set; use a new workdir, or the same settings'):
+    results.Store(str(tmp_path), {**run, 'images': {'content': new}})
+  # A long value of another kind: cut inside a string, the string is closed.
+  shown = results._short({'path': 'x' * 80})  # pylint: disable=protected-access
+  assert shown.count('"') % 2 == 0 and shown.endswith('..."') and len(shown) <= 60
+
+
+def test_an_unprepared_tfds_set_is_named_with_its_own_advice(tmp_path):
+  # The set asked for is the one named; only a set downloaded by hand is said to need that.
+  from lc_jax import data  # pylint: disable=g-import-not-at-top
+  import optional  # pylint: disable=g-import-not-at-top
+  optional.tensorflow_datasets()
+  messages = {}
+  for name in ('imagenet_r', 'imagenet2012'):
+    with pytest.raises(UserError) as raised:
+      data.load(dict(source='tfds', name=name, path=str(tmp_path / 'no_data'), num_images=0),
+                cache_dir=str(tmp_path / 'cache'))
+    messages[name] = str(raised.value)
+  assert messages['imagenet_r'].startswith('cannot read tfds imagenet_r ')
+  assert 'tfds build imagenet_r' in messages['imagenet_r']
+  assert 'imagenet2012' not in messages['imagenet_r'] and 'manual' not in messages['imagenet_r']
+  assert 'imagenet2012 needs its manual download' in messages['imagenet2012']
+
+
+def test_an_init_checkpoint_of_another_architecture_is_refused_with_its_own_advice(
+    resnet18_state, tmp_path):
+  # The reset weights must be of the model's architecture: converting them as what they hold,
+  # or without an architecture, does not help (run.py: experiment.reset_source).
+  from lc_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  path = _save(resnet18_state, tmp_path / 'resnet18.safetensors')
+  with pytest.raises(UserError) as refused:
+    checkpoints.convert(path, 'resnet34', of_model='reset.init_checkpoint')
+  assert str(refused.value) == (
+      f"reset.init_checkpoint: {path} holds resnet18 weights, not resnet34; it must hold weights "
+      "of the model's architecture (resnet34)")
+  # A checkpoint whose architecture is free to choose keeps its advice.
+  with pytest.raises(converters.ArchitectureMismatch, match='convert it as resnet18 or leave '):
+    checkpoints.convert(path, 'resnet34')

@@ -179,7 +179,7 @@ def test_a_killed_sweep_resumes_to_the_same_files(served, tmp_path, monkeypatch,
   from lc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   config.trials = 2
   with pytest.raises(UserError, match=r'holds a run of another configuration \(config\.trials: 1 '
-                                      r'-> 2\); use a new --workdir'):
+                                      r'-> 2\); use a new workdir'):
     sweep.run(config, workdir, list(MODELS))
   assert _files(out) == _files(killed)
 

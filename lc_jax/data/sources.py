@@ -408,9 +408,13 @@ class Tfds(Source):
           split=self.split, decoders=decoders, shuffle_files=False,
           read_config=self._tfds.ReadConfig(interleave_cycle_length=1))
     except (AssertionError, ValueError, KeyError, OSError) as e:
+      # Only some sets (imagenet2012) are downloaded by hand before tfds prepares them.
+      manual = getattr(self._builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+      how = (f'{self.dataset} needs its manual download first' if manual
+             else f'e.g. tfds build {self.dataset}')
       raise UserError(f'cannot read {self.describe()}: {str(e).splitlines()[0]} (prepare it with '
-                      'tfds first; imagenet2012 needs its manual download, or set data.path to '
-                      'the tfds data_dir that holds it)') from None
+                      f'tfds first: {how}; or set data.path to the tfds data_dir that holds '
+                      'it)') from None
     for example in self._tfds.as_numpy(dataset):
       yield {k: example[k] for k in keys}
 
