@@ -383,14 +383,11 @@ class _LegacyUnpickler(_PlainUnpickler):
     return _rebuild_tensor(storage, offset, size, stride, *unused)
 
 
-def _read_torch_legacy(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
-  """A torch legacy (non-zip) checkpoint of tensors in plain containers, read without torch;
-  None when it holds anything else (torch then reads it, or says what is wrong). A file cut
-  short or damaged, on which torch.load fails too, raises `_Damaged`."""
-  with open(path, 'rb') as f:
-    raw = f.read()
+def _plain_or_none(read) -> Any | None:
+  """`read()`'s tensors in plain containers; None where torch.load must read the file (it holds
+  more than tensors, or anything unusual); `_Damaged` for a file cut short or damaged."""
   try:
-    return _plain_legacy(raw, allowed)
+    return read()
   except _NotPlain:
     return None  # torch.load reads it, or refuses it
   except _Damaged:
@@ -399,6 +396,15 @@ def _read_torch_legacy(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
     raise _Damaged(_first_line(e)) from None
   except Exception:  # pylint: disable=broad-except
     return None  # anything unusual: torch.load reads it, or says what is wrong
+
+
+def _read_torch_legacy(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
+  """A torch legacy (non-zip) checkpoint of tensors in plain containers, read without torch;
+  None when it holds anything else (torch then reads it, or says what is wrong). A file cut
+  short or damaged, on which torch.load fails too, raises `_Damaged`."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  return _plain_or_none(lambda: _plain_legacy(raw, allowed))
 
 
 def _plain_legacy(raw: bytes, allowed: tuple[type, ...]) -> Any | None:
@@ -466,7 +472,7 @@ def _read_torch_zip(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
   """A torch zip checkpoint of tensors in plain containers, read without torch (faster, and no
   torch in memory); None when it holds anything else (torch then reads it, or says what is
   wrong). A file cut short or damaged, on which torch.load fails too, raises `_Damaged`."""
-  try:
+  def read():
     with zipfile.ZipFile(path) as archive:
       pickles = [n for n in archive.namelist() if n.endswith('/data.pkl')]
       if not pickles:
@@ -478,14 +484,8 @@ def _read_torch_zip(path: str, allowed: tuple[type, ...] = ()) -> Any | None:
           prefix + 'byteorder') != b'little':
         return None
       return _TensorUnpickler(archive, prefix, allowed).load()
-  except _NotPlain:
-    return None  # torch.load reads it, or refuses it
-  except _Damaged:
-    raise
-  except _DAMAGE as e:
-    raise _Damaged(_first_line(e)) from None
-  except Exception:  # pylint: disable=broad-except
-    return None  # anything unusual: torch.load reads it, or says what is wrong
+
+  return _plain_or_none(read)
 
 
 def _read_torch(path: str, trust_pickle: bool, allowed: tuple[type, ...] = ()) -> Any:
