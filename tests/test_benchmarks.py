@@ -129,6 +129,9 @@ def test_speed_benchmark_compares_the_legs_and_splits_ours(tmp_path):
   assert programs > 0 and seconds[0] > 0 and min(phases) >= 0
   assert sum(phases) == pytest.approx(took, abs=0.3)
   assert start > 0 and took + start == pytest.approx(walls['a ours'], abs=0.15)
-  ratio = next(line for line in lines if line.strip().startswith('b/a:'))
-  assert float(re.search(NUMBER, ratio).group()) == pytest.approx(
-      walls['b paper procedure, PyTorch'] / walls['a ours'], abs=0.01)
+  # b/a from the unrounded wall times, to 0.01: within what the printed walls (to 0.1 s) allow
+  # (7.2 s / 8.2 s printed 0.89, the walls 7.24 s and 8.15 s)
+  ratio = float(re.search(NUMBER, next(line for line in lines
+                                       if line.strip().startswith('b/a:'))).group())
+  b, a = walls['b paper procedure, PyTorch'], walls['a ours']
+  assert (b - 0.05) / (a + 0.05) - 0.005 <= ratio <= (b + 0.05) / (a - 0.05) + 0.005
